@@ -1,0 +1,183 @@
+"""Networks used for distillation and for evaluating synthetic sets.
+
+The ConvNet is the one of the DC/DSA/DM papers (Zhao et al. ICLR 2021; Zhao &
+Bilen WACV 2023): ``depth`` blocks of Conv3x3(width) -> instance norm ->
+ReLU -> AvgPool2x2, then a linear classifier. Instance norm is a GroupNorm
+with one group per channel, as in those papers. 28-pixel inputs get padding 3
+in the first convolution so that MNIST ends at the same 4x4 map as CIFAR-10.
+
+Every model exposes ``embed(x)`` (penultimate features, what distribution
+matching compares) and is initialized from an explicit ``torch.Generator`` so
+that a fresh network is reproducible without touching the global RNG.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["ConvNet", "MLP", "ResNet18", "MODELS", "make_model", "init_parameters"]
+
+
+def init_parameters(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """Re-initialize ``model`` the way PyTorch does by default, drawing from ``generator``.
+
+    PyTorch's own ``reset_parameters`` draws from the global RNG; distillation samples
+    thousands of fresh networks, and we want each draw reproducible from the loop's own
+    generator instead.
+    """
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
+            if module.bias is not None:
+                fan_in = module.weight[0].numel()
+                bound = 1.0 / math.sqrt(fan_in)
+                nn.init.uniform_(module.bias, -bound, bound, generator=generator)
+        elif isinstance(module, (nn.GroupNorm, nn.BatchNorm2d)) and module.affine:
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    return model
+
+
+class ConvNet(nn.Module):
+    """ConvNet-D{depth}W{width} with instance norm, ReLU and average pooling."""
+
+    def __init__(
+        self,
+        channels: int,
+        num_classes: int,
+        image_size: int,
+        width: int = 128,
+        depth: int = 3,
+        norm: str = "instancenorm",
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        size = image_size
+        in_ch = channels
+        for d in range(depth):
+            # MNIST: 28 + 2*3 - 2 = 32, so the feature map matches CIFAR-10's.
+            padding = 3 if (d == 0 and image_size == 28) else 1
+            layers.append(nn.Conv2d(in_ch, width, kernel_size=3, padding=padding))
+            size = size + 2 * padding - 2
+            layers.append(_norm(norm, width))
+            layers.append(nn.ReLU(inplace=True))
+            if size >= 2:
+                layers.append(nn.AvgPool2d(2))
+                size //= 2
+            in_ch = width
+        self.features = nn.Sequential(*layers)
+        self.embed_dim = width * size * size
+        self.classifier = nn.Linear(self.embed_dim, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
+
+
+def _norm(kind: str, width: int) -> nn.Module:
+    if kind == "instancenorm":
+        return nn.GroupNorm(width, width, affine=True)
+    if kind == "batchnorm":
+        return nn.BatchNorm2d(width)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm {kind!r}; use 'instancenorm', 'batchnorm' or 'none'")
+
+
+class MLP(nn.Module):
+    """Two hidden layers of 128 units (the MLP of the DC paper's cross-architecture table)."""
+
+    def __init__(self, channels: int, num_classes: int, image_size: int, width: int = 128) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(channels * image_size * image_size, width),
+            nn.ReLU(inplace=True),
+            nn.Linear(width, width),
+            nn.ReLU(inplace=True),
+        )
+        self.embed_dim = width
+        self.classifier = nn.Linear(width, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet-18 with batch norm (3x3 stem, no max-pool), as in the DC code base."""
+
+    def __init__(self, channels: int, num_classes: int, image_size: int) -> None:
+        super().__init__()
+        del image_size  # global average pooling makes the head size-independent
+        self.stem = nn.Sequential(
+            nn.Conv2d(channels, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True)
+        )
+        blocks: list[nn.Module] = []
+        in_ch = 64
+        for out_ch, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            blocks += [_BasicBlock(in_ch, out_ch, stride), _BasicBlock(out_ch, out_ch, 1)]
+            in_ch = out_ch
+        self.layers = nn.Sequential(*blocks)
+        self.embed_dim = 512
+        self.classifier = nn.Linear(512, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(self.stem(x))
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "convnet": ConvNet,
+    "convnet-bn": lambda channels, num_classes, image_size: ConvNet(
+        channels, num_classes, image_size, norm="batchnorm"
+    ),
+    "mlp": MLP,
+    "resnet18": ResNet18,
+}
+
+
+def make_model(
+    name: str,
+    channels: int,
+    num_classes: int,
+    image_size: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """Build a freshly initialized model by name (``convnet``, ``convnet-bn``, ``mlp``, ``resnet18``)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    model = MODELS[name](channels, num_classes, image_size)
+    init_parameters(model, generator)
+    return model.to(device) if device is not None else model

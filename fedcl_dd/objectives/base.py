@@ -1,0 +1,112 @@
+"""The interface every matching objective implements, and what it is handed.
+
+The distillation loop (:mod:`fedcl_dd.distill`) follows the survey's Algorithm 1:
+initialize S; repeat { get a network (fresh or from a pool); update it if the
+objective says so; update S through the objective }. An objective decides the
+network (:meth:`Objective.network`), how many S updates one network serves
+(:meth:`Objective.outer_steps`), the loss (:meth:`Objective.loss`) and what
+happens to the network between S updates (:meth:`Objective.update_network`).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from ..augment import DSA, AugParams
+from ..data import DatasetSpec
+from ..models import make_model
+from ..sampling import ClassSampler
+from ..synthetic import SyntheticSet
+
+__all__ = ["MatchingContext", "Objective", "class_means"]
+
+NetworkSource = Callable[["MatchingContext"], nn.Module]
+
+
+@dataclass
+class MatchingContext:
+    """Everything an objective may use: real data, the model recipe, augmentation, RNG, device.
+
+    ``network_source`` replaces fresh initializations, e.g. FedDM's networks sampled
+    around the current global model; it receives this context and returns a network on
+    ``device``.
+    """
+
+    real: ClassSampler
+    spec: DatasetSpec
+    model: str = "convnet"
+    augment: DSA | None = None
+    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    network_source: NetworkSource | None = None
+
+    def fresh_network(self) -> nn.Module:
+        """A network from ``network_source`` if set, else freshly initialized from ``generator``."""
+        if self.network_source is not None:
+            return self.network_source(self)
+        spec = self.spec
+        return make_model(
+            self.model, spec.channels, spec.num_classes, spec.image_size, self.generator, self.device
+        )
+
+    def siamese(self) -> AugParams | None:
+        """One augmentation draw for a step, to apply to the real and the synthetic batch alike."""
+        return self.augment.sample(1) if self.augment is not None else None
+
+    def apply(self, x: torch.Tensor, params: AugParams | None) -> torch.Tensor:
+        return self.augment.apply(x, params) if (self.augment is not None and params is not None) else x
+
+
+class Objective(abc.ABC):
+    """A matching objective: what distance between real and synthetic data S is trained to close."""
+
+    name: ClassVar[str] = ""
+
+    def setup(self, ctx: MatchingContext, syn: SyntheticSet) -> None:
+        """Run once before the loop (e.g. train or load expert trajectories)."""
+
+    def network(self, ctx: MatchingContext) -> nn.Module:
+        """The network for one iteration; by default a fresh one."""
+        return ctx.fresh_network()
+
+    def outer_steps(self, syn: SyntheticSet) -> int:
+        """How many S updates one network serves (gradient matching: more than one)."""
+        return 1
+
+    @abc.abstractmethod
+    def loss(self, ctx: MatchingContext, net: nn.Module, syn: SyntheticSet) -> torch.Tensor:
+        """The scalar loss whose gradient updates S."""
+
+    def update_network(self, ctx: MatchingContext, net: nn.Module, syn: SyntheticSet) -> None:
+        """Between two S updates on the same network (gradient matching trains it on S)."""
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Extra learnable parameters with their optimizer settings (e.g. a learnable step size)."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to checkpoint besides S (tensors and plain numbers only)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def report(self) -> dict[str, float]:
+        """Figures for results files and progress bars (e.g. privacy spent)."""
+        return {}
+
+
+def class_means(emb: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class mean of ``emb`` rows in one batched op: (num_classes, D) means and (num_classes,) counts.
+
+    Classes with no rows get a zero mean and count 0.
+    """
+    sums = torch.zeros(num_classes, emb.shape[1], dtype=emb.dtype, device=emb.device)
+    sums = sums.index_add(0, labels, emb)
+    counts = torch.bincount(labels, minlength=num_classes).to(emb.dtype)
+    return sums / counts.clamp_min(1).unsqueeze(1), counts

@@ -1,0 +1,1 @@
+"""The data side: federated partitions, class-incremental streams, named presets."""

@@ -1,0 +1,1 @@
+"""Adapters between fedcl-dd's core and Flower / Avalanche."""

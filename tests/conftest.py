@@ -1,0 +1,50 @@
+"""Shared fixtures: the real datasets, imported once per machine.
+
+The real data ships beside the checkout, in ``<repo>/../shared/data`` (see its
+README). ``data_root`` imports its MNIST, and ``cifar_root`` its CIFAR-10 JPEG
+copy, into a cache folder outside the source tree -- ``$FEDCL_DD_DATA`` if set,
+else ``<repo>/.cache/data`` (git-ignored) -- so later runs reuse the import
+(:func:`fedcl_dd.data.import_data` skips what is already complete). Tests that
+use them are skipped only when the shared folder is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fedcl_dd.data import import_data
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("FEDCL_DD_DATA")
+    return Path(env).expanduser() if env else REPO / ".cache" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The read-only shared data folder (never write into it)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} is absent (expected beside the checkout)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def data_root(shared_data: Path) -> Path:
+    """A data root holding the real MNIST."""
+    root = _cache_dir()
+    import_data(shared_data, root, datasets=["mnist"])
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_root(shared_data: Path) -> Path:
+    """A data root holding the real CIFAR-10 (JPEG); extracting it takes ~10 s the first time."""
+    root = _cache_dir()
+    import_data(shared_data, root, datasets=["cifar10"])
+    return root
