@@ -1,0 +1,245 @@
+"""The ``fedcl-dd`` command line: ``distill``, ``evaluate`` and ``data import``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .augment import DSA
+from .data import SPECS, DatasetNotFoundError, import_data, load_dataset
+from .distill import Checkpointer, DistillationDiverged, DistillConfig, PeriodicEvaluation, ProgressBar, distill
+from .evaluate import evaluate
+from .models import MODELS
+from .objectives import OBJECTIVES, MatchingContext
+from .recipe import PARAMS, STORAGE_DTYPES, Recipe
+from .sampling import ClassSampler
+from .synthetic import InvalidSyntheticSet, SyntheticSet
+from .viz import save_grid
+
+__all__ = ["main", "resolve_device"]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-model", default="convnet", choices=sorted(MODELS))
+    p.add_argument("--eval-epochs", type=_positive_int, default=300, help="epochs per evaluated network")
+    p.add_argument("--eval-models", type=_positive_int, default=3, help="networks to average over")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedcl-dd", description=__doc__)
+    parser.add_argument("--data-root", default=None, help="data folder (default: $FEDCL_DD_DATA or ~/.cache/fedcl-dd)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("distill", help="distill a dataset into a synthetic set")
+    d.add_argument("--dataset", required=True, choices=sorted(SPECS))
+    d.add_argument("--method", default="dm", choices=sorted(OBJECTIVES))
+    d.add_argument("--ipc", type=int, default=10, help="budget in labelled images per class")
+    d.add_argument("--param", default="pixels", choices=PARAMS)
+    d.add_argument("--budget-bytes", type=int, default=None, help="byte budget (overrides --ipc)")
+    d.add_argument("--storage", default="fp32", choices=sorted(STORAGE_DTYPES))
+    d.add_argument("--iterations", type=int, default=1000)
+    d.add_argument("--lr-images", type=float, default=None, help="default: the method's published value")
+    d.add_argument("--init", default="real", choices=("real", "noise"))
+    d.add_argument("--soft-labels", action="store_true", help="learn labels too (gm, tm)")
+    d.add_argument("--downsample", type=_positive_int, default=2, help="addressing bases at 1/N resolution")
+    d.add_argument("--bases", type=_positive_int, default=None, help="addressing bases (default: from budget)")
+    d.add_argument("--model", default="convnet", choices=sorted(MODELS), help="network to distill with")
+    d.add_argument("--real-per-class", type=_positive_int, default=None, help="real images per class and step")
+    d.add_argument("--epsilon", type=float, default=None, help="dm-dp: target epsilon over the whole run")
+    d.add_argument("--delta", type=float, default=1e-5, help="dm-dp: target delta")
+    d.add_argument("--noise-multiplier", type=float, default=None, help="dm-dp: sigma (instead of --epsilon)")
+    d.add_argument("--clip", type=float, default=1.0, help="dm-dp: per-sample embedding norm bound C")
+    d.add_argument("--no-augment", action="store_true", help="distill without DSA")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<method>-...)")
+    d.add_argument("--checkpoint-every", type=int, default=100)
+    d.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    d.add_argument("--eval-every", type=int, default=0, help="evaluate every N iterations (watching only)")
+    d.add_argument("--no-progress", action="store_true")
+    _add_eval_args(d)
+
+    e = sub.add_parser("evaluate", help="evaluate a saved synthetic set")
+    e.add_argument("file")
+    e.add_argument("--dataset", required=True, choices=sorted(SPECS))
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", default=None, help="also write the result here")
+    _add_eval_args(e)
+
+    data = sub.add_parser("data", help="manage the data root")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    imp = data_sub.add_parser("import", help="fill the data root from a folder laid out like shared/data")
+    imp.add_argument("path")
+    return parser
+
+
+def _objective_args(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if args.real_per_class is not None and args.method != "tm":
+        out["real_per_class"] = args.real_per_class
+    if args.method == "dm-dp":
+        out.update(clip=args.clip, delta=args.delta, iterations=args.iterations)
+        if args.noise_multiplier is not None:
+            out["noise_multiplier"] = args.noise_multiplier
+        if args.epsilon is not None:
+            out["epsilon"] = args.epsilon
+    elif args.epsilon is not None or args.noise_multiplier is not None:
+        raise ValueError("--epsilon/--noise-multiplier apply to --method dm-dp only")
+    return out
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    recipe = Recipe(
+        method=args.method,
+        param=args.param,
+        ipc=args.ipc,
+        budget_bytes=args.budget_bytes,
+        storage=args.storage,
+        iterations=args.iterations,
+        lr_images=args.lr_images,
+        init=args.init,
+        soft_labels=args.soft_labels,
+        downsample=args.downsample,
+        bases=args.bases,
+        objective_args=_objective_args(args),
+    )
+    out = Path(args.out or f"runs/{args.dataset}-{args.method}-{args.param}-ipc{args.ipc}-seed{args.seed}")
+    checkpoint = out / "checkpoint.pt"
+    if args.resume and not checkpoint.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}; run without --resume to start")
+    ds = load_dataset(args.dataset, args.data_root)
+    spec = ds.spec
+    real = ClassSampler(ds.train_x, ds.train_y, spec.num_classes, device)
+    gen = torch.Generator().manual_seed(args.seed)
+    ctx = MatchingContext(
+        real=real,
+        spec=spec,
+        model=args.model,
+        augment=None if args.no_augment else DSA(spec.dsa_strategy, torch.Generator().manual_seed(args.seed + 1)),
+        generator=gen,
+        device=device,
+    )
+    syn = recipe.init_synthetic(real, spec, gen, info={"seed": args.seed})
+    objective = recipe.objective()
+
+    def watch(s: SyntheticSet) -> dict[str, float]:
+        r = evaluate(s, ds.test_x, ds.test_y, spec, args.eval_model, 1, args.eval_epochs, seed=args.seed)
+        return {"test_accuracy_1net": r.mean}
+
+    callbacks: list = [ProgressBar(f"{args.method}/{args.param}", disable=args.no_progress or None)]
+    callbacks.append(Checkpointer(checkpoint, args.checkpoint_every))
+    if args.eval_every > 0:
+        callbacks.append(PeriodicEvaluation(args.eval_every, watch))
+    print(
+        f"distilling {args.dataset} with {args.method} into {syn.num_images} {args.param} images "
+        f"({syn.nbytes} bytes, budget {recipe.budget_for(spec, len(syn.classes))}) on {device}",
+        file=sys.stderr,
+    )
+    result = distill(
+        syn, objective, ctx, DistillConfig(args.iterations, recipe.lr, recipe.momentum),
+        callbacks, resume=checkpoint if args.resume else None,
+    )
+    syn.save(out / "synthetic.safetensors")
+    save_grid(syn, out / "grid.png")
+    ev = evaluate(
+        syn, ds.test_x, ds.test_y, spec, args.eval_model, args.eval_models, args.eval_epochs,
+        seed=args.seed + 1000, device=device,
+    )
+    results = {
+        "dataset": args.dataset,
+        "method": args.method,
+        "param": args.param,
+        "ipc": args.ipc,
+        "storage": args.storage,
+        "budget_bytes": recipe.budget_for(spec, len(syn.classes)),
+        "nbytes": syn.nbytes,
+        "num_images": syn.num_images,
+        "iterations": result.iterations,
+        "lr_images": recipe.lr,
+        "distill_seconds": result.seconds,
+        "seconds_per_iteration": result.seconds / max(1, result.iterations),
+        "loss_first": result.losses[0] if result.losses else None,
+        "loss_last": result.losses[-1] if result.losses else None,
+        "accuracy_mean": ev.mean,
+        "accuracy_std": ev.std,
+        "accuracies": ev.accuracies,
+        "eval_model": ev.model,
+        "eval_epochs": ev.epochs,
+        "eval_seconds": ev.seconds,
+        "metrics": result.metrics,
+        **result.report,
+    }
+    _write_json(results, out / "results.json")
+    print(f"accuracy {ev}; wrote {out}/synthetic.safetensors, results.json, grid.png")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    syn = SyntheticSet.load(args.file).to(device)
+    ds = load_dataset(args.dataset, args.data_root)
+    if syn.image_shape != ds.spec.image_shape or syn.num_classes != ds.spec.num_classes:
+        raise InvalidSyntheticSet(
+            f"{args.file} holds {syn.num_classes}-class {syn.image_shape} images, "
+            f"but {args.dataset} has {ds.spec.num_classes} classes of {ds.spec.image_shape}"
+        )
+    ev = evaluate(syn, ds.test_x, ds.test_y, ds.spec, args.eval_model, args.eval_models, args.eval_epochs,
+                  seed=args.seed, device=device)
+    print(f"{args.file}: {ev}")
+    if args.json:
+        _write_json({"file": args.file, "accuracy_mean": ev.mean, "accuracy_std": ev.std,
+                     "accuracies": ev.accuracies, "eval_model": ev.model, "eval_epochs": ev.epochs,
+                     "nbytes": syn.nbytes, "num_images": syn.num_images}, Path(args.json))
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    written = import_data(args.path, args.data_root)
+    print(f"imported {len(written)} files into the data root" + ("" if written else " (already complete)"))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedcl-dd`` command; returns the exit status."""
+    args = _parser().parse_args(argv)
+    handlers = {"distill": _cmd_distill, "evaluate": _cmd_evaluate, "data": _cmd_data}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, FileNotFoundError, DatasetNotFoundError, DistillationDiverged) as exc:
+        # Expected problems get one clear line, not a traceback.
+        print(f"fedcl-dd: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
