@@ -451,8 +451,9 @@ class AddressingPlan:
         """Size a memory for ``budget_bytes``: r = (floats - K*base) / (classes*K), as in the paper.
 
         With ``bases=None``, K spends about ``bases_fraction`` of the budget on bases (the
-        paper's CIFAR-10 setting, K=16 at one image per class and ds=2, spends 40%) and is
-        capped at the base dimension, beyond which more bases add nothing.
+        paper's CIFAR-10 setting, K=16 at one image per class and ds=2, spends 40%), capped
+        at a quarter of the base dimension so that an image's address costs at most a
+        quarter of its pixels: the memory's gain is in sharing low-rank bases.
         """
         c, h, w = image_shape
         if downsample < 1 or h % downsample or w % downsample:
@@ -461,7 +462,7 @@ class AddressingPlan:
         base_numel = c * (h // downsample) * (w // downsample)
         floats = (int(budget_bytes) - num_classes * _itemsize(LABEL_DTYPE)) // item
         if bases is None:
-            bases = max(1, min(base_numel, int(bases_fraction * floats) // base_numel))
+            bases = max(1, min(base_numel // 4, int(bases_fraction * floats) // base_numel))
         per_class = (floats - bases * base_numel) // (num_classes * bases) if floats > 0 else 0
         if per_class < 1:
             need = (bases * base_numel + num_classes * bases) * item + num_classes * _itemsize(LABEL_DTYPE)

@@ -48,3 +48,19 @@ def cifar_root(shared_data: Path) -> Path:
     root = _cache_dir()
     import_data(shared_data, root, datasets=["cifar10"])
     return root
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's digits (ships with the package: no files needed)."""
+    from fedcl_dd.data import load_dataset
+
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def digits_sampler(digits):
+    """The digits training split, grouped by class."""
+    from fedcl_dd.sampling import ClassSampler
+
+    return ClassSampler(digits.train_x, digits.train_y, digits.spec.num_classes)

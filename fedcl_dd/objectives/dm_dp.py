@@ -1,0 +1,241 @@
+"""Distribution matching with record-level differential privacy ("dm-dp").
+
+DM (Zhao & Bilen, "Dataset Condensation with Distribution Matching", WACV 2023) touches
+the real data only through per-class mean embeddings under a random frozen network. Here
+those means are released with the subsampled Gaussian mechanism of DP-SGD (Abadi et al.,
+"Deep Learning with Differential Privacy", CCS 2016), in the spirit of DP-MERF (Harder,
+Adamczewski & Park, "DP-MERF: Differentially Private Mean Embeddings with Random Features",
+AISTATS 2021), which matches a generator to privately released mean embeddings. Dataset
+condensation alone gives no formal guarantee (Carlini, Feldman & Nasr, "No Free Lunch in
+'Privacy for Free: How does Dataset Condensation Help Privacy'", 2022); the guarantee here
+comes from the noise and the accounting in :mod:`fedcl_dd.privacy`.
+
+Per iteration (one release):
+
+1. Poisson-subsample every record of each held class independently with rate q.
+2. Embed each (DSA-augmented) record under the frozen random network and clip the
+   embedding to L2 norm at most C.
+3. Sum the clipped embeddings per class and add N(0, sigma^2 C^2) to every coordinate of
+   each held class's sum (noise from ``ctx.generator``: reproducible).
+4. Divide by the expected class batch q * n_c and match, as DM does, to the synthetic
+   class means -- of synthetic embeddings clipped the same way, so both sides live in the
+   same feature space (unclipped synthetic means would be pulled towards the shrunken
+   real means rather than towards the data).
+
+Privacy argument (add/remove-one-record adjacency). A record belongs to one class, so
+adding or removing it changes exactly one class's clipped sum, by a vector of norm at most
+C; the vector of all class sums therefore has L2 sensitivity C, and noise of standard
+deviation sigma*C per coordinate is the Gaussian mechanism with noise multiplier sigma.
+Composition of the iterations, each on a Poisson subsample of rate q, is accounted by the
+RDP accountant (:class:`fedcl_dd.privacy.PrivacyLedger`). Everything else is
+post-processing: DSA parameters are drawn independently of the data and transform each
+record on its own (a record's augmentation stays within that record); the network is drawn
+from a generator whose consumption depends only on the class counts; the synthetic images
+change only through the released sums. The class counts n_c (for q * n_c and the default
+q) are treated as public, as they are when a federated client reports its number of
+examples.
+
+Caveats: the synthetic set must start from noise (or public data) -- initializing it from
+real samples releases them. The networks must embed each record on its own: batch norm in
+training mode mixes a batch and is refused. Noise from a seeded ``torch.Generator`` is
+reproducible, not cryptographically secure (Opacus's ``secure_mode`` addresses that);
+floating-point noise has known subtleties (Mironov, CCS 2012).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..augment import AugParams
+from ..privacy import PrivacyBudgetError, PrivacyLedger, noise_for_target
+from ..synthetic import SyntheticSet
+from .base import MatchingContext
+from .dm import DistributionMatching
+
+__all__ = ["PrivateDistributionMatching", "ClippedEmbedding", "clip_rows"]
+
+
+def clip_rows(emb: torch.Tensor, clip: float) -> torch.Tensor:
+    """Scale each row of ``emb`` to L2 norm at most ``clip`` (rows already within it are kept)."""
+    # clamp_min keeps a zero row's gradient finite; its scale is then clamped to 1 anyway.
+    scale = (clip / emb.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+    return emb * scale
+
+
+class ClippedEmbedding(nn.Module):
+    """Wraps a network so that :meth:`embed` returns rows clipped to L2 norm ``clip``."""
+
+    def __init__(self, net: nn.Module, clip: float) -> None:
+        super().__init__()
+        self.inner = net
+        self.clip = clip
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return clip_rows(self.inner.embed(x), self.clip)
+
+
+def _require_per_sample(net: nn.Module) -> None:
+    for module in net.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise ValueError(
+                f"dm-dp needs a network that embeds each record on its own, but {type(net).__name__} has "
+                f"{type(module).__name__} in training mode, whose batch statistics mix records; "
+                f"use a model with instance norm (e.g. 'convnet')"
+            )
+
+
+class PrivateDistributionMatching(DistributionMatching):
+    """DM whose real class means are released with (epsilon, delta)-DP; see the module docstring.
+
+    Give either ``noise_multiplier`` (sigma; epsilon is then only reported) or ``epsilon``
+    with ``iterations`` (sigma is calibrated so that ``iterations`` releases spend at most
+    ``epsilon`` at ``delta``, and a release beyond the budget raises
+    :class:`~fedcl_dd.privacy.PrivacyBudgetError`). ``iterations`` counts every release
+    the ledger will hold, including those of a loaded state.
+
+    ``sample_rate=None`` picks q = min(1, real_per_class / mean held-class size), so the
+    expected real batch per class is DM's 256 (at q=1 there is no amplification by
+    subsampling). Clipping rescales embeddings: loss and image gradients shrink with
+    ``clip`` (the ConvNet's embeddings have norm ~5 on 8x8 digits), which a larger
+    ``lr_images`` or ``clip`` compensates; once every embedding is clipped, ``clip`` only
+    sets this scale, not the signal-to-noise ratio.
+    """
+
+    name = "dm-dp"
+
+    def __init__(
+        self,
+        clip: float = 1.0,
+        noise_multiplier: float | None = None,
+        epsilon: float | None = None,
+        delta: float = 1e-5,
+        sample_rate: float | None = None,
+        iterations: int | None = None,
+        real_per_class: int = 256,
+    ) -> None:
+        super().__init__(real_per_class)
+        if not (clip > 0 and math.isfinite(clip)):
+            raise ValueError(f"clip must be a positive finite number, got {clip}")
+        if (noise_multiplier is None) == (epsilon is None):
+            raise ValueError(
+                "dm-dp needs exactly one of noise_multiplier (sigma; epsilon is then reported) or "
+                f"epsilon (with iterations; sigma is calibrated), got noise_multiplier={noise_multiplier}, "
+                f"epsilon={epsilon}"
+            )
+        if noise_multiplier is not None and not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
+            raise ValueError(f"noise_multiplier must be a positive finite number, got {noise_multiplier}")
+        if epsilon is not None and iterations is None:
+            raise ValueError("epsilon needs iterations (the number of releases to plan the budget for)")
+        if iterations is not None and iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {iterations}")
+        if not 0.0 < delta < 1.0:
+            raise PrivacyBudgetError(f"delta must lie in (0, 1), got {delta}")
+        if sample_rate is not None and not 0.0 < sample_rate <= 1.0:
+            raise PrivacyBudgetError(f"sample_rate must lie in (0, 1], got {sample_rate}")
+        self.clip = float(clip)
+        self.target_epsilon = epsilon
+        self.delta = delta
+        self.iterations = iterations
+        self.requested_sample_rate = sample_rate
+        self.sample_rate: float | None = sample_rate
+        self.noise_multiplier: float | None = noise_multiplier
+        self.ledger = PrivacyLedger()
+        if sample_rate is not None:
+            self._calibrate()  # invalid or unreachable targets fail at construction
+
+    def _calibrate(self) -> None:
+        if self.target_epsilon is not None:
+            self.noise_multiplier = noise_for_target(self.target_epsilon, self.delta, self.sample_rate, self.iterations)
+
+    @staticmethod
+    def _held_counts(ctx: MatchingContext, classes: list[int]) -> torch.Tensor:
+        counts = ctx.real.counts[classes].to(torch.float64)
+        empty = [c for c, n in zip(classes, counts.tolist()) if n == 0]
+        if empty:
+            raise ValueError(f"classes {empty} of the synthetic set have no real records to release a mean of")
+        return counts
+
+    def setup(self, ctx: MatchingContext, syn: SyntheticSet) -> None:
+        """Resolve the data-dependent sample rate (from public class counts) and calibrate sigma."""
+        counts = self._held_counts(ctx, syn.classes)
+        if self.requested_sample_rate is None:
+            self.sample_rate = min(1.0, self.real_per_class / float(counts.mean()))
+            self._calibrate()
+
+    def network(self, ctx: MatchingContext) -> nn.Module:
+        return ClippedEmbedding(super().network(ctx), self.clip)
+
+    def clipped_sums(
+        self,
+        ctx: MatchingContext,
+        net: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        params: AugParams | None = None,
+    ) -> torch.Tensor:
+        """Per-class sums of clipped embeddings of the batch ``(x, y)``: (num_classes, D), no noise.
+
+        The private query itself (exact, not private): the release adds noise to it. Clips
+        with ``self.clip`` whether or not ``net`` is already a :class:`ClippedEmbedding`.
+        """
+        base = net.inner if isinstance(net, ClippedEmbedding) else net
+        _require_per_sample(base)
+        with torch.no_grad():
+            emb = clip_rows(base.embed(ctx.apply(x, params)), self.clip)
+        sums = torch.zeros(ctx.spec.num_classes, emb.shape[1], dtype=emb.dtype, device=emb.device)
+        return sums.index_add(0, y, emb)
+
+    def release(
+        self, ctx: MatchingContext, net: nn.Module, classes: list[int], params: AugParams | None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """One private release: noisy per-class means (num_classes, D) and non-private stats.
+
+        Rows of classes not in ``classes`` are zero. Records one step in :attr:`ledger`.
+        ``stats`` holds only figures that do not depend on record contents: ``records`` (the
+        Poisson batch size), ``expected_records`` and ``noise_std`` (sigma * C on each sum).
+        """
+        if self.sample_rate is None or self.noise_multiplier is None:
+            raise RuntimeError("the sample rate and noise are set by setup(ctx, syn); call it first")
+        sigma, q = self.noise_multiplier, self.sample_rate
+        if self.target_epsilon is not None:
+            after = self.ledger.projected_epsilon(self.delta, sigma, q)
+            if after > self.target_epsilon * (1 + 1e-9):  # float slack: the plan itself is within target
+                raise PrivacyBudgetError(
+                    f"the privacy budget epsilon={self.target_epsilon:g} (delta={self.delta:g}) is spent: "
+                    f"release {self.ledger.steps + 1} would bring epsilon to {after:.4g}. The noise was "
+                    f"planned for iterations={self.iterations}; run no more iterations than that, or plan "
+                    f"for more iterations or a larger epsilon"
+                )
+        expected = q * self._held_counts(ctx, classes)
+        x, y = ctx.real.poisson(classes, q, ctx.generator)
+        sums = self.clipped_sums(ctx, net, x, y, params)
+        held = torch.tensor(classes, device=sums.device)
+        noise = torch.randn(len(classes), sums.shape[1], generator=ctx.generator, device=ctx.generator.device)
+        noisy = sums.clone()
+        noisy[held] += noise.to(sums) * (sigma * self.clip)
+        # Dividing by the expected batch (public), not the realized one (private), keeps the
+        # release a function of the noisy sums alone.
+        scale = torch.ones(ctx.spec.num_classes, 1, dtype=sums.dtype, device=sums.device)
+        scale[held] = expected.to(scale).unsqueeze(1)
+        self.ledger.step(sigma, q)
+        stats = {"records": float(y.numel()), "expected_records": float(expected.sum()), "noise_std": sigma * self.clip}
+        return noisy / scale, stats
+
+    def real_means(
+        self, ctx: MatchingContext, net: nn.Module, classes: list[int], params: AugParams | None
+    ) -> torch.Tensor:
+        """DM's real side, released privately: :meth:`release`'s noisy means."""
+        return self.release(ctx, net, classes, params)[0]
+
+    def report(self) -> dict[str, float]:
+        sigma = self.noise_multiplier if self.noise_multiplier is not None else float("nan")
+        return {"epsilon": self.ledger.epsilon(self.delta), "delta": self.delta, "sigma": sigma}
+
+    def state_dict(self) -> dict[str, dict[str, list[float] | list[int]]]:
+        return {"ledger": self.ledger.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ledger.load_state_dict(state["ledger"])

@@ -1,0 +1,90 @@
+"""The shared distillation loop: resumable, safe against divergence, observable."""
+
+import pytest
+import torch
+
+from fedcl_dd.augment import DSA
+from fedcl_dd.distill import (
+    Callback,
+    Checkpointer,
+    DistillationDiverged,
+    DistillConfig,
+    PeriodicEvaluation,
+    distill,
+)
+from fedcl_dd.objectives import DistributionMatching, MatchingContext
+from fedcl_dd.synthetic import PixelSet
+
+
+def _setup(digits, sampler, seed=0):
+    ctx = MatchingContext(
+        sampler, digits.spec, augment=DSA(digits.spec.dsa_strategy, torch.Generator().manual_seed(seed + 1)),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    syn = PixelSet.from_real(sampler, 2, generator=torch.Generator().manual_seed(seed))
+    return ctx, syn
+
+
+def test_resume_continues_exactly_where_the_run_stopped(digits, digits_sampler, tmp_path):
+    ctx, syn = _setup(digits, digits_sampler)
+    straight = distill(syn, DistributionMatching(32), ctx, DistillConfig(iterations=6))
+
+    ctx2, syn2 = _setup(digits, digits_sampler)
+    ckpt = tmp_path / "ckpt.pt"
+    distill(syn2, DistributionMatching(32), ctx2, DistillConfig(iterations=3), [Checkpointer(ckpt, 1)])
+    ctx3, syn3 = _setup(digits, digits_sampler, seed=99)  # fresh objects, other seeds: state comes from the file
+    resumed = distill(syn3, DistributionMatching(32), ctx3, DistillConfig(iterations=6), resume=ckpt)
+
+    assert resumed.losses == pytest.approx(straight.losses, rel=1e-6)
+    assert torch.allclose(syn3.images(), syn.images(), atol=1e-6)
+
+
+def test_divergence_names_the_iteration_and_restores_the_set(digits, digits_sampler, tmp_path):
+    ctx, syn = _setup(digits, digits_sampler)
+    ckpt = tmp_path / "ckpt.pt"
+    distill(syn, DistributionMatching(16), ctx, DistillConfig(iterations=2), [Checkpointer(ckpt, 1)])
+    saved = ckpt.read_bytes()
+    before = syn.images().detach().clone()
+
+    class PoisonAfter(DistributionMatching):
+        calls = 0
+
+        def loss(self, ctx, net, syn):
+            PoisonAfter.calls += 1
+            out = super().loss(ctx, net, syn)
+            return out * float("inf") if PoisonAfter.calls == 2 else out
+
+    with pytest.raises(DistillationDiverged, match="iteration 4.*smaller learning rate"):
+        distill(syn, PoisonAfter(16), ctx, DistillConfig(iterations=5), [Checkpointer(ckpt, 1)], resume=ckpt)
+    assert torch.isfinite(syn.images()).all()
+    assert not torch.equal(syn.images(), before)  # iteration 3 ran and was kept
+    assert ckpt.read_bytes() != saved  # checkpoint of iteration 3 written ...
+    assert torch.load(ckpt, weights_only=True)["iteration"] == 3  # ... and nothing after the failure
+
+
+def test_huge_learning_rate_diverges_cleanly(digits, digits_sampler):
+    ctx, syn = _setup(digits, digits_sampler)
+    with pytest.raises(DistillationDiverged, match="Try a smaller learning rate"):
+        distill(syn, DistributionMatching(16), ctx, DistillConfig(iterations=5, lr_images=1e38))
+    assert torch.isfinite(syn.images()).all()
+
+
+def test_callbacks_see_every_iteration_and_periodic_evaluation_logs(digits, digits_sampler):
+    ctx, syn = _setup(digits, digits_sampler)
+    seen = []
+
+    class Record(Callback):
+        def on_iteration(self, state):
+            seen.append((state.iteration, state.loss))
+
+    evals = PeriodicEvaluation(2, lambda s: {"n": float(s.num_images)})
+    result = distill(syn, DistributionMatching(16), ctx, DistillConfig(iterations=5), [Record(), evals])
+    assert [it for it, _ in seen] == [1, 2, 3, 4, 5]
+    assert result.metrics["n"] == [(2, 20.0), (4, 20.0), (5, 20.0)]
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="lr_images must be > 0"):
+        DistillConfig(lr_images=0)
+    with pytest.raises(ValueError, match="iterations must be >= 0"):
+        DistillConfig(iterations=-1)

@@ -1,0 +1,42 @@
+"""The networks: the papers' sizes, embeddings, reproducible initialization."""
+
+import pytest
+import torch
+
+from fedcl_dd.models import make_model
+
+
+@pytest.mark.parametrize(
+    "channels,size,params",
+    [(1, 28, 317_706), (3, 32, 320_010)],  # the DC/DM ConvNet: ~318k (MNIST), ~320k (CIFAR-10)
+)
+def test_convnet_matches_the_papers(channels, size, params):
+    net = make_model("convnet", channels, 10, size)
+    assert sum(p.numel() for p in net.parameters()) == params
+    x = torch.randn(2, channels, size, size)
+    assert net.embed(x).shape == (2, 2048)  # 128 x 4 x 4 for both datasets
+    assert net(x).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", ["convnet", "convnet-bn", "mlp", "resnet18"])
+@pytest.mark.parametrize("channels,size", [(1, 8), (1, 28), (3, 32)])
+def test_every_model_runs_on_every_dataset_shape(name, channels, size):
+    net = make_model(name, channels, 10, size)
+    x = torch.randn(3, channels, size, size)
+    assert net(x).shape == (3, 10)
+    assert net.embed(x).shape == (3, net.embed_dim)
+
+
+def test_initialization_follows_the_generator_not_the_global_rng():
+    a = make_model("convnet", 1, 10, 28, torch.Generator().manual_seed(3))
+    torch.rand(100)  # moving the global RNG must change nothing
+    b = make_model("convnet", 1, 10, 28, torch.Generator().manual_seed(3))
+    c = make_model("convnet", 1, 10, 28, torch.Generator().manual_seed(4))
+    for pa, pb, pc in zip(a.parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb)
+    assert not all(torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
+
+
+def test_unknown_model_is_refused():
+    with pytest.raises(ValueError, match="unknown model 'vgg'.*convnet"):
+        make_model("vgg", 1, 10, 28)
