@@ -207,12 +207,13 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     syn = SyntheticSet.load(args.file).to(device)
-    ds = load_dataset(args.dataset, args.data_root)
-    if syn.image_shape != ds.spec.image_shape or syn.num_classes != ds.spec.num_classes:
+    spec = SPECS[args.dataset]
+    if syn.image_shape != spec.image_shape or syn.num_classes != spec.num_classes:
         raise InvalidSyntheticSet(
             f"{args.file} holds {syn.num_classes}-class {syn.image_shape} images, "
-            f"but {args.dataset} has {ds.spec.num_classes} classes of {ds.spec.image_shape}"
+            f"but {args.dataset} has {spec.num_classes} classes of {spec.image_shape}"
         )
+    ds = load_dataset(args.dataset, args.data_root)
     ev = evaluate(syn, ds.test_x, ds.test_y, ds.spec, args.eval_model, args.eval_models, args.eval_epochs,
                   seed=args.seed, device=device)
     print(f"{args.file}: {ev}")

@@ -1,0 +1,217 @@
+"""Seconds per distillation iteration, FLOP floor and peak memory, per method.
+
+For each method this runs a few iterations of the shared loop on real data and
+prints: median seconds per iteration, the matmul/conv FLOPs of one iteration
+(counted by torch's FlopCounterMode), the *FLOP floor* (those FLOPs divided by
+the rate this machine reaches on the ConvNet's own dominant convolution,
+measured in the same run), their ratio, and the peak memory of two iterations
+(CUDA: max allocated; CPU: peak resident set above the resident set before the
+iterations, in a fresh process per method).
+
+A second reference for DM: the same objective computed the way the original
+code does (one forward pass per class on each side), timed in the same run.
+
+    python benchmarks/speed.py --dataset mnist --ipc 10 --real-per-class 64
+    python benchmarks/speed.py --methods dm gm tm tm-tesla dm-dp --json out/speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fedcl_dd.augment import DSA
+from fedcl_dd.cli import resolve_device
+from fedcl_dd.data import load_dataset
+from fedcl_dd.distill import Callback, DistillConfig, distill
+from fedcl_dd.objectives import DistributionMatching, MatchingContext, class_means
+from fedcl_dd.recipe import Recipe
+from fedcl_dd.sampling import ClassSampler
+
+METHOD_ARGS = {
+    "dm": ("dm", {}),
+    "dm-dp": ("dm-dp", {"noise_multiplier": 1.0}),
+    "gm": ("gm", {}),
+    "tm": ("tm", {}),
+    "tm-tesla": ("tm", {"constant_memory": True}),
+}
+
+
+class LoopedDM(DistributionMatching):
+    """DM as the original code computes it: one forward pass per class and side (reference only)."""
+
+    name = "dm-looped"
+
+    def loss(self, ctx, net, syn):
+        params = ctx.siamese()
+        total = 0.0
+        for c in syn.classes:
+            real = ctx.real.sample(c, self.real_per_class, ctx.generator)
+            with torch.no_grad():
+                r = net.embed(ctx.apply(real, params)).mean(0)
+            s = net.embed(ctx.apply(syn.images()[syn.class_ids == c], params)).mean(0)
+            total = total + ((r - s) ** 2).sum()
+        return total
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def conv_rate(device: torch.device, batch: int = 256, repeats: int = 5) -> float:
+    """FLOP/s this machine reaches on the ConvNet's 128->128 3x3 convolution at 16x16 (forward)."""
+    conv = torch.nn.Conv2d(128, 128, 3, padding=1).to(device)
+    x = torch.randn(batch, 128, 16, 16, device=device)
+    flops = 2 * batch * 128 * 128 * 9 * 16 * 16
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 2):
+            _sync(device)
+            t = time.perf_counter()
+            conv(x)
+            _sync(device)
+            if i >= 2:
+                times.append(time.perf_counter() - t)
+    return flops / min(times)
+
+
+def build(args: argparse.Namespace, method: str, device: torch.device):
+    name, extra = METHOD_ARGS.get(method, ("dm", {}))
+    ds = load_dataset(args.dataset, args.data_root)
+    real = ClassSampler(ds.train_x, ds.train_y, ds.spec.num_classes, device)
+    gen = torch.Generator().manual_seed(0)
+    obj_args = dict(extra)
+    if name in ("dm", "dm-dp", "gm"):
+        obj_args["real_per_class"] = args.real_per_class
+    recipe = Recipe(method=name, ipc=args.ipc, param=args.param, objective_args=obj_args)
+    syn = recipe.init_synthetic(real, ds.spec, gen)
+    ctx = MatchingContext(real, ds.spec, augment=DSA(ds.spec.dsa_strategy), generator=gen, device=device)
+    objective = LoopedDM(args.real_per_class) if method == "dm-looped" else recipe.objective()
+    return syn, objective, ctx, recipe
+
+
+class _Clock(Callback):
+    """Records the wall time of every iteration of one run."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times, self.last = device, [], 0.0
+
+    def on_start(self, state, total) -> None:
+        _sync(self.device)
+        self.last = time.perf_counter()
+
+    def on_iteration(self, state) -> None:
+        _sync(self.device)
+        now = time.perf_counter()
+        self.times.append(now - self.last)
+        self.last = now
+
+
+def measure(args: argparse.Namespace, method: str) -> dict:
+    device = resolve_device(args.device)
+    syn, objective, ctx, recipe = build(args, method, device)
+    clock = _Clock(device)
+    distill(syn, objective, ctx, DistillConfig(args.iterations + 1, recipe.lr), [clock])
+    with FlopCounterMode(display=False) as counter:
+        distill(syn, objective, ctx, DistillConfig(1, recipe.lr))
+    return {
+        "method": method,
+        "seconds_per_iteration": statistics.median(clock.times[1:]),  # the first one warms up
+        "flops": counter.get_total_flops(),
+        "num_images": syn.num_images,
+    }
+
+
+def peak_memory(args: argparse.Namespace, method: str) -> float:
+    """Peak memory of a fresh process that runs the method (MiB above its start-up)."""
+    cmd = [sys.executable, __file__, "--child", method] + _forward(args)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def _forward(args: argparse.Namespace) -> list[str]:
+    out = ["--dataset", args.dataset, "--ipc", str(args.ipc), "--real-per-class", str(args.real_per_class),
+           "--param", args.param, "--iterations", "2", "--device", args.device]
+    return out + (["--data-root", args.data_root] if args.data_root else [])
+
+
+def _proc_status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def child(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device)
+    syn, objective, ctx, recipe = build(args, args.child, device)
+    distill(syn, objective, ctx, DistillConfig(0, recipe.lr))  # set-up (experts) is not an iteration
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        # Reset the peak resident set (Linux: writing 5 to clear_refs), so data loading does not count.
+        Path("/proc/self/clear_refs").write_text("5")
+        base = _proc_status_mib("VmRSS")
+    distill(syn, objective, ctx, DistillConfig(iterations=2, lr_images=recipe.lr))
+    if device.type == "cuda":
+        print((torch.cuda.max_memory_allocated() - base) / 2**20)
+    else:
+        print(_proc_status_mib("VmHWM") - base)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="mnist")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--ipc", type=int, default=10)
+    p.add_argument("--param", default="pixels")
+    p.add_argument("--real-per-class", type=int, default=64)
+    p.add_argument("--methods", nargs="+", default=["dm", "dm-looped"])
+    p.add_argument("--iterations", type=int, default=10, help="timed iterations per method")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args)
+        return
+    device = resolve_device(args.device)
+    rate = conv_rate(device)
+    rows = []
+    for method in args.methods:
+        row = measure(args, method)
+        row["floor_seconds"] = row["flops"] / rate
+        row["ratio_to_floor"] = row["seconds_per_iteration"] / row["floor_seconds"]
+        row["achieved_tflops"] = row["flops"] / row["seconds_per_iteration"] / 1e12
+        row["peak_mib"] = peak_memory(args, method)
+        rows.append(row)
+    print(f"\n{args.dataset}, {args.ipc} images/class ({args.param}), {args.real_per_class} real/class, "
+          f"DSA on, device {device}, torch threads {torch.get_num_threads()}; "
+          f"reference conv rate {rate / 1e9:.1f} GFLOP/s")
+    head = f"{'method':10} {'s/iter':>8} {'GFLOP':>8} {'floor s':>8} {'x floor':>8} {'TFLOP/s':>8} {'peak MiB':>9}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['method']:10} {r['seconds_per_iteration']:8.3f} {r['flops'] / 1e9:8.1f} "
+              f"{r['floor_seconds']:8.3f} {r['ratio_to_floor']:8.2f} {r['achieved_tflops']:8.3f} {r['peak_mib']:9.0f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"device": str(device), "conv_rate": rate, "rows": rows,
+                                               "args": {k: v for k, v in vars(args).items() if k != "child"}},
+                                              indent=2))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
