@@ -96,7 +96,7 @@ class DSA:
     def apply(self, x: torch.Tensor, params: AugParams) -> torch.Tensor:
         """Apply a sampled transform to a batch ``x`` of shape (N, C, H, W)."""
         fam = params.family
-        if fam == "none":
+        if fam == "none" or x.shape[0] == 0:  # Poisson draws of small clients can be empty
             return x
         v = {k: t.to(x.device) for k, t in params.values.items()}
         n = x.shape[0]

@@ -14,7 +14,15 @@ import torch
 
 from .augment import DSA
 from .data import SPECS, DatasetNotFoundError, import_data, load_dataset
-from .distill import Checkpointer, DistillationDiverged, DistillConfig, PeriodicEvaluation, ProgressBar, distill
+from .distill import (
+    Checkpointer,
+    DistillationDiverged,
+    DistillConfig,
+    PeriodicEvaluation,
+    ProgressBar,
+    TimeLimit,
+    distill,
+)
 from .evaluate import evaluate
 from .models import MODELS
 from .objectives import OBJECTIVES, MatchingContext
@@ -68,10 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--budget-bytes", type=int, default=None, help="byte budget (overrides --ipc)")
     d.add_argument("--storage", default="fp32", choices=sorted(STORAGE_DTYPES))
     d.add_argument("--iterations", type=int, default=1000)
+    d.add_argument("--max-minutes", type=float, default=None, help="stop distilling after this long")
     d.add_argument("--lr-images", type=float, default=None, help="default: the method's published value")
-    d.add_argument("--init", default="real", choices=("real", "noise"))
+    d.add_argument("--init", default=None, choices=("real", "noise"), help="default: noise for dm-dp, else real")
     d.add_argument("--soft-labels", action="store_true", help="learn labels too (gm, tm)")
-    d.add_argument("--downsample", type=_positive_int, default=2, help="addressing bases at 1/N resolution")
+    d.add_argument("--downsample", type=_positive_int, default=None,
+                   help="addressing bases at 1/N resolution (default 2; 1 for images under 16 pixels)")
     d.add_argument("--bases", type=_positive_int, default=None, help="addressing bases (default: from budget)")
     d.add_argument("--model", default="convnet", choices=sorted(MODELS), help="network to distill with")
     d.add_argument("--real-per-class", type=_positive_int, default=None, help="real images per class and step")
@@ -160,6 +170,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     callbacks.append(Checkpointer(checkpoint, args.checkpoint_every))
     if args.eval_every > 0:
         callbacks.append(PeriodicEvaluation(args.eval_every, watch))
+    if args.max_minutes is not None:
+        callbacks.append(TimeLimit(60 * args.max_minutes))
     print(
         f"distilling {args.dataset} with {args.method} into {syn.num_images} {args.param} images "
         f"({syn.nbytes} bytes, budget {recipe.budget_for(spec, len(syn.classes))}) on {device}",

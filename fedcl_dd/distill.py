@@ -38,6 +38,7 @@ __all__ = [
     "ProgressBar",
     "PeriodicEvaluation",
     "Checkpointer",
+    "TimeLimit",
     "distill",
 ]
 
@@ -73,6 +74,7 @@ class DistillState:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     metrics: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    stop: bool = False  # a callback sets this to end the run after the current iteration
 
 
 @dataclass
@@ -154,6 +156,17 @@ class Checkpointer(Callback):
     def on_end(self, state: DistillState) -> None:
         if self.save is not None:
             self.save(state)
+
+
+class TimeLimit(Callback):
+    """End the run once ``seconds`` of distillation have passed (e.g. "15 minutes of distilling")."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_iteration(self, state: DistillState) -> None:
+        if state.seconds >= self.seconds:
+            state.stop = True
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -254,6 +267,8 @@ def distill(
         state.seconds = time.perf_counter() - start
         for cb in callbacks:
             cb.on_iteration(state)
+        if state.stop:
+            break
     for cb in callbacks:
         cb.on_end(state)
     return DistillResult(state.losses, state.seconds, state.iteration, state.metrics, objective.report())

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from opacus.accountants import RDPAccountant
@@ -34,7 +35,9 @@ class PrivacyBudgetError(ValueError):
 
 def _check_delta(delta: float) -> None:
     if not 0.0 < delta < 1.0:
-        raise PrivacyBudgetError(f"delta must lie in (0, 1), got {delta}; a usual choice is below 1/(number of records)")
+        raise PrivacyBudgetError(
+            f"delta must lie in (0, 1), got {delta}; a usual choice is below 1/(number of records)"
+        )
 
 
 def _check_sample_rate(sample_rate: float) -> None:
@@ -99,7 +102,8 @@ class PrivacyLedger:
         _check_delta(delta)
         if not history:
             return 0.0
-        eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=self._rdp(history), delta=delta)
+        orders = RDPAccountant.DEFAULT_ALPHAS
+        eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=self._rdp(history), delta=delta)
         return float(eps)
 
     def epsilon(self, delta: float) -> float:
@@ -140,7 +144,7 @@ class PrivacyLedger:
         if any(int(n) != n for n in steps):
             raise ValueError(f"ledger steps must be whole numbers, got {steps}")
         fresh = PrivacyLedger()
-        for sigma, q, n in zip(sigmas, rates, steps):
+        for sigma, q, n in zip(sigmas, rates, steps, strict=True):
             fresh.step(sigma, q, int(n))
         self.accountant.history = fresh.accountant.history
 

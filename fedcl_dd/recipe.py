@@ -23,8 +23,9 @@ PARAMS = ("pixels", "addressing")
 STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 # Image learning rates of the original papers: DM 1 (10 from 100 images per class up),
-# DC/DSA 0.1, MTT 100 at 10 images per class (1000 at 50).
-_DEFAULT_LR = {"dm": 1.0, "dm-dp": 1.0, "gm": 0.1, "tm": 100.0}
+# DC/DSA 0.1, MTT 100 at 10 images per class (1000 at 50). Private DM starts from noise and
+# matches clipped embeddings, whose gradients are far smaller: 100 worked on digits.
+_DEFAULT_LR = {"dm": 1.0, "dm-dp": 100.0, "gm": 0.1, "tm": 100.0}
 
 
 @dataclass
@@ -44,9 +45,9 @@ class Recipe:
     iterations: int = 1000
     lr_images: float | None = None
     momentum: float = 0.5
-    init: str = "real"
+    init: str | None = None  # "real" or "noise"; default: noise for dm-dp (real data is private), else real
     soft_labels: bool = False
-    downsample: int = 2
+    downsample: int | None = None  # addressing bases at 1/downsample resolution; default 2 (1 below 16 px)
     bases: int | None = None
     objective_args: dict[str, Any] = field(default_factory=dict)
 
@@ -59,8 +60,15 @@ class Recipe:
             raise ValueError(f"unknown storage {self.storage!r}; choose one of {sorted(STORAGE_DTYPES)}")
         if self.ipc < 1:
             raise ValueError(f"images per class must be >= 1, got {self.ipc}")
+        if self.init is None:
+            self.init = "noise" if self.method == "dm-dp" else "real"
         if self.init not in ("real", "noise"):
             raise ValueError(f"init must be 'real' or 'noise', got {self.init!r}")
+        if self.method == "dm-dp" and self.init == "real":
+            raise ValueError(
+                "dm-dp with init 'real' would publish real images (and, for addressing memories, "
+                "principal directions of the real data): start private sets from noise (--init noise)"
+            )
         if self.budget_bytes is not None and self.budget_bytes < 1:
             raise ValueError(f"budget_bytes must be positive, got {self.budget_bytes}")
 
@@ -73,7 +81,7 @@ class Recipe:
         """The image learning rate: as given, else the method's published default."""
         if self.lr_images is not None:
             return self.lr_images
-        if self.method in ("dm", "dm-dp") and self.ipc >= 100:
+        if self.method == "dm" and self.ipc >= 100:
             return 10.0
         if self.method == "tm" and self.ipc >= 50:
             return 1000.0
@@ -117,10 +125,12 @@ class Recipe:
                     storage_dtype=self.dtype, info=meta,
                 )
         else:
-            plan = AddressingPlan.for_budget(
-                budget, len(classes), spec.image_shape, self.dtype, self.downsample, self.bases
-            )
-            syn = AddressingSet.from_real(real, plan, classes, generator, info=meta)
+            ds = self.downsample or (2 if spec.image_size >= 16 else 1)
+            plan = AddressingPlan.for_budget(budget, len(classes), spec.image_shape, self.dtype, ds, self.bases)
+            if self.init == "real":
+                syn = AddressingSet.from_real(real, plan, classes, generator, info=meta)
+            else:
+                syn = AddressingSet.from_noise(plan, spec.num_classes, classes, generator, real.device, info=meta)
         if self.soft_labels:
             syn.make_labels_learnable()
         return syn

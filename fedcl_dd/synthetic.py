@@ -598,6 +598,30 @@ class AddressingSet(SyntheticSet):
         return cls(bases, addresses, held, sampler.num_classes, plan.image_shape, ds, plan.storage_dtype, **kwargs)
 
 
+    @classmethod
+    def from_noise(
+        cls,
+        plan: AddressingPlan,
+        num_classes: int,
+        classes: list[int],
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        **kwargs: Any,
+    ) -> "AddressingSet":
+        """Start from noise (``num_classes`` is the size of the label space): random unit bases and Gaussian addresses scaled so that images have
+        about unit variance per pixel, like normalized data. Touches no real data (private use)."""
+        base_numel = math.prod(plan.base_shape)
+        bases = torch.randn(plan.bases, base_numel, generator=generator)
+        bases = bases / bases.norm(dim=1, keepdim=True)
+        scale = math.sqrt(base_numel / plan.bases)
+        addresses = torch.randn(plan.per_class, len(classes), plan.bases, generator=generator) * scale
+        held = torch.tensor(classes, dtype=torch.long)
+        return cls(
+            bases.to(device), addresses.to(device), held.to(device), num_classes, plan.image_shape,
+            plan.downsample, plan.storage_dtype, **kwargs,
+        )
+
+
 def _downsample(x: torch.Tensor, ds: int) -> torch.Tensor:
     return F.avg_pool2d(x, ds) if ds > 1 else x
 

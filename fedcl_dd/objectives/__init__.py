@@ -6,11 +6,14 @@ from typing import Any
 
 from .base import MatchingContext, Objective, class_means
 from .dm import DistributionMatching
+from .dm_dp import PrivateDistributionMatching
 
-__all__ = ["MatchingContext", "Objective", "class_means", "DistributionMatching", "OBJECTIVES", "make_objective"]
+__all__ = ["MatchingContext", "Objective", "class_means", "DistributionMatching",
+           "PrivateDistributionMatching", "OBJECTIVES", "make_objective"]
 
 OBJECTIVES: dict[str, type[Objective]] = {
     DistributionMatching.name: DistributionMatching,
+    PrivateDistributionMatching.name: PrivateDistributionMatching,
 }
 
 

@@ -1,0 +1,137 @@
+"""Accuracy of distilled sets next to the published figures, at a stated compute budget.
+
+For every (dataset, images per class, method) it distills with the shared loop
+(fixed iterations and/or a time limit), evaluates by the DSA/DM protocol (fresh
+ConvNets trained on the set only, mean ± std), and evaluates the random real
+subset of the same size (the set the methods start from) in the same run.
+Prints a table with the published ConvNet figures (the seed review's Table 2)
+and writes JSON.
+
+    # the CPU target: MNIST, 10 images per class, DM, 15 minutes of distillation
+    python benchmarks/accuracy.py --dataset mnist --ipc 10 --methods dm --minutes 15
+    # a full grid (needs a GPU for the published iteration counts)
+    python benchmarks/accuracy.py --dataset cifar10 --ipc 1 10 50 --methods dm gm tm --iterations 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from fedcl_dd.augment import DSA
+from fedcl_dd.cli import resolve_device
+from fedcl_dd.data import load_dataset
+from fedcl_dd.distill import DistillConfig, ProgressBar, TimeLimit, distill
+from fedcl_dd.evaluate import evaluate
+from fedcl_dd.objectives import MatchingContext
+from fedcl_dd.recipe import Recipe
+from fedcl_dd.sampling import ClassSampler
+
+# Published ConvNet accuracies (%), images per class 1 / 10 / 50.
+PUBLISHED = {
+    "mnist": {
+        "dc": (91.7, 97.4, 98.8),
+        "dsa": (88.7, 97.9, 99.2),
+        "dm": (89.9, 97.6, 98.6),
+        "mtt": (91.4, 97.3, 98.5),
+    },
+    "cifar10": {
+        "dc": (28.3, 44.9, 53.9),
+        "dsa": (28.8, 53.2, 60.6),
+        "dm": (26.5, 48.9, 63.0),
+        "mtt": (46.3, 65.3, 71.6),
+    },
+}
+# Our method name -> the paper whose figure it compares with.
+PAPER_OF = {"dm": "dm", "dm-dp": "dm", "gm": "dsa", "tm": "mtt"}
+
+
+def published(dataset: str, method: str, ipc: int) -> float | None:
+    col = {1: 0, 10: 1, 50: 2}.get(ipc)
+    row = PUBLISHED.get(dataset, {}).get(PAPER_OF.get(method, ""))
+    return row[col] if (row and col is not None) else None
+
+
+def run_one(args, ds, method: str, ipc: int, seed: int, device) -> dict:
+    spec = ds.spec
+    real = ClassSampler(ds.train_x, ds.train_y, spec.num_classes, device)
+    gen = torch.Generator().manual_seed(seed)
+    obj_args = {"real_per_class": args.real_per_class} if method in ("dm", "dm-dp", "gm") else {}
+    if method == "dm-dp":
+        obj_args.update(epsilon=args.epsilon, delta=args.delta, iterations=args.iterations)
+    recipe = Recipe(method=method, ipc=ipc, param=args.param, iterations=args.iterations,
+                    lr_images=args.lr_images, objective_args=obj_args)
+    syn = recipe.init_synthetic(real, spec, gen)
+    with torch.no_grad():
+        start_images, start_targets = syn.images().detach().clone(), syn.targets().detach().clone()
+    ctx = MatchingContext(real, spec, augment=DSA(spec.dsa_strategy, torch.Generator().manual_seed(seed + 1)),
+                          generator=gen, device=device)
+    callbacks = [ProgressBar(f"{args.dataset} {method} ipc{ipc}")]
+    if args.minutes:
+        callbacks.append(TimeLimit(60 * args.minutes))
+    result = distill(syn, recipe.objective(), ctx, DistillConfig(args.iterations, recipe.lr), callbacks)
+    ev_kw = dict(model=args.eval_model, num_models=args.eval_models, epochs=args.eval_epochs,
+                 seed=seed + 1000, device=device)
+    t = time.perf_counter()
+    ev = evaluate(syn, ds.test_x, ds.test_y, spec, **ev_kw)
+    base = evaluate((start_images, start_targets), ds.test_x, ds.test_y, spec, **ev_kw)
+    return {
+        "dataset": args.dataset, "method": method, "ipc": ipc, "param": args.param, "seed": seed,
+        "iterations": result.iterations, "distill_seconds": result.seconds,
+        "seconds_per_iteration": result.seconds / max(1, result.iterations),
+        "accuracy_mean": ev.mean, "accuracy_std": ev.std, "accuracies": ev.accuracies,
+        "start_accuracy_mean": base.mean, "start_accuracy_std": base.std,
+        "eval_seconds": (time.perf_counter() - t) / 2, "nbytes": syn.nbytes, "num_images": syn.num_images,
+        "published": published(args.dataset, method, ipc), **result.report,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="mnist")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--ipc", type=int, nargs="+", default=[10])
+    p.add_argument("--methods", nargs="+", default=["dm"])
+    p.add_argument("--param", default="pixels")
+    p.add_argument("--iterations", type=int, default=20000, help="upper bound; --minutes may stop earlier")
+    p.add_argument("--minutes", type=float, default=None, help="distillation time limit per run")
+    p.add_argument("--lr-images", type=float, default=None)
+    p.add_argument("--real-per-class", type=int, default=256)
+    p.add_argument("--epsilon", type=float, default=8.0)
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--eval-model", default="convnet")
+    p.add_argument("--eval-models", type=int, default=3)
+    p.add_argument("--eval-epochs", type=int, default=300)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default="benchmarks/results/accuracy.json")
+    args = p.parse_args()
+    device = resolve_device(args.device)
+    ds = load_dataset(args.dataset, args.data_root)
+    rows = [run_one(args, ds, m, ipc, s, device) for ipc in args.ipc for m in args.methods for s in args.seeds]
+
+    budget = (f"{args.minutes} min" if args.minutes else f"{args.iterations} it") + \
+        f" of distillation, {args.real_per_class} real/class; eval {args.eval_models}x {args.eval_model}, " \
+        f"{args.eval_epochs} epochs; device {device}"
+    print(f"\n{args.dataset} ({args.param}); budget: {budget}")
+    head = (f"{'method':7} {'ipc':>4} {'iters':>6} {'s/it':>6} {'ours %':>13} {'start (real) %':>15} "
+            f"{'published %':>11} {'bytes':>9}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        pub = f"{r['published']:.1f}" if r["published"] is not None else "-"
+        print(f"{r['method']:7} {r['ipc']:4d} {r['iterations']:6d} {r['seconds_per_iteration']:6.2f} "
+              f"{100 * r['accuracy_mean']:6.2f} ± {100 * r['accuracy_std']:4.2f} "
+              f"{100 * r['start_accuracy_mean']:7.2f} ± {100 * r['start_accuracy_std']:4.2f} {pub:>11} {r['nbytes']:9d}")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"budget": budget, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
