@@ -33,7 +33,7 @@ from fedcl_dd.augment import DSA
 from fedcl_dd.cli import resolve_device
 from fedcl_dd.data import load_dataset
 from fedcl_dd.distill import Callback, DistillConfig, distill
-from fedcl_dd.objectives import DistributionMatching, MatchingContext, class_means
+from fedcl_dd.objectives import DistributionMatching, MatchingContext
 from fedcl_dd.recipe import Recipe
 from fedcl_dd.sampling import ClassSampler
 

@@ -25,7 +25,6 @@ import math
 import os
 import shutil
 import tarfile
-import secrets
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 from .augment import DEFAULT_STRATEGY, NO_FLIP_STRATEGY
+from .io import atomic_write, temp_sibling
 
 __all__ = [
     "DatasetSpec",
@@ -313,7 +313,7 @@ def _load_jpeg_split(
     try:
         for path, array in ((x_path, x), (y_path, y)):
             path.parent.mkdir(exist_ok=True)
-            _write_atomically(path, lambda f, a=array: np.save(f, a, allow_pickle=False))
+            atomic_write(path, lambda f, a=array: np.save(f, a, allow_pickle=False))
     except OSError as err:  # a read-only data root still loads, just slowly every time
         warnings.warn(f"could not cache decoded CIFAR-10 in {x_path.parent}: {err}")
     return x, y, False
@@ -386,7 +386,7 @@ def _import_mnist(src: Path, dest: Path, sums: dict[str, str]) -> list[Path]:
             with gzip.open(gz, "rb") as g:
                 shutil.copyfileobj(g, f, 1 << 20)
 
-        _write_atomically(target, gunzip, check=_idx_complete)
+        atomic_write(target, gunzip, check=_idx_complete)
         written.append(target)
     return written
 
@@ -399,7 +399,7 @@ def _import_cifar(src: Path, dest: Path, sums: dict[str, str]) -> list[Path]:
     if marker.is_file() and marker.read_text().strip() == digest:
         return []
     dest.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(target)
+    tmp = temp_sibling(target)
     tmp.mkdir()
     try:
         _extract_tar(archive, tmp)
@@ -481,27 +481,3 @@ def _verify(src: Path, path: Path, sums: dict[str, str]) -> str:
     return digest
 
 
-def _write_atomically(
-    target: Path,
-    write: Callable[[BinaryIO], None],
-    check: Callable[[Path], bool] | None = None,
-) -> None:
-    """Write ``target`` through a temporary file in the same folder and rename it into place,
-    so readers never see a partial file; ``check`` vets the temporary file first."""
-    tmp = _temp_sibling(target)
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-        if check is not None and not check(tmp):
-            raise ValueError(f"{target}: the written data is incomplete or malformed")
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _temp_sibling(target: Path) -> Path:
-    """A fresh hidden name next to ``target`` for writing it under. Not tempfile's mkstemp /
-    mkdtemp: those create mode 0600 / 0700, which would make a shared data root unreadable
-    to others; a plain open / mkdir honours the umask."""
-    return target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.part")

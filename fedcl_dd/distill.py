@@ -16,9 +16,6 @@ so a resumed run continues exactly where the interrupted one stopped.
 
 from __future__ import annotations
 
-import copy
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +23,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .objectives.base import MatchingContext, Objective
+from .io import atomic_write
+from .objectives.base import DistillationDiverged, MatchingContext, Objective
 from .synthetic import SyntheticSet
 
 __all__ = [
@@ -41,10 +39,6 @@ __all__ = [
     "TimeLimit",
     "distill",
 ]
-
-
-class DistillationDiverged(RuntimeError):
-    """The loss or the synthetic set became NaN/Inf; S is restored to its last finite state."""
 
 
 @dataclass
@@ -169,20 +163,8 @@ class TimeLimit(Callback):
             state.stop = True
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _finite(syn: SyntheticSet) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in syn.parameters())
+def _finite(params: list[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in params)
 
 
 def distill(
@@ -206,6 +188,7 @@ def distill(
         groups.append({"params": [syn.label_logits], "lr": config.lr_labels})
     groups += objective.parameter_groups()
     optimizer = torch.optim.SGD(groups, lr=config.lr_images, momentum=config.momentum)
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # S and objective parameters
 
     state = DistillState(iteration=0, syn=syn, objective=objective)
     if resume is not None:
@@ -221,21 +204,19 @@ def distill(
         state.seconds = float(ckpt["seconds"])
 
     def save(st: DistillState, path: Path) -> None:
-        _atomic_torch_save(
-            {
-                "syn": syn.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "objective": objective.state_dict(),
-                "generator": ctx.generator.get_state(),
-                "augment_generator": ctx.augment.generator.get_state() if ctx.augment else torch.empty(0),
-                "iteration": st.iteration,
-                "losses": st.losses,
-                "metrics": {k: [list(p) for p in v] for k, v in st.metrics.items()},
-                "seconds": st.seconds,
-                "config": asdict(config),
-            },
-            path,
-        )
+        state_dict = {
+            "syn": syn.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "objective": objective.state_dict(),
+            "generator": ctx.generator.get_state(),
+            "augment_generator": ctx.augment.generator.get_state() if ctx.augment else torch.empty(0),
+            "iteration": st.iteration,
+            "losses": st.losses,
+            "metrics": {k: [list(p) for p in v] for k, v in st.metrics.items()},
+            "seconds": st.seconds,
+            "config": asdict(config),
+        }
+        atomic_write(path, lambda f: torch.save(state_dict, f))
 
     for cb in callbacks:
         if isinstance(cb, Checkpointer):
@@ -249,16 +230,18 @@ def distill(
         steps = objective.outer_steps(syn)
         total = 0.0
         for outer in range(steps):
-            good = copy.deepcopy(syn.state_dict())
+            good = [p.detach().clone() for p in params]
             optimizer.zero_grad(set_to_none=True)
             loss = objective.loss(ctx, net, syn)
             if not torch.isfinite(loss):
                 raise DistillationDiverged(_diverged_message(it, "loss", config))
             loss.backward()
             optimizer.step()
-            if not _finite(syn):
-                syn.load_state_dict(good)
-                raise DistillationDiverged(_diverged_message(it, "synthetic set", config))
+            if not _finite(params):
+                with torch.no_grad():
+                    for p, g in zip(params, good):
+                        p.copy_(g)
+                raise DistillationDiverged(_diverged_message(it, "synthetic set or a learned parameter", config))
             total += float(loss.detach())
             if outer < steps - 1:
                 objective.update_network(ctx, net, syn)

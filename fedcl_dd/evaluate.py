@@ -25,7 +25,7 @@ from .data import DatasetSpec
 from .models import make_model
 from .synthetic import SyntheticSet
 
-__all__ = ["EvalResult", "train_model", "accuracy", "evaluate"]
+__all__ = ["EvalResult", "train_epochs", "train_model", "accuracy", "evaluate"]
 
 
 @dataclass
@@ -50,6 +50,40 @@ class EvalResult:
         return f"{100 * self.mean:.2f} ± {100 * self.std:.2f} % ({self.model}, {len(self.accuracies)} nets)"
 
 
+def train_epochs(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    epochs: int,
+    batch_size: int = 256,
+    augment: DSA | None = None,
+    generator: torch.Generator | None = None,
+) -> nn.Module:
+    """Train ``model`` with ``optimizer`` at its current learning rate for ``epochs`` shuffled epochs.
+
+    There is no learning-rate schedule and the optimizer is the caller's, so momentum carries
+    over between calls (DC keeps one network optimizer across all outer steps; MTT snapshots
+    experts after every epoch).
+    ``targets`` are class ids or (N, classes) probabilities; augmentation draws per sample.
+    """
+    device = images.device
+    images, targets = images.detach(), targets.detach()
+    n = images.shape[0]
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator).to(device)
+        for batch in order.split(batch_size):
+            x = images[batch]
+            if augment is not None:
+                x = augment(x)
+            loss = F.cross_entropy(model(x), targets[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return model
+
+
 def train_model(
     model: nn.Module,
     images: torch.Tensor,
@@ -71,21 +105,12 @@ def train_model(
     device = next(model.parameters()).device
     images, targets = images.detach().to(device), targets.detach().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[epochs // 2], gamma=0.1)
-    n = images.shape[0]
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator).to(device)
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            x = images[idx]
-            if augment is not None:
-                x = augment(x)
-            loss = F.cross_entropy(model(x), targets[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        sched.step()
+    first = max(1, epochs // 2)
+    train_epochs(model, opt, images, targets, first, batch_size, augment, generator)
+    if epochs > first:
+        for group in opt.param_groups:
+            group["lr"] = lr / 10
+        train_epochs(model, opt, images, targets, epochs - first, batch_size, augment, generator)
     return model
 
 

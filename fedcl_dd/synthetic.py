@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,9 +31,11 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from .io import atomic_write
 from .sampling import ClassSampler
 
 __all__ = [
@@ -212,17 +212,8 @@ class SyntheticSet(nn.Module):
 
     def save(self, path: str | Path) -> Path:
         """Write the set as safetensors, atomically (a crash never leaves a half-written file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(self.state_tensors(), tmp, metadata=self.metadata())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        data = safetensors_bytes(self.state_tensors(), metadata=self.metadata())
+        return atomic_write(path, lambda f: f.write(data))
 
     @staticmethod
     def from_state(

@@ -64,3 +64,15 @@ def digits_sampler(digits):
     from fedcl_dd.sampling import ClassSampler
 
     return ClassSampler(digits.train_x, digits.train_y, digits.spec.num_classes)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of many tiny steps, where a second thread only adds
+    synchronization (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from fedcl_dd import data
 from fedcl_dd.data import (
     MNIST_FILES,
     SPECS,

@@ -17,6 +17,9 @@ from fedcl_dd.sampling import ClassSampler
 from fedcl_dd.synthetic import AddressingPlan, AddressingSet, PixelSet
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
 def data():
     return load_dataset("digits")
@@ -31,7 +34,8 @@ def subset(data, per_class: int) -> ClassSampler:
 
 def context(data, real: ClassSampler, seed: int = 0, augment: bool = False, **kwargs) -> MatchingContext:
     aug = DSA(data.spec.dsa_strategy, generator=torch.Generator().manual_seed(seed)) if augment else None
-    return MatchingContext(real, data.spec, augment=aug, generator=torch.Generator().manual_seed(seed), **kwargs)
+    generator = torch.Generator().manual_seed(seed)
+    return MatchingContext(real, data.spec, augment=aug, generator=generator, **kwargs)
 
 
 def test_schedule_follows_the_paper_and_never_exits():
@@ -54,8 +58,11 @@ def test_loss_falls_over_a_short_distillation(data):
     real = subset(data, 20)
     net = make_model("convnet", 1, 10, 8, torch.Generator().manual_seed(100))
     ctx = context(data, real, network_source=lambda ctx: copy.deepcopy(net))
-    syn = PixelSet.from_noise(10, data.spec.image_shape, 5, classes=[0, 1, 2], generator=torch.Generator().manual_seed(0))
-    result = distill(syn, GradientMatching(real_per_class=20), ctx, DistillConfig(iterations=20, lr_images=0.01))
+    syn = PixelSet.from_noise(
+        10, data.spec.image_shape, 5, classes=[0, 1, 2], generator=torch.Generator().manual_seed(0)
+    )
+    config = DistillConfig(iterations=20, lr_images=0.01)
+    result = distill(syn, GradientMatching(real_per_class=20), ctx, config)
     first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
     assert last < 0.99 * first, result.losses
 
@@ -77,7 +84,9 @@ def test_distances_vanish_when_synthetic_equals_real(data, distance):
 
 def test_gradients_reach_addressing_bases_and_addresses(data):
     real = subset(data, 10)
-    plan = AddressingPlan(bases=4, per_class=2, downsample=2, num_classes=10, image_shape=data.spec.image_shape)
+    plan = AddressingPlan(
+        bases=4, per_class=2, downsample=2, num_classes=10, image_shape=data.spec.image_shape
+    )
     syn = AddressingSet.from_real(real, plan, classes=[0, 1, 2], generator=torch.Generator().manual_seed(0))
     ctx = context(data, real, augment=True)
     gm = GradientMatching(real_per_class=10)

@@ -7,13 +7,17 @@ from typing import Any
 from .base import MatchingContext, Objective, class_means
 from .dm import DistributionMatching
 from .dm_dp import PrivateDistributionMatching
+from .gm import GradientMatching
+from .tm import TrajectoryMatching
 
 __all__ = ["MatchingContext", "Objective", "class_means", "DistributionMatching",
-           "PrivateDistributionMatching", "OBJECTIVES", "make_objective"]
+           "PrivateDistributionMatching", "GradientMatching", "TrajectoryMatching", "OBJECTIVES", "make_objective"]
 
 OBJECTIVES: dict[str, type[Objective]] = {
     DistributionMatching.name: DistributionMatching,
     PrivateDistributionMatching.name: PrivateDistributionMatching,
+    GradientMatching.name: GradientMatching,
+    TrajectoryMatching.name: TrajectoryMatching,
 }
 
 

@@ -23,7 +23,11 @@ from ..models import make_model
 from ..sampling import ClassSampler
 from ..synthetic import SyntheticSet
 
-__all__ = ["MatchingContext", "Objective", "class_means"]
+__all__ = ["MatchingContext", "Objective", "DistillationDiverged", "class_means"]
+
+class DistillationDiverged(RuntimeError):
+    """The loss, the synthetic set or an objective's parameter became NaN/Inf (or left its valid range)."""
+
 
 NetworkSource = Callable[["MatchingContext"], nn.Module]
 
@@ -106,7 +110,7 @@ def class_means(emb: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tu
 
     Classes with no rows get a zero mean and count 0.
     """
-    sums = torch.zeros(num_classes, emb.shape[1], dtype=emb.dtype, device=emb.device)
-    sums = sums.index_add(0, labels, emb)
-    counts = torch.bincount(labels, minlength=num_classes).to(emb.dtype)
-    return sums / counts.clamp_min(1).unsqueeze(1), counts
+    # A one-hot matmul rather than index_add: index_add with repeated indices is serial on CPU.
+    onehot = torch.nn.functional.one_hot(labels, num_classes).to(emb.dtype)  # (N, classes)
+    counts = onehot.sum(0)
+    return (onehot.T @ emb) / counts.clamp_min(1).unsqueeze(1), counts

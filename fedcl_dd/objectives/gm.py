@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..augment import DSA
+from ..evaluate import train_epochs
 from ..synthetic import SyntheticSet
 from .base import MatchingContext, Objective
 
-__all__ = ["GradientMatching", "DISTANCES", "LOOPS", "loops_for_ipc", "gradient_distance", "train_epochs"]
+__all__ = ["GradientMatching", "DISTANCES", "LOOPS", "loops_for_ipc", "gradient_distance"]
 
 DISTANCES = ("layerwise", "mse", "cosine")
 
@@ -58,7 +58,9 @@ def loops_for_ipc(ipc: int) -> tuple[int, int]:
     return outer, inner
 
 
-def gradient_distance(syn: Sequence[torch.Tensor], real: Sequence[torch.Tensor], kind: str = "layerwise") -> torch.Tensor:
+def gradient_distance(
+    syn: Sequence[torch.Tensor], real: Sequence[torch.Tensor], kind: str = "layerwise"
+) -> torch.Tensor:
     """Distance between two lists of parameter gradients (same order and shapes).
 
     ``layerwise`` (DC's own): every gradient with more than one dimension becomes
@@ -80,40 +82,6 @@ def gradient_distance(syn: Sequence[torch.Tensor], real: Sequence[torch.Tensor],
     if kind == "cosine":
         return 1 - F.cosine_similarity(gs, gr, dim=0, eps=_EPS)
     raise ValueError(f"unknown gradient distance {kind!r}; choose one of {DISTANCES}")
-
-
-def train_epochs(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    epochs: int,
-    batch_size: int = 256,
-    augment: DSA | None = None,
-    generator: torch.Generator | None = None,
-) -> nn.Module:
-    """Train ``model`` with ``optimizer`` at its current learning rate for ``epochs`` shuffled epochs.
-
-    Unlike :func:`fedcl_dd.evaluate.train_model` there is no learning-rate schedule and the
-    optimizer is the caller's, so momentum carries over between calls (DC keeps one network
-    optimizer across all outer steps; MTT snapshots experts after every epoch).
-    ``targets`` are class ids or (N, classes) probabilities; augmentation draws per sample.
-    """
-    device = images.device
-    images, targets = images.detach(), targets.detach()
-    n = images.shape[0]
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator).to(device)
-        for batch in order.split(batch_size):
-            x = images[batch]
-            if augment is not None:
-                x = augment(x)
-            loss = F.cross_entropy(model(x), targets[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    return model
 
 
 class GradientMatching(Objective):
@@ -199,9 +167,10 @@ class GradientMatching(Objective):
     def update_network(self, ctx: MatchingContext, net: nn.Module, syn: SyntheticSet) -> None:
         if self._net is not net:
             self._net = net
-            self._net_optimizer = torch.optim.SGD(net.parameters(), lr=self.lr_net, momentum=self.momentum_net)
+            self._net_optimizer = torch.optim.SGD(
+                net.parameters(), lr=self.lr_net, momentum=self.momentum_net
+            )
         with torch.no_grad():
             images, targets = syn.images(), syn.targets()
-        train_epochs(
-            net, self._net_optimizer, images, targets, self.loops(syn)[1], self.batch_net, ctx.augment, ctx.generator
-        )
+        epochs, aug = self.loops(syn)[1], ctx.augment
+        train_epochs(net, self._net_optimizer, images, targets, epochs, self.batch_net, aug, ctx.generator)

@@ -31,14 +31,16 @@ from safetensors.torch import load_file, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from torch.func import functional_call
+from tqdm.auto import tqdm
 
 from ..augment import DSA, AugParams
-from ..data import DatasetSpec, _write_atomically
+from ..data import DatasetSpec
+from ..io import atomic_write
 from ..models import make_model
 from ..sampling import ClassSampler
 from ..synthetic import SyntheticSet
-from .base import MatchingContext, Objective
-from .gm import train_epochs
+from .base import DistillationDiverged, MatchingContext, Objective
+from ..evaluate import train_epochs
 
 __all__ = ["TrajectoryMatching", "ExpertSegment", "train_experts", "expert_cache_key"]
 
@@ -67,8 +69,6 @@ def train_experts(
     """
     if num_experts < 1 or epochs < 1:
         raise ValueError(f"num_experts and epochs must be >= 1, got {num_experts} and {epochs}")
-    from tqdm.auto import tqdm
-
     device = torch.device(device) if device is not None else real.device
     aug = DSA(spec.dsa_strategy, generator=generator) if augment else None
     images, labels = real.x.to(device), real.y.to(device)
@@ -97,7 +97,8 @@ def expert_cache_key(real: ClassSampler, spec: DatasetSpec, model: str, settings
     one client's partition are never reused for another's.
     """
     h = hashlib.sha256()
-    meta = {"format": _EXPERT_FORMAT, "dataset": spec.name, "model": model, "n": int(real.y.numel()), **settings}
+    meta = {"format": _EXPERT_FORMAT, "dataset": spec.name, "model": model, "n": int(real.y.numel())}
+    meta.update(settings)
     h.update(json.dumps(meta, sort_keys=True).encode())
     h.update(real.y.detach().cpu().contiguous().numpy().tobytes())
     h.update(real.x.detach().cpu().contiguous().numpy())
@@ -105,7 +106,12 @@ def expert_cache_key(real: ClassSampler, spec: DatasetSpec, model: str, settings
 
 
 def _save_experts(path: Path, experts: list[Trajectory], key: str) -> None:
-    tensors = {f"{e}/{t}/{name}": p for e, traj in enumerate(experts) for t, snap in enumerate(traj) for name, p in snap.items()}
+    tensors = {
+        f"{e}/{t}/{name}": p
+        for e, trajectory in enumerate(experts)
+        for t, snapshot in enumerate(trajectory)
+        for name, p in snapshot.items()
+    }
     meta = {
         "format": _EXPERT_FORMAT,
         "key": key,
@@ -115,7 +121,7 @@ def _save_experts(path: Path, experts: list[Trajectory], key: str) -> None:
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     data = safetensors_bytes(tensors, metadata=meta)
-    _write_atomically(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _load_experts(path: Path, key: str) -> list[Trajectory]:
@@ -169,8 +175,9 @@ class TrajectoryMatching(Objective):
     as in MTT), with an image learning rate of 100 (``DistillConfig(lr_images=100)``, what the
     CLI uses for ``tm``). ``batch_syn=None`` puts every synthetic image in each student step.
 
-    Experts: ``num_experts`` networks trained for ``expert_train_epochs`` epochs on all of
-    ``ctx.real`` (:func:`train_experts`, lr ``expert_lr``, batch ``expert_batch``, DSA if
+    Experts: ``num_experts`` networks (MTT: 100) trained for ``expert_train_epochs`` epochs
+    (MTT: 50; 25 leaves room for ``max_start_epoch + expert_epochs``) on all of ``ctx.real``
+    (:func:`train_experts`, lr ``expert_lr``, batch ``expert_batch``, DSA if
     ``expert_augment``, seeded by ``expert_seed``). With ``expert_dir`` they are cached there
     as safetensors under a name hashed from everything that defines them
     (:func:`expert_cache_key`) and reused when present; ``None`` keeps them in memory only.
@@ -208,10 +215,13 @@ class TrajectoryMatching(Objective):
         if max_start_epoch + expert_epochs > expert_train_epochs:
             raise ValueError(
                 f"max_start_epoch + expert_epochs = {max_start_epoch + expert_epochs} exceeds the "
-                f"experts' {expert_train_epochs} training epochs: raise expert_train_epochs or lower the others"
+                f"experts' {expert_train_epochs} training epochs: raise expert_train_epochs or lower "
+                "the others"
             )
         if not (lr_teacher > 0 and lr_lr >= 0 and expert_lr > 0):
-            raise ValueError(f"need lr_teacher > 0, lr_lr >= 0, expert_lr > 0; got {lr_teacher}, {lr_lr}, {expert_lr}")
+            raise ValueError(
+                f"need lr_teacher > 0, lr_lr >= 0, expert_lr > 0; got {lr_teacher}, {lr_lr}, {expert_lr}"
+            )
         if batch_syn is not None and batch_syn < 1:
             raise ValueError(f"batch_syn must be >= 1 or None, got {batch_syn}")
         self.syn_steps = syn_steps
@@ -231,6 +241,7 @@ class TrajectoryMatching(Objective):
         self.syn_lr = nn.Parameter(torch.tensor(float(lr_teacher)))
         self.iteration = 0
         self._trajectories: list[torch.Tensor] = []  # per expert, (epochs + 1, P) flat parameters
+        self._key: str | None = None  # cache key of the loaded experts
         self._shell: nn.Module | None = None
 
     # -- experts ------------------------------------------------------------------------------
@@ -254,8 +265,7 @@ class TrajectoryMatching(Objective):
         }
         return expert_cache_key(ctx.real, ctx.spec, ctx.model, settings)
 
-    def _experts(self, ctx: MatchingContext) -> list[Trajectory]:
-        key = self._cache_key(ctx)
+    def _experts(self, ctx: MatchingContext, key: str) -> list[Trajectory]:
         path = self._path(ctx, key)
         if path is not None and path.is_file():
             try:
@@ -279,15 +289,25 @@ class TrajectoryMatching(Objective):
         return experts
 
     def setup(self, ctx: MatchingContext, syn: SyntheticSet) -> None:
-        """Load the experts from the cache, or train (and cache) them; reset the iteration count."""
+        """Load the experts from the cache, or train (and cache) them; reset the iteration count.
+
+        Experts already loaded for the same key are kept, so repeated runs on the same data
+        (federated rounds, benchmarks) pay for them once even without ``expert_dir``.
+        """
         self._shell = ctx.fresh_network()
-        names = [n for n, _ in self._shell.named_parameters()]
-        shapes = {n: p.shape for n, p in self._shell.named_parameters()}
-        experts = self._experts(ctx)
-        got = {n: p.shape for n, p in experts[0][0].items()}
-        if got != shapes:
-            raise ValueError(f"the experts' parameters {sorted(got)} do not fit the model {ctx.model!r}")
-        self._trajectories = [torch.stack([torch.cat([s[n].flatten() for n in names]) for s in t]) for t in experts]
+        key = self._cache_key(ctx)
+        if key != self._key:
+            names = [n for n, _ in self._shell.named_parameters()]
+            shapes = {n: p.shape for n, p in self._shell.named_parameters()}
+            experts = self._experts(ctx, key)
+            got = {n: p.shape for n, p in experts[0][0].items()}
+            if got != shapes:
+                raise ValueError(f"the experts' parameters {sorted(got)} do not fit the model {ctx.model!r}")
+            self._trajectories = [
+                torch.stack([torch.cat([snapshot[n].flatten() for n in names]) for snapshot in trajectory])
+                for trajectory in experts
+            ]
+            self._key = key
         if self.syn_lr.device != ctx.device:
             self.syn_lr = nn.Parameter(self.syn_lr.detach().to(ctx.device))
         self.iteration = 0
@@ -319,7 +339,9 @@ class TrajectoryMatching(Objective):
         ``syn.images()``/``syn.targets()`` (to pixels, or to bases and addresses).
         """
         if not isinstance(net, ExpertSegment):
-            raise TypeError(f"trajectory matching needs the ExpertSegment from network(), got {type(net).__name__}")
+            raise TypeError(
+                f"trajectory matching needs the ExpertSegment from network(), got {type(net).__name__}"
+            )
         self._check_step_size()
         n = syn.num_images
         schedule = self._schedule(ctx, n, syn.class_ids.device)
@@ -351,8 +373,6 @@ class TrajectoryMatching(Objective):
     def _check_step_size(self) -> None:
         lr = float(self.syn_lr.detach())
         if not (math.isfinite(lr) and lr > 0):
-            # Imported here: fedcl_dd.distill imports the objectives package.
-            from ..distill import DistillationDiverged
 
             raise DistillationDiverged(
                 f"trajectory matching's learnable step size is {lr:g} at iteration {self.iteration} "
@@ -388,7 +408,9 @@ class TrajectoryMatching(Objective):
     def _match(net: ExpertSegment, theta: torch.Tensor) -> torch.Tensor:
         return ((theta - net.target) ** 2).sum() / ((net.start - net.target) ** 2).sum()
 
-    def _tesla(self, net: ExpertSegment, syn: SyntheticSet, schedule: list[Step], ctx: MatchingContext) -> torch.Tensor:
+    def _tesla(
+        self, net: ExpertSegment, syn: SyntheticSet, schedule: list[Step], ctx: MatchingContext
+    ) -> torch.Tensor:
         lr = self.syn_lr.detach()
         images, targets = syn.images(), syn.targets()
         img = images.detach().requires_grad_(True)
@@ -398,7 +420,7 @@ class TrajectoryMatching(Objective):
         # Pass 1: the student's end point, no graph beyond one step's weight gradient.
         theta = net.start
         for idx, aug in schedule:
-            theta = theta - lr * self._tesla_step(net, theta, img, tgt, idx, aug, ctx)[0]
+            theta = theta - lr * self._tesla_step(net, theta, img.detach(), tgt.detach(), idx, aug, ctx)[0]
         with torch.no_grad():
             value = self._match(net, theta)
             v = 2 * (theta - net.target) / ((net.start - net.target) ** 2).sum()
