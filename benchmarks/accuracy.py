@@ -24,7 +24,7 @@ import torch
 
 from fedcl_dd.augment import DSA
 from fedcl_dd.cli import resolve_device
-from fedcl_dd.data import load_dataset
+from fedcl_dd.data import data_root, load_dataset
 from fedcl_dd.distill import DistillConfig, ProgressBar, TimeLimit, distill
 from fedcl_dd.evaluate import evaluate
 from fedcl_dd.objectives import MatchingContext
@@ -61,6 +61,8 @@ def run_one(args, ds, method: str, ipc: int, seed: int, device) -> dict:
     real = ClassSampler(ds.train_x, ds.train_y, spec.num_classes, device)
     gen = torch.Generator().manual_seed(seed)
     obj_args = {"real_per_class": args.real_per_class} if method in ("dm", "dm-dp", "gm") else {}
+    if method == "tm":
+        obj_args["expert_dir"] = data_root(args.data_root) / "experts"
     if method == "dm-dp":
         obj_args.update(epsilon=args.epsilon, delta=args.delta, iterations=args.iterations)
     recipe = Recipe(method=method, ipc=ipc, param=args.param, iterations=args.iterations,

@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fedcl_dd.augment import DSA
 from fedcl_dd.cli import resolve_device
-from fedcl_dd.data import load_dataset
+from fedcl_dd.data import data_root, load_dataset
 from fedcl_dd.distill import Callback, DistillConfig, distill
 from fedcl_dd.objectives import DistributionMatching, MatchingContext
 from fedcl_dd.recipe import Recipe
@@ -93,6 +93,8 @@ def build(args: argparse.Namespace, method: str, device: torch.device):
     obj_args = dict(extra)
     if name in ("dm", "dm-dp", "gm"):
         obj_args["real_per_class"] = args.real_per_class
+    if name == "tm":
+        obj_args["expert_dir"] = data_root(args.data_root) / "experts"
     recipe = Recipe(method=name, ipc=args.ipc, param=args.param, objective_args=obj_args)
     syn = recipe.init_synthetic(real, ds.spec, gen)
     ctx = MatchingContext(real, ds.spec, augment=DSA(ds.spec.dsa_strategy), generator=gen, device=device)

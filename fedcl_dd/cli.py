@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from .augment import DSA
-from .data import SPECS, DatasetNotFoundError, import_data, load_dataset
+from .data import SPECS, DatasetNotFoundError, data_root, import_data, load_dataset
 from .distill import (
     Checkpointer,
     DistillationDiverged,
@@ -89,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--delta", type=float, default=1e-5, help="dm-dp: target delta")
     d.add_argument("--noise-multiplier", type=float, default=None, help="dm-dp: sigma (instead of --epsilon)")
     d.add_argument("--clip", type=float, default=1.0, help="dm-dp: per-sample embedding norm bound C")
+    d.add_argument("--constant-memory", action="store_true", help="tm: TESLA's constant-memory gradient")
     d.add_argument("--no-augment", action="store_true", help="distill without DSA")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<method>-...)")
@@ -124,6 +125,12 @@ def _objective_args(args: argparse.Namespace) -> dict[str, Any]:
             out["epsilon"] = args.epsilon
     elif args.epsilon is not None or args.noise_multiplier is not None:
         raise ValueError("--epsilon/--noise-multiplier apply to --method dm-dp only")
+    if args.method == "tm":
+        # Expert trajectories are costly: cache them beside the data, keyed by what defines them.
+        out["expert_dir"] = data_root(args.data_root) / "experts"
+        out["constant_memory"] = args.constant_memory
+    elif args.constant_memory:
+        raise ValueError("--constant-memory applies to --method tm only")
     return out
 
 

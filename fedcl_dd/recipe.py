@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from .data import DatasetSpec
-from .objectives import make_objective, Objective, OBJECTIVES
+from .objectives import OBJECTIVES, Objective, make_objective
+from .objectives.tm import mtt_settings
 from .sampling import ClassSampler
 from .synthetic import AddressingPlan, AddressingSet, PixelSet, SyntheticSet, bytes_per_image, pixel_ipc_for_budget
 
@@ -136,5 +137,9 @@ class Recipe:
         return syn
 
     def objective(self, **overrides: Any) -> Objective:
-        """The matching objective with ``objective_args`` (and ``overrides``) applied."""
-        return make_objective(self.method, **{**self.objective_args, **overrides})
+        """The matching objective with ``objective_args`` (and ``overrides``) applied.
+
+        Trajectory matching starts from MTT's published settings for this many images per class.
+        """
+        defaults = mtt_settings(self.ipc) if self.method == "tm" else {}
+        return make_objective(self.method, **{**defaults, **self.objective_args, **overrides})

@@ -42,7 +42,8 @@ from ..synthetic import SyntheticSet
 from .base import DistillationDiverged, MatchingContext, Objective
 from ..evaluate import train_epochs
 
-__all__ = ["TrajectoryMatching", "ExpertSegment", "train_experts", "expert_cache_key"]
+__all__ = [
+    "mtt_settings","TrajectoryMatching", "ExpertSegment", "train_experts", "expert_cache_key"]
 
 Trajectory = list[dict[str, torch.Tensor]]
 _EXPERT_FORMAT = "fedcl-dd/experts/1"
@@ -164,6 +165,20 @@ class ExpertSegment(nn.Module):
 
 
 Step = tuple[torch.Tensor, AugParams | None]  # minibatch indices, augmentation draw
+
+
+# MTT's published CIFAR-10 settings by images per class (no MNIST row was published).
+_MTT_ROWS = {
+    1: dict(syn_steps=50, expert_epochs=2, max_start_epoch=2, lr_lr=1e-7, lr_teacher=0.01),
+    10: dict(syn_steps=30, expert_epochs=2, max_start_epoch=20, lr_lr=1e-5, lr_teacher=0.001),
+    50: dict(syn_steps=30, expert_epochs=2, max_start_epoch=40, lr_lr=1e-5, lr_teacher=0.001,
+             expert_train_epochs=42),
+}
+
+
+def mtt_settings(ipc: int) -> dict[str, Any]:
+    """MTT's settings for ``ipc`` images per class: the published row at or below ``ipc``."""
+    return dict(_MTT_ROWS[max(r for r in _MTT_ROWS if r <= max(1, ipc))])
 
 
 class TrajectoryMatching(Objective):
