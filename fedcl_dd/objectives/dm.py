@@ -16,6 +16,15 @@ from .base import MatchingContext, Objective, class_means
 
 __all__ = ["DistributionMatching"]
 
+# On CPU the elementwise layers (norm, ReLU, pooling) are bound by memory bandwidth: a
+# 16-image chunk keeps each layer's activations in cache (~20% faster forward than one
+# 640-image batch here). On a GPU one large batch is best.
+_CPU_CHUNK = 16
+
+
+def _chunks(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return x.split(_CPU_CHUNK) if x.device.type == "cpu" else (x,)
+
 
 class DistributionMatching(Objective):
     """DM: ``sum_c || mean_real_c(embed) - mean_syn_c(embed) ||^2`` under a random frozen network."""
@@ -38,7 +47,7 @@ class DistributionMatching(Objective):
         """Mean embedding of a fresh real batch per class, (num_classes, D); no graph."""
         x, y = ctx.real.sample_classes(classes, self.real_per_class, ctx.generator)
         with torch.no_grad():
-            emb = net.embed(ctx.apply(x, params))
+            emb = torch.cat([net.embed(ctx.apply(part, params)) for part in _chunks(x)])
         return class_means(emb, y, ctx.spec.num_classes)[0]
 
     def loss(self, ctx: MatchingContext, net: nn.Module, syn: SyntheticSet) -> torch.Tensor:
