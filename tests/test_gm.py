@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from fedcl_dd.augment import DSA
-from fedcl_dd.data import load_dataset
 from fedcl_dd.distill import DistillConfig, distill
 from fedcl_dd.models import make_model
 from fedcl_dd.objectives.base import MatchingContext
@@ -21,8 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def data():
-    return load_dataset("digits")
+def data(digits):
+    return digits
 
 
 def subset(data, per_class: int) -> ClassSampler:
