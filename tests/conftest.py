@@ -76,3 +76,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def digits16(digits):
+    """Digits upsampled to 16x16 (spec, train sampler, test images, test labels).
+
+    Gradient and trajectory matching need it: at 8x8 the ConvNet's last block instance-normalizes
+    2x2 maps, which makes their losses too rough in pixel space to descend (measured: GM at the
+    paper's lr 0.1 lowered accuracy from 89% to 75% at 8x8, and raised it from 91% to 95% at 16x16).
+    """
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from fedcl_dd.sampling import ClassSampler
+
+    def up(x):
+        return F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+
+    spec = dataclasses.replace(digits.spec, name="digits16", image_size=16)
+    return spec, ClassSampler(up(digits.train_x), digits.train_y, 10), up(digits.test_x), digits.test_y
