@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from procmem import peak_since_reset, reset_peak
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedcl_dd.augment import DSA
@@ -148,13 +149,6 @@ def _forward(args: argparse.Namespace) -> list[str]:
     return out + (["--data-root", args.data_root] if args.data_root else [])
 
 
-def _proc_status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def child(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     syn, objective, ctx, recipe = build(args, args.child, device)
@@ -164,13 +158,12 @@ def child(args: argparse.Namespace) -> None:
         base = torch.cuda.memory_allocated()
     else:
         # Reset the peak resident set (Linux: writing 5 to clear_refs), so data loading does not count.
-        Path("/proc/self/clear_refs").write_text("5")
-        base = _proc_status_mib("VmRSS")
+        base = reset_peak()
     distill(syn, objective, ctx, DistillConfig(iterations=2, lr_images=recipe.lr))
     if device.type == "cuda":
         print((torch.cuda.max_memory_allocated() - base) / 2**20)
     else:
-        print(_proc_status_mib("VmHWM") - base)
+        print(peak_since_reset() - base)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
+from procmem import peak_since_reset, reset_peak
 
 from fedcl_dd.augment import DSA
 from fedcl_dd.cli import resolve_device
@@ -29,13 +30,6 @@ from fedcl_dd.distill import DistillConfig, distill
 from fedcl_dd.objectives import MatchingContext
 from fedcl_dd.recipe import Recipe
 from fedcl_dd.sampling import ClassSampler
-
-
-def _status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def child(args: argparse.Namespace, steps: int, tesla: bool) -> float:
@@ -55,12 +49,11 @@ def child(args: argparse.Namespace, steps: int, tesla: bool) -> float:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (Linux)
-        base = _status_mib("VmRSS")
+        base = reset_peak()
     distill(syn, objective, ctx, DistillConfig(2, recipe.lr))
     if device.type == "cuda":
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    return _status_mib("VmHWM") - base
+    return peak_since_reset() - base
 
 
 def main() -> None:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,6 +22,7 @@ from .distill import (
     distill,
 )
 from .evaluate import evaluate
+from .io import atomic_write
 from .models import MODELS
 from .objectives import OBJECTIVES, MatchingContext
 from .recipe import PARAMS, STORAGE_DTYPES, Recipe
@@ -42,11 +41,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def _write_json(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    data = json.dumps(obj, indent=2).encode()
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _positive_int(text: str) -> int:
