@@ -175,9 +175,10 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         callbacks.append(PeriodicEvaluation(args.eval_every, watch))
     if args.max_minutes is not None:
         callbacks.append(TimeLimit(60 * args.max_minutes))
+    budget = recipe.budget_for(spec, len(syn.classes))
     print(
         f"distilling {args.dataset} with {args.method} into {syn.num_images} {args.param} images "
-        f"({syn.nbytes} bytes, budget {recipe.budget_for(spec, len(syn.classes))}) on {device}",
+        f"({syn.nbytes} bytes, budget {budget}) on {device}",
         file=sys.stderr,
     )
     result = distill(
@@ -196,7 +197,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         "param": args.param,
         "ipc": args.ipc,
         "storage": args.storage,
-        "budget_bytes": recipe.budget_for(spec, len(syn.classes)),
+        "budget_bytes": budget,
         "nbytes": syn.nbytes,
         "num_images": syn.num_images,
         "iterations": result.iterations,

@@ -40,10 +40,6 @@ class ClassSampler:
         """Classes that have at least one real sample, ascending."""
         return [c for c in range(self.num_classes) if self.counts[c] > 0]
 
-    def indices(self, c: int) -> torch.Tensor:
-        """All dataset indices of class ``c`` (CPU)."""
-        return self._index[c]
-
     def _pick(self, c: int, n: int, generator: torch.Generator | None) -> torch.Tensor:
         idx = self._index[c]
         if idx.numel() == 0:

@@ -47,7 +47,6 @@ __all__ = [
     "AddressingPlan",
     "bytes_per_image",
     "pixel_ipc_for_budget",
-    "load_synthetic",
 ]
 
 FORMAT = "fedcl-dd/synthetic-set"
@@ -306,8 +305,6 @@ class SyntheticSet(nn.Module):
         except InvalidSyntheticSet as exc:
             raise InvalidSyntheticSet(f"{path}: {exc}") from exc
 
-
-load_synthetic = SyntheticSet.load
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int, key: str) -> torch.Tensor:
