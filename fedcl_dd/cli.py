@@ -1,10 +1,17 @@
-"""The ``fedcl-dd`` command line: ``distill``, ``evaluate`` and ``data import``."""
+"""The ``fedcl-dd`` command line: ``distill``, ``evaluate`` and ``data import``.
+
+Adapters add their own subcommands (``simulate`` for Flower, ``continual`` for
+Avalanche) through the ``fedcl_dd.commands`` entry-point group, so the core never
+imports a framework: each entry point is a ``register(subparsers)`` function that adds
+a parser and sets ``handler`` (a function of the parsed arguments returning the exit
+status) as its default.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,7 +29,7 @@ from .distill import (
     distill,
 )
 from .evaluate import evaluate
-from .io import atomic_write
+from .io import write_json
 from .models import MODELS
 from .objectives import OBJECTIVES, MatchingContext
 from .recipe import PARAMS, STORAGE_DTYPES, Recipe
@@ -30,7 +37,9 @@ from .sampling import ClassSampler
 from .synthetic import InvalidSyntheticSet, SyntheticSet
 from .viz import save_grid
 
-__all__ = ["main", "resolve_device"]
+__all__ = ["main", "resolve_device", "positive_int", "COMMANDS_GROUP"]
+
+COMMANDS_GROUP = "fedcl_dd.commands"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -40,12 +49,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def _write_json(obj: Any, path: Path) -> None:
-    data = json.dumps(obj, indent=2).encode()
-    atomic_write(path, lambda f: f.write(data))
-
-
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
@@ -54,8 +59,8 @@ def _positive_int(text: str) -> int:
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-model", default="convnet", choices=sorted(MODELS))
-    p.add_argument("--eval-epochs", type=_positive_int, default=300, help="epochs per evaluated network")
-    p.add_argument("--eval-models", type=_positive_int, default=3, help="networks to average over")
+    p.add_argument("--eval-epochs", type=positive_int, default=300, help="epochs per evaluated network")
+    p.add_argument("--eval-models", type=positive_int, default=3, help="networks to average over")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,11 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--lr-images", type=float, default=None, help="default: the method's published value")
     d.add_argument("--init", default=None, choices=("real", "noise"), help="default: noise for dm-dp, else real")
     d.add_argument("--soft-labels", action="store_true", help="learn labels too (gm, tm)")
-    d.add_argument("--downsample", type=_positive_int, default=None,
+    d.add_argument("--downsample", type=positive_int, default=None,
                    help="addressing bases at 1/N resolution (default 2; 1 for images under 16 pixels)")
-    d.add_argument("--bases", type=_positive_int, default=None, help="addressing bases (default: from budget)")
+    d.add_argument("--bases", type=positive_int, default=None, help="addressing bases (default: from budget)")
     d.add_argument("--model", default="convnet", choices=sorted(MODELS), help="network to distill with")
-    d.add_argument("--real-per-class", type=_positive_int, default=None, help="real images per class and step")
+    d.add_argument("--real-per-class", type=positive_int, default=None, help="real images per class and step")
     d.add_argument("--epsilon", type=float, default=None, help="dm-dp: target epsilon over the whole run")
     d.add_argument("--delta", type=float, default=1e-5, help="dm-dp: target delta")
     d.add_argument("--noise-multiplier", type=float, default=None, help="dm-dp: sigma (instead of --epsilon)")
@@ -106,6 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     imp = data_sub.add_parser("import", help="fill the data root from a folder laid out like shared/data")
     imp.add_argument("path")
+    for ep in entry_points(group=COMMANDS_GROUP):
+        ep.load()(sub)
     return parser
 
 
@@ -215,7 +222,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         "metrics": result.metrics,
         **result.report,
     }
-    _write_json(results, out / "results.json")
+    write_json(results, out / "results.json")
     print(f"accuracy {ev}; wrote {out}/synthetic.safetensors, results.json, grid.png")
     return 0
 
@@ -234,7 +241,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                   seed=args.seed, device=device)
     print(f"{args.file}: {ev}")
     if args.json:
-        _write_json({"file": args.file, "accuracy_mean": ev.mean, "accuracy_std": ev.std,
+        write_json({"file": args.file, "accuracy_mean": ev.mean, "accuracy_std": ev.std,
                      "accuracies": ev.accuracies, "eval_model": ev.model, "eval_epochs": ev.epochs,
                      "nbytes": syn.nbytes, "num_images": syn.num_images}, Path(args.json))
     return 0
@@ -251,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"distill": _cmd_distill, "evaluate": _cmd_evaluate, "data": _cmd_data}
     try:
-        return handlers[args.command](args)
+        return handlers[args.command](args) if args.command in handlers else args.handler(args)
     except (ValueError, FileNotFoundError, DatasetNotFoundError, DistillationDiverged) as exc:
         # Expected problems get one clear line, not a traceback.
         print(f"fedcl-dd: error: {exc}", file=sys.stderr)

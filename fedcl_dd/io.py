@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
-__all__ = ["atomic_write", "temp_sibling"]
+__all__ = ["atomic_write", "temp_sibling", "write_json"]
 
 
 def temp_sibling(target: Path) -> Path:
@@ -38,3 +39,9 @@ def atomic_write(
         tmp.unlink(missing_ok=True)
         raise
     return target
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    data = json.dumps(obj, indent=2).encode()
+    return atomic_write(path, lambda f: f.write(data))

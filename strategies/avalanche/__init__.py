@@ -1,0 +1,1 @@
+"""Avalanche adapters: condensed rehearsal buffers and the plugin that replays them."""
