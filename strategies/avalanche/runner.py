@@ -1,0 +1,227 @@
+"""One continual run: a benchmark, a memory at a byte budget, a strategy, Avalanche's metrics.
+
+The command line (``fedcl-dd continual``), the benchmark script and the tests run
+every configuration through :func:`run_stream`, so all rows share the model,
+epochs, seeds, batch mix and metrics. Baselines are Avalanche's own buffers at the
+same bytes: ``replay`` (``ReservoirSamplingBuffer``), ``class-balanced``
+(``ClassBalancedBuffer``), ``herding`` (``ParametricBuffer`` with
+``HerdingSelectionStrategy``) inside ``ReplayPlugin``, and ``gdumb`` (``GDumbPlugin``).
+A baseline memory of real images holds ``budget_bytes // bytes_per_image`` samples,
+counted like the condensed ones (fp32 pixels plus a 2-byte label).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from fedcl_dd.data import SPECS
+from fedcl_dd.models import make_model
+from fedcl_dd.synthetic import bytes_per_image
+from fedcl_dd.scenarios.continual import BENCHMARKS, ContinualBenchmark, make_benchmark
+
+from .buffers import BUFFERS, CondensedBuffer
+from .plugin import DEFAULT_BATCH_SIZE_MEM, CondensedReplayPlugin
+
+__all__ = ["BUFFER_CHOICES", "STRATEGIES", "RunConfig", "RunResult", "run_stream", "real_samples_for_budget"]
+
+BUFFER_CHOICES = ("condensed-pixels", "condensed-addressing", "replay", "class-balanced", "herding", "gdumb")
+STRATEGIES = ("naive", "ewc")
+_STREAM_ACC = "Top1_Acc_Stream/eval_phase/test_stream/Task000"
+_STREAM_FORGETTING = "StreamForgetting/eval_phase/test_stream"
+_EMBEDDING_LAYER = {"mlp": "body"}  # layers with a flat embedding, for herding
+
+
+@dataclass
+class RunConfig:
+    """A continual run. ``epochs`` are epochs over each experience; ``buffer_epochs`` are epochs of
+    the fresh model on its memory (``gdumb``, and condensed buffers when ``fresh`` is set)."""
+
+    benchmark: str = "split-digits"
+    buffer: str = "condensed-pixels"
+    budget_bytes: int | None = None
+    budget_images: int = 100  # used when budget_bytes is None: the bytes of this many labelled images
+    seed: int = 0
+    strategy: str = "naive"
+    ewc_lambda: float = 0.4
+    model: str = "mlp"
+    epochs: int = 1
+    lr: float = 0.01
+    momentum: float = 0.9
+    train_mb_size: int = 10
+    batch_size_mem: int = DEFAULT_BATCH_SIZE_MEM
+    fresh: bool = False
+    buffer_epochs: int = 50
+    method: str = "dm"
+    iterations: int = 50
+    real_per_class: int = 128
+    storage: str = "fp32"
+    data_root: str | None = None
+    device: str = "cpu"
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.benchmark not in BENCHMARKS:
+            raise ValueError(f"unknown benchmark {self.benchmark!r}; choose one of {sorted(BENCHMARKS)}")
+        if self.buffer not in BUFFER_CHOICES:
+            raise ValueError(f"unknown buffer {self.buffer!r}; choose one of {list(BUFFER_CHOICES)}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {list(STRATEGIES)}")
+        for name in ("epochs", "train_mb_size", "batch_size_mem", "buffer_epochs", "budget_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.budget_bytes is not None and self.budget_bytes < 1:
+            raise ValueError(f"budget_bytes must be positive, got {self.budget_bytes}")
+
+    @property
+    def budget(self) -> int:
+        if self.budget_bytes is not None:
+            return int(self.budget_bytes)
+        return self.budget_images * bytes_per_image(SPECS[BENCHMARKS[self.benchmark]].image_shape)
+
+
+@dataclass
+class RunResult:
+    """What a run measured, per experience and at the end."""
+
+    config: dict[str, Any]
+    accuracy_after: list[float] = field(default_factory=list)  # stream accuracy after each experience
+    forgetting: float = float("nan")  # Avalanche's stream forgetting after the last experience
+    buffer_bytes: int = 0
+    buffer_samples: int = 0
+    distinct_samples: int = 0
+    distill_seconds: list[float] = field(default_factory=list)
+    train_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def final_accuracy(self) -> float:
+        return self.accuracy_after[-1] if self.accuracy_after else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "final_accuracy": self.final_accuracy}
+
+
+def real_samples_for_budget(budget_bytes: int, image_shape: tuple[int, int, int]) -> int:
+    """Real fp32 images (with 2-byte labels) that fit in ``budget_bytes``."""
+    n = budget_bytes // bytes_per_image(image_shape)
+    if n < 1:
+        raise ValueError(f"a budget of {budget_bytes} bytes holds no {image_shape} image; raise the budget")
+    return n
+
+
+def make_memory(cfg: RunConfig, bench: ContinualBenchmark, model: nn.Module) -> tuple[Any, Any]:
+    """The replay plugin and its storage policy for ``cfg.buffer`` (condensed or an Avalanche baseline)."""
+    from avalanche.training.plugins import GDumbPlugin, ReplayPlugin
+    from avalanche.training.storage_policy import (
+        ClassBalancedBuffer,
+        HerdingSelectionStrategy,
+        ParametricBuffer,
+        ReservoirSamplingBuffer,
+    )
+
+    spec = bench.spec
+    if cfg.buffer in BUFFERS:
+        buffer: CondensedBuffer = BUFFERS[cfg.buffer](
+            cfg.budget, spec, method=cfg.method, iterations=cfg.iterations, real_per_class=cfg.real_per_class,
+            storage=cfg.storage, seed=cfg.seed, device=cfg.device, progress=cfg.progress,
+        )
+        plugin = CondensedReplayPlugin(
+            buffer, batch_size_mem=cfg.batch_size_mem, fresh_epochs=cfg.buffer_epochs if cfg.fresh else 0,
+            seed=cfg.seed,
+        )
+        return plugin, buffer
+    n = real_samples_for_budget(cfg.budget, spec.image_shape)
+    if cfg.buffer == "gdumb":
+        plugin = GDumbPlugin(mem_size=n)
+        return plugin, plugin.storage_policy
+    if cfg.buffer == "replay":
+        policy: Any = ReservoirSamplingBuffer(n)
+    elif cfg.buffer == "class-balanced":
+        policy = ClassBalancedBuffer(n, adaptive_size=True)
+    else:
+        if cfg.model not in _EMBEDDING_LAYER:
+            raise ValueError(
+                f"herding selects in a flat embedding; the {cfg.model!r} model has none: use --model "
+                f"{' or '.join(_EMBEDDING_LAYER)}"
+            )
+        policy = ParametricBuffer(n, groupby="class", selection_strategy=HerdingSelectionStrategy(
+            model, _EMBEDDING_LAYER[cfg.model]))
+    return ReplayPlugin(mem_size=n, batch_size_mem=cfg.batch_size_mem, storage_policy=policy), policy
+
+
+def make_strategy(cfg: RunConfig, model: nn.Module, plugins: list[Any]) -> Any:
+    """A ``Naive`` or ``EWC`` strategy over ``model`` with Avalanche's accuracy and forgetting metrics."""
+    from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics
+    from avalanche.training.plugins import EvaluationPlugin
+    from avalanche.training.supervised import EWC, Naive
+
+    evaluator = EvaluationPlugin(
+        accuracy_metrics(experience=True, stream=True), forgetting_metrics(experience=True, stream=True), loggers=[]
+    )
+    epochs = cfg.buffer_epochs if cfg.buffer == "gdumb" else cfg.epochs
+    kwargs = dict(
+        train_mb_size=cfg.train_mb_size, train_epochs=epochs, eval_mb_size=1000, device=cfg.device,
+        evaluator=evaluator, plugins=plugins,
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    criterion = nn.CrossEntropyLoss()
+    if cfg.strategy == "ewc":
+        return EWC(model, optimizer, criterion, ewc_lambda=cfg.ewc_lambda, **kwargs)
+    return Naive(model, optimizer, criterion, **kwargs)
+
+
+def run_stream(
+    cfg: RunConfig,
+    bench: ContinualBenchmark | None = None,
+    on_experience: Callable[[int, RunResult, Any], None] | None = None,
+) -> RunResult:
+    """Train over the whole stream, evaluating on the full test stream after each experience.
+
+    ``on_experience(i, result_so_far, strategy)`` is called after each experience (e.g. to
+    checkpoint or print). Distillation time is measured inside the buffer and reported apart
+    from training time.
+    """
+    bench = bench or make_benchmark(cfg.benchmark, seed=cfg.seed, root=cfg.data_root)
+    torch.manual_seed(cfg.seed)  # Avalanche's data loaders shuffle with the global RNG
+    spec = bench.spec
+    model = make_model(cfg.model, spec.channels, spec.num_classes, spec.image_size,
+                       torch.Generator().manual_seed(cfg.seed))
+    plugin, memory = make_memory(cfg, bench, model)
+    strategy = make_strategy(cfg, model, [plugin])
+    result = RunResult(config=asdict(cfg))
+    for exp in bench.train_stream:
+        done = len(getattr(memory, "distill_seconds", []))
+        start = time.perf_counter()
+        strategy.train(exp)
+        total = time.perf_counter() - start
+        distilled = getattr(memory, "distill_seconds", [])[done:]
+        result.distill_seconds.append(sum(distilled))
+        result.train_seconds.append(total - sum(distilled))
+        metrics = strategy.eval(bench.test_stream)
+        result.accuracy_after.append(float(metrics[_STREAM_ACC]))
+        result.forgetting = float(metrics.get(_STREAM_FORGETTING, float("nan")))
+        _describe_memory(result, memory)
+        if on_experience is not None:
+            on_experience(exp.current_experience, result, strategy)
+    return result
+
+
+def _describe_memory(result: RunResult, memory: Any) -> None:
+    if isinstance(memory, CondensedBuffer):
+        result.buffer_bytes, result.distinct_samples = memory.nbytes, memory.distinct_samples()
+        result.buffer_samples = len(memory.buffer)
+        return
+    n = len(memory.buffer)
+    shape = tuple(memory.buffer[0][0].shape) if n else (0, 0, 0)
+    result.buffer_samples = result.distinct_samples = n
+    result.buffer_bytes = n * bytes_per_image(shape) if n else 0
+
+
+def default_out(cfg: RunConfig) -> Path:
+    """``runs/continual-<benchmark>-<buffer>-<bytes>B-seed<seed>``."""
+    return Path("runs") / f"continual-{cfg.benchmark}-{cfg.buffer}-{cfg.budget}B-seed{cfg.seed}"
