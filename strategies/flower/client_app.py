@@ -1,0 +1,240 @@
+"""The ClientApp: distill the local partition and upload the synthetic set (or, as the
+baseline, train the global model locally as FedAvg/FedProx clients do).
+
+Train messages carry the global model (``"arrays"``) and the run configuration
+(``"config"``, see :class:`~fedcl_dd.strategies.flower.config.FedConfig`). The client reads
+its partition through :mod:`fedcl_dd.scenarios.federated` from the data root
+(``node_config["data-root"]``, else ``$FEDCL_DD_DATA``, else ``~/.cache/fedcl-dd``).
+
+Iterative mode follows FedDM (Xiong et al., "FedDM: Iterative Distribution Matching for
+Communication-Efficient Federated Learning", CVPR 2023): from the second round on, the
+matching networks are the current global model plus a small random perturbation, and the
+synthetic set is kept in ``context.state`` to warm-start the next round.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import zlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+
+from fedcl_dd.augment import DSA
+from fedcl_dd.cli import resolve_device
+from fedcl_dd.distill import DistillConfig, distill
+from fedcl_dd.evaluate import accuracy
+from fedcl_dd.models import make_model
+from fedcl_dd.objectives import MatchingContext
+from fedcl_dd.privacy import PrivacyLedger, noise_for_target
+from fedcl_dd.sampling import ClassSampler
+from fedcl_dd.scenarios.federated import ClientData, client_data
+from fedcl_dd.synthetic import SyntheticSet
+
+from .config import FedConfig
+from .payload import ARRAYS, CONFIG, METRICS, load_model_arrays, synthetic_records
+
+__all__ = ["app", "client_seed", "perturbed_global"]
+
+app = ClientApp()
+
+_STATE_SET, _STATE_META, _STATE_LEDGER = "fedcl-synthetic", "fedcl-synthetic-meta", "fedcl-ledger"
+
+
+def client_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """A seed for one client's work in one round: the same in every process and after a restart."""
+    return zlib.crc32(f"{seed}/{server_round}/{partition_id}".encode())
+
+
+def _setup(msg: Message, context: Context) -> tuple[FedConfig, int, ClientData, torch.device]:
+    cfg = FedConfig.from_mapping(msg.content[CONFIG], strict=False)
+    if "partition-id" not in context.node_config:
+        raise ValueError(
+            "this SuperNode has no partition-id: start it with "
+            '--node-config "partition-id=<i> num-partitions=<n>"'
+        )
+    pid = int(context.node_config["partition-id"])
+    n = int(context.node_config.get("num-partitions", cfg.preset_obj.num_clients))
+    if n != cfg.preset_obj.num_clients:
+        raise ValueError(f"num-partitions={n} on this node, but preset {cfg.preset} has {cfg.preset_obj.num_clients}")
+    root = context.node_config.get("data-root")
+    torch.set_num_threads(max(1, int(context.node_config.get("threads", 1))))
+    return cfg, pid, client_data(cfg.preset_obj, pid, str(root) if root else None), resolve_device()
+
+
+def _global_model(cfg: FedConfig, data: ClientData, arrays: ArrayRecord, device: torch.device) -> nn.Module:
+    spec = data.spec
+    net = make_model(cfg.model, spec.channels, spec.num_classes, spec.image_size, torch.Generator(), device)
+    return load_model_arrays(net, arrays)
+
+
+def perturbed_global(global_net: nn.Module, scale: float):
+    """FedDM's network sampler: a copy of ``global_net`` with every tensor moved by Gaussian
+    noise of ``scale`` times that tensor's RMS (drawn from the context's generator)."""
+
+    def source(ctx: MatchingContext) -> nn.Module:
+        net = copy.deepcopy(global_net)
+        with torch.no_grad():
+            for p in net.parameters():
+                noise = torch.randn(p.shape, generator=ctx.generator).to(p.device)
+                p.add_(noise * p.pow(2).mean().sqrt() * scale)
+        return net
+
+    return source
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Distill the local data (synthetic) or train locally (fedavg / fedprox)."""
+    cfg, pid, data, device = _setup(msg, context)
+    server_round = int(msg.content[CONFIG]["server-round"])
+    if cfg.algorithm == "synthetic":
+        content = _distill(msg, context, cfg, pid, server_round, data, device)
+    else:
+        content = _local_sgd(msg, context, cfg, pid, server_round, data, device)
+    return Message(content, reply_to=msg)
+
+
+def _distill(
+    msg: Message, context: Context, cfg: FedConfig, pid: int, server_round: int, data: ClientData,
+    device: torch.device,
+) -> RecordDict:
+    start = time.perf_counter()
+    spec = data.spec
+    seed = client_seed(cfg.seed, server_round, pid)
+    gen = torch.Generator().manual_seed(seed)
+    real = ClassSampler(data.train_x, data.train_y, spec.num_classes, device)
+    recipe = cfg.recipe()
+    syn: SyntheticSet | None = None
+    if cfg.mode == "iterative" and _STATE_SET in context.state:
+        prev = context.state[_STATE_SET].to_torch_state_dict()
+        syn = SyntheticSet.from_state(dict(prev), dict(context.state[_STATE_META]))
+    if syn is None:
+        syn = recipe.init_synthetic(real, spec, gen, classes=data.classes, info={"partition-id": pid})
+    syn = syn.to(device)
+    source = None
+    if cfg.mode == "iterative" and server_round > 1 and cfg.perturb >= 0:
+        source = perturbed_global(_global_model(cfg, data, msg.content[ARRAYS], device), cfg.perturb)
+    ctx = MatchingContext(
+        real=real, spec=spec, model=cfg.model, augment=DSA(spec.dsa_strategy, torch.Generator().manual_seed(seed + 1)),
+        generator=gen, device=device, network_source=source,
+    )
+    objective = recipe.objective()
+    ledger_before = PrivacyLedger()
+    if cfg.private and _STATE_LEDGER in context.state:
+        state = _ledger_state(context.state[_STATE_LEDGER])
+        objective.load_state_dict({"ledger": state})
+        ledger_before.load_state_dict(state)
+    result = distill(syn, objective, ctx, DistillConfig(cfg.iterations, recipe.lr, recipe.momentum))
+    if cfg.mode == "iterative":
+        context.state[_STATE_SET] = ArrayRecord(syn.state_tensors())
+        context.state[_STATE_META] = ConfigRecord(dict(syn.metadata()))
+    metrics: dict[str, Any] = {
+        "num-examples": int(data.train_y.numel()),
+        "partition-id": pid,
+        "upload-bytes": int(syn.nbytes),
+        "num-images": int(syn.num_images),
+        "classes-held": len(data.classes),
+        "seconds": time.perf_counter() - start,
+        "loss-first": result.losses[0] if result.losses else float("nan"),
+        "loss-last": result.losses[-1] if result.losses else float("nan"),
+    }
+    if cfg.private:
+        ledger = objective.ledger
+        context.state[_STATE_LEDGER] = ConfigRecord(dict(ledger.state_dict()))
+        before = ledger_before.epsilon(cfg.delta) if ledger_before.steps else 0.0
+        total = ledger.epsilon(cfg.delta)
+        metrics.update(
+            {
+                "epsilon-round": total - before,
+                "epsilon-total": total,
+                "delta": cfg.delta,
+                "noise-multiplier": float(objective.noise_multiplier),
+                "sample-rate": float(objective.sample_rate),
+                "steps": ledger.steps - ledger_before.steps,
+            }
+        )
+    else:
+        metrics.update({"epsilon-round": 0.0, "epsilon-total": 0.0, "delta": 0.0})
+    return synthetic_records(syn.cpu(), metrics)
+
+
+def _ledger_state(record: ConfigRecord) -> dict[str, list]:
+    return {k: list(v) for k, v in record.items()}
+
+
+def _local_sgd(
+    msg: Message, context: Context, cfg: FedConfig, pid: int, server_round: int, data: ClientData,
+    device: torch.device,
+) -> RecordDict:
+    """The baselines' client: SGD on the partition from the global weights (FedProx adds the
+    proximal term that Flower's FedProx strategy sends as ``proximal-mu``); with ``epsilon``
+    > 0, Opacus DP-SGD at a sigma planned for the whole run."""
+    start = time.perf_counter()
+    seed = client_seed(cfg.seed, server_round, pid)
+    gen = torch.Generator().manual_seed(seed)
+    net = _global_model(cfg, data, msg.content[ARRAYS], device)
+    anchor = [p.detach().clone() for p in net.parameters()]
+    mu = float(msg.content[CONFIG].get("proximal-mu", 0.0))
+    x, y = data.train_x.to(device), data.train_y.to(device)
+    n = int(y.numel())
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.local_lr, momentum=0.9)
+    metrics: dict[str, Any] = {"num-examples": n, "partition-id": pid}
+    trained: nn.Module = net
+    loader: Any = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=cfg.batch_size, shuffle=True, generator=gen
+    )
+    if cfg.private:
+        if mu > 0:
+            raise ValueError("DP-SGD clips per-sample gradients of the data loss only: use fedavg, not fedprox")
+        from opacus import PrivacyEngine
+
+        q = min(1.0, cfg.batch_size / n)
+        steps_per_round = cfg.local_epochs * math.ceil(1 / q)
+        sigma = noise_for_target(cfg.epsilon, cfg.delta, q, cfg.rounds * steps_per_round)
+        engine = PrivacyEngine(accountant="rdp")
+        trained, opt, loader = engine.make_private(
+            module=net, optimizer=opt, data_loader=loader, noise_multiplier=sigma, max_grad_norm=cfg.clip,
+            poisson_sampling=True,
+        )
+        ledger = PrivacyLedger()
+        if _STATE_LEDGER in context.state:
+            ledger.load_state_dict(_ledger_state(context.state[_STATE_LEDGER]))
+        before = ledger.epsilon(cfg.delta) if ledger.steps else 0.0
+        ledger.step(sigma, q, steps_per_round)
+        context.state[_STATE_LEDGER] = ConfigRecord(dict(ledger.state_dict()))
+        total = ledger.epsilon(cfg.delta)
+        metrics.update(
+            {"epsilon-round": total - before, "epsilon-total": total, "delta": cfg.delta,
+             "noise-multiplier": sigma, "sample-rate": q, "steps": steps_per_round}
+        )
+    trained.train()
+    for _ in range(cfg.local_epochs):
+        for xb, yb in loader:
+            if xb.shape[0] == 0:  # Poisson sampling can draw an empty batch
+                continue
+            loss = F.cross_entropy(trained(xb), yb)
+            if mu > 0:
+                loss = loss + mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(net.parameters(), anchor))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    arrays = ArrayRecord(net.state_dict())
+    metrics.update({"upload-bytes": arrays.count_bytes(), "seconds": time.perf_counter() - start})
+    return RecordDict({ARRAYS: arrays, METRICS: MetricRecord(metrics)})
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """The global model's accuracy on this client's held-out share."""
+    cfg, pid, data, device = _setup(msg, context)
+    net = _global_model(cfg, data, msg.content[ARRAYS], device)
+    n = int(data.test_y.numel())
+    acc = accuracy(net, data.test_x, data.test_y) if n else 0.0
+    return Message(RecordDict({METRICS: MetricRecord({"accuracy": acc, "num-examples": n})}), reply_to=msg)
