@@ -143,8 +143,10 @@ def partition_indices(labels: torch.Tensor, scheme: Partitioning) -> list[torch.
             scheme.num_partitions, "label", scheme.alpha, min_partition_size=min_size, seed=scheme.seed
         )
     else:
+        # "first-deterministic": client i's first class is i mod C, so no class is left out
+        # when there are at least as many clients as classes (pure "random" may drop some).
         partitioner = PathologicalPartitioner(
-            scheme.num_partitions, "label", scheme.classes_per_client, class_assignment_mode="random",
+            scheme.num_partitions, "label", scheme.classes_per_client, class_assignment_mode="first-deterministic",
             seed=scheme.seed,
         )
     partitioner.dataset = table

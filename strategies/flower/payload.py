@@ -12,6 +12,7 @@ A reply to a train message carries
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 
 import torch
@@ -88,15 +89,19 @@ def read_upload(content: RecordDict, spec: DatasetSpec, max_bytes: int, max_imag
         tensors = {k: torch.from_numpy(a.numpy().copy()) for k, a in arrays.items()}
     except Exception as exc:  # a malformed Array (bad dtype string, truncated bytes) fails in numpy
         raise InvalidUpload(f"arrays do not decode: {exc}") from exc
+    declared = (meta.get("num_classes"), meta.get("image_shape"))
+    expected = (str(spec.num_classes), json.dumps(list(spec.image_shape)))
+    if all(isinstance(v, str) for v in declared) and (declared[0], declared[1].replace(" ", "")) != (
+        expected[0], expected[1].replace(" ", "")
+    ):
+        raise InvalidUpload(
+            f"set of {declared[0]} classes of {declared[1]} images, but the run uses {spec.name}: "
+            f"{spec.num_classes} classes of {list(spec.image_shape)}"
+        )
     try:
         syn = SyntheticSet.from_state(tensors, dict(meta), max_bytes=max_bytes, max_images=max_images)
     except InvalidSyntheticSet as exc:
         raise InvalidUpload(str(exc)) from exc
-    if syn.image_shape != spec.image_shape or syn.num_classes != spec.num_classes:
-        raise InvalidUpload(
-            f"set of {syn.num_classes} classes of {syn.image_shape} images, but the run uses {spec.name}: "
-            f"{spec.num_classes} classes of {spec.image_shape}"
-        )
     return Upload(syn, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
 

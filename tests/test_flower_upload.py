@@ -1,0 +1,138 @@
+"""Every kind of malformed upload is refused with a reason; the run configuration refuses bad settings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedcl_dd.recipe import Recipe
+from fedcl_dd.strategies.flower.config import FedConfig
+from fedcl_dd.strategies.flower.payload import (
+    METRICS,
+    SYNTHETIC,
+    SYNTHETIC_META,
+    InvalidUpload,
+    model_arrays,
+    read_upload,
+    synthetic_records,
+)
+
+CFG = FedConfig(preset="digits-iid-4", ipc=5)
+METRIC_VALUES = {"num-examples": 100, "partition-id": 0, "upload-bytes": 1, "seconds": 1.0}
+
+
+@pytest.fixture(scope="module")
+def good(digits, digits_sampler):
+    syn = Recipe(ipc=5).init_synthetic(digits_sampler, digits.spec, torch.Generator().manual_seed(0))
+    return syn
+
+
+def _reply(tensors, meta, metrics=METRIC_VALUES) -> RecordDict:
+    return RecordDict({
+        SYNTHETIC: ArrayRecord({k: Array.from_numpy_ndarray(np.ascontiguousarray(v.numpy())) for k, v in tensors.items()}),
+        SYNTHETIC_META: ConfigRecord(dict(meta)),
+        METRICS: MetricRecord(dict(metrics)),
+    })
+
+
+def _read(content, digits):
+    return read_upload(content, digits.spec, CFG.budget_limit(), max_images=50)
+
+
+def test_a_good_upload_round_trips(good, digits):
+    up = _read(synthetic_records(good, METRIC_VALUES), digits)
+    assert torch.equal(up.syn.images(), good.images()) and torch.equal(up.syn.class_ids, good.class_ids)
+    assert up.partition_id == 0
+
+
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("nan", "NaN"),
+        ("inf", "NaN or Inf"),
+        ("shape", r"must be float \(N, 1, 8, 8\), got torch.float32 \(50, 1, 4, 8\)"),
+        ("dtype", "dtype"),
+        ("labels", "label"),
+        ("images", "exceed the limit"),
+        ("bytes", "budget"),
+        ("missing-tensor", "missing"),
+        ("missing-record", "lacks record"),
+        ("missing-metric", "metrics lack"),
+        ("not-a-set", "not a synthetic set"),
+        ("other-dataset", "the run uses digits"),
+    ],
+)
+def test_malformed_uploads_are_refused(good, digits, kind, match):
+    tensors, meta, metrics = good.state_tensors(), dict(good.metadata()), dict(METRIC_VALUES)
+    key = "images"
+    if kind == "nan":
+        tensors[key] = tensors[key].clone()
+        tensors[key][0, 0, 0, 0] = float("nan")
+    elif kind == "inf":
+        tensors[key] = tensors[key].clone()
+        tensors[key][1, 0, 2, 2] = float("inf")
+    elif kind == "shape":
+        tensors[key] = tensors[key][:, :, :4]
+    elif kind == "dtype":
+        tensors[key] = tensors[key].double()
+    elif kind == "labels":
+        labels = [k for k in tensors if k != key][0]
+        tensors[labels] = tensors[labels].clone()
+        tensors[labels][0] = 10
+    elif kind in ("images", "bytes"):
+        reps = 2 if kind == "images" else 3
+        tensors = {k: torch.cat([v] * reps) for k, v in tensors.items()}
+        if kind == "bytes":
+            content = _reply(tensors, meta, metrics)
+            with pytest.raises(InvalidUpload, match=match):
+                read_upload(content, digits.spec, CFG.budget_limit(), max_images=None)
+            return
+    elif kind == "missing-tensor":
+        tensors.pop(key)
+    elif kind == "missing-record":
+        content = synthetic_records(good, metrics)
+        del content[SYNTHETIC_META]
+        with pytest.raises(InvalidUpload, match=match):
+            _read(content, digits)
+        return
+    elif kind == "missing-metric":
+        metrics.pop("num-examples")
+    elif kind == "not-a-set":
+        from fedcl_dd.models import make_model
+
+        net = make_model("convnet", 1, 10, 8, torch.Generator().manual_seed(0), "cpu")
+        content = RecordDict({SYNTHETIC: model_arrays(net), SYNTHETIC_META: ConfigRecord({"note": "weights"}),
+                              METRICS: MetricRecord(metrics)})
+        with pytest.raises(InvalidUpload, match=match):
+            _read(content, digits)
+        return
+    elif kind == "other-dataset":
+        meta["image_shape"] = "[1, 16, 16]"
+        tensors[key] = torch.nn.functional.interpolate(tensors[key], size=(16, 16))
+    with pytest.raises(InvalidUpload, match=match):
+        _read(_reply(tensors, meta, metrics), digits)
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"algorithm": "fedsgd"}, "algorithm"),
+        ({"mode": "one-shot", "rounds": 3}, "one-shot"),
+        ({"method": "dm-dp"}, "epsilon"),
+        ({"epsilon": 8.0}, "dm-dp"),
+        ({"preset": "digits-zz-4"}, "preset"),
+        ({"ipcs": 3}, "unknown setting"),
+    ],
+)
+def test_bad_configs_are_refused(values, match):
+    with pytest.raises(ValueError, match=match):
+        FedConfig.from_mapping(values)
+
+
+def test_config_round_trips_through_records():
+    cfg = FedConfig(preset="mnist-dir0.5-10", method="dm-dp", epsilon=8.0, rounds=5, ipc=3)
+    again = FedConfig.from_mapping({**dict(ConfigRecord(cfg.to_dict())), "server-round": 2}, strict=False)
+    assert again == cfg
+    assert again.recipe().objective_args["iterations"] == 5 * cfg.iterations  # sigma planned for the whole run
