@@ -26,6 +26,7 @@ from fedcl_dd.synthetic import bytes_per_image
 from fedcl_dd.scenarios.continual import BENCHMARKS, ContinualBenchmark, make_benchmark
 
 from .buffers import BUFFERS, CondensedBuffer
+from .checkpoint import memories, resume, save
 from .plugin import DEFAULT_BATCH_SIZE_MEM, CondensedReplayPlugin
 
 __all__ = ["BUFFER_CHOICES", "STRATEGIES", "RunConfig", "RunResult", "run_stream", "real_samples_for_budget"]
@@ -179,26 +180,34 @@ def run_stream(
     cfg: RunConfig,
     bench: ContinualBenchmark | None = None,
     on_experience: Callable[[int, RunResult, Any], None] | None = None,
+    checkpoint: str | Path | None = None,
 ) -> RunResult:
     """Train over the whole stream, evaluating on the full test stream after each experience.
 
     ``on_experience(i, result_so_far, strategy)`` is called after each experience (e.g. to
-    checkpoint or print). Distillation time is measured inside the buffer and reported apart
-    from training time.
+    print). With ``checkpoint``, the strategy is saved there after every experience through
+    Avalanche's ``save_checkpoint``, and a run finding the file resumes after its last
+    experience (a checkpoint of another configuration is refused). Distillation time is
+    measured inside the buffer and reported apart from training time.
     """
     bench = bench or make_benchmark(cfg.benchmark, seed=cfg.seed, root=cfg.data_root)
     torch.manual_seed(cfg.seed)  # Avalanche's data loaders shuffle with the global RNG
     spec = bench.spec
     model = make_model(cfg.model, spec.channels, spec.num_classes, spec.image_size,
                        torch.Generator().manual_seed(cfg.seed))
-    plugin, memory = make_memory(cfg, bench, model)
+    plugin, _ = make_memory(cfg, bench, model)
     strategy = make_strategy(cfg, model, [plugin])
-    result = RunResult(config=asdict(cfg))
-    for exp in bench.train_stream:
+    strategy.fedcl_result = RunResult(config=asdict(cfg))  # travels inside the checkpoint
+    start = 0
+    if checkpoint is not None:
+        strategy, start = resume(strategy, checkpoint)
+    for exp in bench.train_stream[start:]:
+        result: RunResult = strategy.fedcl_result
+        memory = memories(strategy)[0]
         done = len(getattr(memory, "distill_seconds", []))
-        start = time.perf_counter()
+        begin = time.perf_counter()
         strategy.train(exp)
-        total = time.perf_counter() - start
+        total = time.perf_counter() - begin
         distilled = getattr(memory, "distill_seconds", [])[done:]
         result.distill_seconds.append(sum(distilled))
         result.train_seconds.append(total - sum(distilled))
@@ -206,9 +215,11 @@ def run_stream(
         result.accuracy_after.append(float(metrics[_STREAM_ACC]))
         result.forgetting = float(metrics.get(_STREAM_FORGETTING, float("nan")))
         _describe_memory(result, memory)
+        if checkpoint is not None:
+            save(strategy, checkpoint)
         if on_experience is not None:
             on_experience(exp.current_experience, result, strategy)
-    return result
+    return strategy.fedcl_result
 
 
 def _describe_memory(result: RunResult, memory: Any) -> None:

@@ -1,0 +1,173 @@
+"""Condensed rehearsal against Avalanche's replay baselines at equal bytes.
+
+Every row runs the same learner (model, epochs, minibatch, new/memory mix, seeds)
+through :func:`fedcl_dd.strategies.avalanche.runner.run_stream`; only the memory
+differs. Prints a table (accuracy after each experience, final average accuracy,
+Avalanche's stream forgetting, buffer bytes, distinct samples replayed,
+distillation and training seconds per experience) and writes
+``benchmarks/results/continual_<benchmark>.json``, a plot of accuracy after each
+experience per buffer (``continual_<benchmark>.png``) and a grid of each condensed
+buffer's images after the last experience (``continual_<benchmark>_<buffer>.png``).
+
+    python benchmarks/continual.py --benchmark split-mnist --seeds 0 1 2
+    python benchmarks/continual.py --benchmark split-mnist --sweep-mix 10 50 100 200   # the batch-mix sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from fedcl_dd.io import write_json
+from fedcl_dd.strategies.avalanche.buffers import CondensedBuffer
+from fedcl_dd.strategies.avalanche.checkpoint import memories
+from fedcl_dd.strategies.avalanche.runner import RunConfig, run_stream
+from fedcl_dd.scenarios.continual import make_benchmark
+from fedcl_dd.viz import save_grid
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# Measured here with Avalanche's ReplayPlugin on SplitMNIST (MLP, 1 epoch, 3 seeds): ../shared/REFERENCE.md §3.
+REFERENCES = {"ReplayPlugin, 100 images": 0.80, "ReplayPlugin, 500 images": 0.90, "GDumb, 200 images": 0.78}
+ROWS = (
+    ("replay", False),
+    ("class-balanced", False),
+    ("herding", False),
+    ("gdumb", False),
+    ("condensed-pixels", False),
+    ("condensed-addressing", False),
+    ("condensed-pixels", True),
+    ("condensed-addressing", True),
+)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
+
+
+def run_rows(base: RunConfig, seeds: list[int], rows, grids: str | None) -> list[dict]:
+    benches = {s: make_benchmark(base.benchmark, seed=s, root=base.data_root) for s in seeds}
+    out = []
+    for buffer, fresh in rows:
+        runs = []
+        start = time.perf_counter()
+        for seed in seeds:
+            cfg = replace(base, buffer=buffer, fresh=fresh, seed=seed)
+
+            def grid(i: int, result, strategy, cfg=cfg) -> None:
+                memory = memories(strategy)[0]
+                if grids and cfg.seed == seeds[0] and i == len(benches[seed].train_stream) - 1:
+                    if isinstance(memory, CondensedBuffer) and memory.syn is not None:
+                        save_grid(memory.syn, RESULTS / f"{grids}_{buffer}{'-fresh' if fresh else ''}.png")
+
+            runs.append(run_stream(cfg, benches[seed], on_experience=grid))
+        acc, std = _mean_std([r.final_accuracy for r in runs])
+        row = {
+            "buffer": buffer,
+            "protocol": "fresh model on buffer" if (fresh or buffer == "gdumb") else "replay mix",
+            "accuracy_after": [statistics.fmean(a) for a in zip(*(r.accuracy_after for r in runs))],
+            "final_accuracy": acc,
+            "final_accuracy_std": std,
+            "final_accuracies": [r.final_accuracy for r in runs],
+            "forgetting": statistics.fmean(r.forgetting for r in runs),
+            "buffer_bytes": max(r.buffer_bytes for r in runs),
+            "distinct_samples": min(r.distinct_samples for r in runs),
+            "distill_seconds_per_exp": statistics.fmean(s for r in runs for s in r.distill_seconds),
+            "train_seconds_per_exp": statistics.fmean(s for r in runs for s in r.train_seconds),
+            "wall_seconds": time.perf_counter() - start,
+        }
+        print(_line(row), flush=True)
+        out.append(row)
+    return out
+
+
+def _line(row: dict) -> str:
+    after = " ".join(f"{a:.3f}" for a in row["accuracy_after"])
+    return (
+        f"| {row['buffer']:<20} | {row['protocol']:<21} | {after} | {row['final_accuracy']:.3f} ± "
+        f"{row['final_accuracy_std']:.3f} | {row['forgetting']:.3f} | {row['buffer_bytes']:,} | "
+        f"{row['distinct_samples']:,} | {row['distill_seconds_per_exp']:.1f} | {row['train_seconds_per_exp']:.1f} |"
+    )
+
+
+HEADER = (
+    "| buffer | protocol | accuracy after each experience | final avg acc (mean ± std) | forgetting | "
+    "buffer bytes | distinct samples | distill s/exp | train s/exp |\n|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        x = range(1, len(row["accuracy_after"]) + 1)
+        style = "-" if row["buffer"].startswith("condensed") else "--"
+        label = row["buffer"] + (" (fresh)" if row["protocol"].startswith("fresh") and row["buffer"] != "gdumb" else "")
+        ax.plot(x, row["accuracy_after"], style, marker="o", label=label)
+    ax.set_xlabel("experiences trained")
+    ax.set_ylabel("accuracy on the whole test stream")
+    ax.set_title(title)
+    ax.set_xticks(list(range(1, len(rows[0]["accuracy_after"]) + 1)))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--benchmark", default="split-mnist", choices=("split-digits", "split-mnist", "split-cifar10"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--budget-images", type=int, default=100)
+    p.add_argument("--model", default="mlp")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size-mem", type=int, default=None)
+    p.add_argument("--buffer-epochs", type=int, default=None)
+    p.add_argument("--iterations", type=int, default=None)
+    p.add_argument("--buffers", nargs="+", default=None, help="only these rows (buffer names)")
+    p.add_argument("--sweep-mix", type=int, nargs="+", default=None,
+                   help="instead of the table: condensed-pixels and replay at these memory samples per batch")
+    p.add_argument("--tag", default="", help="suffix of the result files")
+    args = p.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+    base = RunConfig(benchmark=args.benchmark, budget_images=args.budget_images, model=args.model, epochs=args.epochs)
+    for name in ("batch_size_mem", "buffer_epochs", "iterations"):
+        if getattr(args, name) is not None:
+            base = replace(base, **{name: getattr(args, name)})
+    stem = f"continual_{args.benchmark.replace('-', '_')}{args.tag}"
+    RESULTS.mkdir(exist_ok=True)
+    settings = {k: v for k, v in vars(base).items() if k not in ("buffer", "seed", "fresh", "progress")}
+    settings.update(budget_bytes=base.budget, seeds=args.seeds, torch_threads=torch.get_num_threads())
+    print(f"settings: {settings}")
+    if args.sweep_mix:
+        sweep = {}
+        print(HEADER)
+        for mix in args.sweep_mix:
+            rows = run_rows(replace(base, batch_size_mem=mix), args.seeds,
+                            [("replay", False), ("condensed-pixels", False)], None)
+            sweep[mix] = rows
+        write_json({"settings": settings, "sweep_batch_size_mem": sweep}, RESULTS / f"{stem}_mix.json")
+        return
+    rows = [r for r in ROWS if args.buffers is None or r[0] in args.buffers]
+    print(HEADER)
+    table = run_rows(base, args.seeds, rows, stem)
+    write_json({"settings": settings, "references": REFERENCES, "rows": table}, RESULTS / f"{stem}.json")
+    plot(table, RESULTS / f"{stem}.png", f"{args.benchmark}, {base.budget:,} B memory, {args.model}, "
+         f"{args.epochs} epoch(s), {len(args.seeds)} seeds")
+    print("references (Avalanche on SplitMNIST, MLP, 1 epoch, 3 seeds, measured here): "
+          + ", ".join(f"{k} -> {v}" for k, v in REFERENCES.items()))
+
+
+if __name__ == "__main__":
+    main()
