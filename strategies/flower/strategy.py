@@ -156,8 +156,18 @@ class SyntheticSetStrategy(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Flower's evaluate round, with the run configuration the clients need to find their data."""
-        return super().configure_evaluate(server_round, arrays, ConfigRecord({**dict(config), **self.cfg.to_dict()}), grid)
+        """Flower's evaluate round, with the run configuration the clients need to find their data.
+
+        It evaluates on the nodes connected now: FedAvg's sampling would wait (without a
+        timeout) for ``min_available_nodes``, so a SuperNode lost during training would stall
+        the run forever.
+        """
+        required, self.min_available_nodes = self.min_available_nodes, 1
+        try:
+            record = ConfigRecord({**dict(config), **self.cfg.to_dict()})
+            return super().configure_evaluate(server_round, arrays, record, grid)
+        finally:
+            self.min_available_nodes = required
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -195,6 +205,7 @@ class SyntheticSetStrategy(FedAvg):
             if self.cfg.private:
                 ledger = self.ledgers.setdefault(up.partition_id, PrivacyLedger())
                 ledger.step(up.metrics["noise-multiplier"], up.metrics["sample-rate"], int(up.metrics["steps"]))
+        report.accepted.sort()
         report.upload_bytes_total = report.upload_bytes + (self.reports[-1].upload_bytes_total if self.reports else 0)
         report.epsilon = {pid: led.epsilon(self.cfg.delta) for pid, led in self.ledgers.items()}
 
