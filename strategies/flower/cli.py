@@ -7,7 +7,6 @@ run config. ``--strategy`` picks our synthetic-set strategy or Flower's FedAvg /
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from fedcl_dd.recipe import PARAMS, STORAGE_DTYPES
@@ -70,38 +69,16 @@ def _config(args: argparse.Namespace):
 def simulate(args: argparse.Namespace) -> int:
     """Run the configured rounds on the Ray backend and write results into ``--out``."""
     try:
-        from flwr.serverapp import ServerApp
-        from flwr.simulation import run_simulation
+        from .report import format_table
+        from .simulation import simulate as run
     except ImportError as exc:
         raise ValueError(f"simulate needs Flower: pip install 'fedcl-dd[flower]' ({exc})") from exc
     from fedcl_dd.cli import resolve_device
 
-    from .client_app import app as client_app
-    from .report import format_table
-    from .server_app import run_server
-
     cfg = _config(args)
     out = Path(args.out or f"runs/{cfg.preset}-{cfg.algorithm}")
-    if args.data_root:
-        # Simulated clients run in Ray workers, which inherit this environment.
-        os.environ["FEDCL_DD_DATA"] = str(Path(args.data_root).resolve())
-    device = resolve_device(args.device)
-    results: dict = {}
-    server_app = ServerApp()
-
-    @server_app.main()
-    def _main(grid, context) -> None:
-        results.update(run_server(grid, cfg, out, resume=args.resume, data_root=args.data_root, device=device))
-
-    gpus = 0.0 if device.type == "cpu" else min(1.0, args.cpus_per_client / (os.cpu_count() or 1))
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=cfg.preset_obj.num_clients,
-        backend_config={"client_resources": {"num_cpus": args.cpus_per_client, "num_gpus": gpus}},
-    )
-    if not results:
-        raise RuntimeError("the simulation ended without results; see the log above")
+    results = run(cfg, out, resume=args.resume, data_root=args.data_root, device=resolve_device(args.device),
+                  cpus_per_client=args.cpus_per_client)
     print(format_table({cfg.algorithm: results["rounds"]}))
     print(f"wrote {out}/results.json and {out}/accuracy.png")
     return 0

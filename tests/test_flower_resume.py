@@ -1,0 +1,85 @@
+"""Checkpoint and resume: kill the server mid-run, resume, and end as an uninterrupted run would.
+
+``fedcl-dd simulate`` runs as a real process (Ray backend) and is killed once its checkpoint
+shows round 2 of 4; ``--resume`` continues after the last completed round. The private
+clients' ledgers must equal what Opacus's accountant gives for four uninterrupted rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from fedcl_dd.strategies.flower.config import FedConfig
+from fedcl_dd.strategies.flower.strategy import CheckpointMismatch, SyntheticSetStrategy
+
+pytestmark = pytest.mark.slow
+
+ARGS = ["--preset", "digits-iid-3", "--rounds", "4", "--method", "dm-dp", "--epsilon", "8", "--ipc", "3",
+        "--iterations", "10", "--server-epochs", "10", "--set", "real-per-class=32"]
+
+
+def _simulate(out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "fedcl_dd.cli", "simulate", *ARGS, "--out", str(out), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _completed_round(checkpoint: Path) -> int:
+    try:
+        return int(torch.load(checkpoint, weights_only=True)["round"])
+    except (FileNotFoundError, EOFError, RuntimeError):
+        return 0
+
+
+def test_kill_after_round_two_then_resume(tmp_path):
+    out = tmp_path / "run"
+    proc = _simulate(out)
+    try:
+        deadline = time.monotonic() + 300
+        while _completed_round(out / "checkpoint.pt") < 2:
+            assert proc.poll() is None, f"the run ended early:\n{proc.stdout.read()[-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint of round 2 within 300 s"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the server and its Ray workers, mid-round
+        proc.wait()
+    killed_at = _completed_round(out / "checkpoint.pt")
+    assert 2 <= killed_at < 4, "the kill came too late to test resuming"
+
+    resumed = _simulate(out, "--resume")
+    log, _ = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, log[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["resumed_after"] == killed_at
+    assert [row["round"] for row in results["rounds"] if row["round"] > 0] == [1, 2, 3, 4]
+    assert all(row["accepted"] == [0, 1, 2] for row in results["rounds"] if row["round"] > 0)
+
+    # The ledger of an uninterrupted run: 4 rounds x 10 releases at the clients' (sigma, q).
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    cfg = FedConfig.from_mapping(state["config"])
+    for pid in range(3):
+        history = state["ledgers"][pid]
+        sigma, q = history["noise_multipliers"][0], history["sample_rates"][0]
+        assert sum(history["steps"]) == 4 * cfg.iterations
+        accountant = RDPAccountant()
+        accountant.history = [(sigma, q, 4 * cfg.iterations)]
+        expected = accountant.get_epsilon(cfg.delta)
+        final = results["rounds"][-1]["epsilon"][str(pid)]
+        assert final == pytest.approx(expected, rel=1e-9)
+        assert final <= cfg.epsilon * (1 + 1e-6)
+
+    # Resuming with other settings is refused, naming what differs.
+    other = SyntheticSetStrategy(cfg.replace(ipc=4), checkpoint=out / "checkpoint.pt")
+    with pytest.raises(CheckpointMismatch, match="ipc: 3 vs 4"):
+        other.resume()

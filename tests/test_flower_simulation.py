@@ -1,0 +1,82 @@
+"""A real Flower simulation (Ray backend): honest and faulty clients in one run.
+
+Six simulated clients on ``digits-iid-6``: 0 and 1 are honest; 2 uploads NaN pixels,
+3 a label outside the label space, 4 twice its byte budget, 5 crashes. In round 3 every
+client crashes. The strategy must accept the honest uploads, refuse or count the rest with
+a reason, keep going, and keep the previous model when nothing valid arrives.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import cloudpickle
+import pytest
+import torch
+from flwr.app import Array, Context, Message
+from flwr.clientapp import ClientApp
+
+from fedcl_dd.strategies.flower import client_app as honest
+from fedcl_dd.strategies.flower.config import FedConfig
+from fedcl_dd.strategies.flower.payload import SYNTHETIC
+from fedcl_dd.strategies.flower.simulation import simulate
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+# Ray workers cannot import this test module: ship its functions by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+faulty = ClientApp()
+
+
+def _corrupt(content, pid: int) -> None:
+    arrays = content[SYNTHETIC]
+    images = torch.from_numpy(arrays["images"].numpy().copy())
+    labels_key = next(k for k in arrays if k != "images")
+    labels = torch.from_numpy(arrays[labels_key].numpy().copy())
+    if pid == 2:
+        images[0, 0, 0, 0] = float("nan")
+    elif pid == 3:
+        labels[0] = 99
+    elif pid == 4:
+        images, labels = torch.cat([images, images]), torch.cat([labels, labels])
+    arrays["images"] = Array.from_numpy_ndarray(images.numpy())
+    arrays[labels_key] = Array.from_numpy_ndarray(labels.numpy())
+
+
+@faulty.train()
+def _train(msg: Message, context: Context) -> Message:
+    pid = int(context.node_config["partition-id"])
+    if int(msg.content["config"]["server-round"]) == 3 or pid == 5:
+        raise RuntimeError(f"simulated crash of client {pid}")
+    reply = honest.train(msg, context)
+    if pid in (2, 3, 4):
+        _corrupt(reply.content, pid)
+    return reply
+
+
+@faulty.evaluate()
+def _evaluate(msg: Message, context: Context) -> Message:
+    return honest.evaluate(msg, context)
+
+
+def test_faulty_clients_are_refused_and_rounds_go_on(tmp_path):
+    cfg = FedConfig(preset="digits-iid-6", rounds=3, ipc=5, iterations=10, real_per_class=32, server_epochs=30)
+    results = simulate(cfg, tmp_path, device=torch.device("cpu"), client_app=faulty)
+    rounds = {row["round"]: row for row in results["rounds"]}
+    assert sorted(rounds) == [0, 1, 2, 3]
+    for r in (1, 2):
+        row = rounds[r]
+        assert row["accepted"] == [0, 1]
+        reasons = " | ".join(item["reason"] for item in row["rejected"])
+        assert len(row["rejected"]) == 3
+        assert "NaN" in reasons and "outside [0, 10)" in reasons and "exceed the limit of 50" in reasons, reasons
+        assert len(row["failed"]) == 1 and "simulated crash of client 5" in row["failed"][0]["reason"]
+        assert row["upload_bytes"] == 2 * 5 * 10 * (8 * 8 * 4 + 2)  # two honest pixel sets, int16 labels
+    assert rounds[2]["upload_bytes_total"] == 2 * rounds[1]["upload_bytes"]
+    assert rounds[1]["accuracy"] > rounds[0]["accuracy"] + 0.3, "training on the honest uploads did not help"
+    last = rounds[3]
+    assert last["kept_previous_model"] and len(last["failed"]) == 6 and not last["accepted"]
+    assert last["accuracy"] == rounds[2]["accuracy"], "a round with no valid upload changed the model"
+    assert (tmp_path / "results.json").is_file() and (tmp_path / "accuracy.png").is_file()
+    assert (tmp_path / "upload-client0.png").is_file() and (tmp_path / "checkpoint.pt").is_file()
