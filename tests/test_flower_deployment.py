@@ -155,14 +155,16 @@ class Deployment:
 
     def superlink(self) -> Proc:
         self.port = _free_port()
-        link = self.start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--port", str(self.port)])
+        return self.start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--port", str(self.port)])
+
+    def wait_ready(self, link: Proc) -> None:
+        """Wait for the SuperLink; write the Flower config with a connection to it."""
         link.wait_for(SUPERLINK_READY, timeout=60)
         self.home.mkdir(exist_ok=True)
         (self.home / "config.toml").write_text(
             '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n\n'
             f'[superlink.{self.connection}]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
         )
-        return link
 
     def supernode(self, partition: int, partitions: int) -> Proc:
         return self.start(f"supernode{partition}", [
@@ -201,17 +203,19 @@ def deployment(tmp_path: Path):
 def test_run_survives_a_supernode_killed_while_distilling(deployment: Deployment, tmp_path: Path) -> None:
     started = time.monotonic()
     out_dir = tmp_path / "out"  # absolute: the ServerApp runs in the SuperLink's working directory
-    deployment.superlink()
+    # Everything starts at once (SuperNodes retry until the SuperLink is up; the ServerApp
+    # waits for both nodes): process start-up is most of this test's time.
+    link = deployment.superlink()
     victim, survivor = deployment.supernode(0, 2), deployment.supernode(1, 2)
-    victim_id = int(victim.wait_for(NODE_ID, timeout=60).group(1))
-    survivor_id = int(survivor.wait_for(NODE_ID, timeout=60).group(1))
-
+    deployment.wait_ready(link)
     run_config = (f"preset='digits-iid-2' rounds=1 iterations=40 real-per-class=32 server-epochs=20 "
                   f"out-dir='{out_dir}'")
     # --stream: `flwr run` prints the ServerApp's logs and returns when the run has ended.
     run = deployment.start("flwr-run", [str(BIN / "flwr"), "run", str(REPO), deployment.connection,
                                         "--run-config", run_config, "--stream"])
     try:
+        victim_id = int(victim.wait_for(NODE_ID, timeout=60).group(1))
+        survivor_id = int(survivor.wait_for(NODE_ID, timeout=60).group(1))
         run_id = run.wait_for(RUN_ID, timeout=60).group(1)
         # The victim has the train message and has started its ClientApp: kill the whole node.
         victim.wait_for(re.compile(r"Receiving: train message[\s\S]*Start `flwr-clientapp` process"), timeout=90)
