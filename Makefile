@@ -16,13 +16,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e ".[all]"
 	touch $(STAMP)
 
-# The whole suite, slow real-data tests included (what CI runs).
+# The whole suite, slow real-data tests included (what CI runs), on one pytest-xdist worker
+# per core: the Flower/Ray tests mostly wait on processes, so they overlap with the rest.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadgroup
 
 # Everything but the tests marked slow.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n auto --dist loadgroup -m "not slow"
 
 # The main demo, offline: 4 simulated Flower clients on scikit-learn's digits (Dirichlet 0.5),
 # our synthetic-set strategy beside Flower's FedAvg; ends in a table and runs/demo/accuracy.png.

@@ -17,6 +17,14 @@ import pytest
 
 from fedcl_dd.data import import_data
 
+# `make test` runs the suite on pytest-xdist workers (tests that start Ray or Flower processes
+# share one worker through `xdist_group("flower")`, so two Ray clusters never overlap). Give
+# each worker its share of the cores, so workers do not oversubscribe them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 

@@ -22,10 +22,10 @@ from opacus.accountants import RDPAccountant
 from fedcl_dd.strategies.flower.config import FedConfig
 from fedcl_dd.strategies.flower.strategy import CheckpointMismatch, SyntheticSetStrategy
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower")]
 
-ARGS = ["--preset", "digits-iid-3", "--rounds", "4", "--method", "dm-dp", "--epsilon", "8", "--ipc", "3",
-        "--iterations", "10", "--server-epochs", "10", "--set", "real-per-class=32"]
+ARGS = ["--preset", "digits-iid-3", "--rounds", "4", "--method", "dm-dp", "--epsilon", "8", "--ipc", "2",
+        "--iterations", "5", "--server-epochs", "5", "--set", "real-per-class=32"]
 
 
 def _simulate(out: Path, *extra: str) -> subprocess.Popen:
@@ -65,7 +65,7 @@ def test_kill_after_round_two_then_resume(tmp_path):
     assert [row["round"] for row in results["rounds"] if row["round"] > 0] == [1, 2, 3, 4]
     assert all(row["accepted"] == [0, 1, 2] for row in results["rounds"] if row["round"] > 0)
 
-    # The ledger of an uninterrupted run: 4 rounds x 10 releases at the clients' (sigma, q).
+    # The ledger of an uninterrupted run: 4 rounds x 5 releases at the clients' (sigma, q).
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     cfg = FedConfig.from_mapping(state["config"])
     for pid in range(3):
@@ -81,5 +81,5 @@ def test_kill_after_round_two_then_resume(tmp_path):
 
     # Resuming with other settings is refused, naming what differs.
     other = SyntheticSetStrategy(cfg.replace(ipc=4), checkpoint=out / "checkpoint.pt")
-    with pytest.raises(CheckpointMismatch, match="ipc: 3 vs 4"):
+    with pytest.raises(CheckpointMismatch, match="ipc: 2 vs 4"):
         other.resume()

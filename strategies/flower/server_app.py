@@ -3,8 +3,8 @@
 ``flwr run .`` reads the run configuration from ``[tool.flwr.app.config]`` (keys of
 :class:`~fedcl_dd.strategies.flower.config.FedConfig`, plus ``out-dir`` and ``resume``);
 ``fedcl-dd simulate`` builds the same run from its own flags. Each run writes
-``results.json``, accuracy plots and (for synthetic sets) a grid of one client's upload
-and a per-round checkpoint into ``out-dir``.
+``results.json``, accuracy plots, the clients' class histogram (``partitions.png``) and,
+for synthetic sets, a grid of one client's upload and a per-round checkpoint into ``out-dir``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from fedcl_dd.data import load_dataset
 from fedcl_dd.evaluate import accuracy
 from fedcl_dd.io import write_json
 from fedcl_dd.models import make_model
+from fedcl_dd.scenarios.federated import class_histogram, format_histogram, plot_histogram
 from fedcl_dd.viz import save_grid
 
 from .client_app import client_seed
@@ -74,8 +75,12 @@ def run_server(
     """Run ``cfg.rounds`` rounds on ``grid``; write and return the results."""
     device = device or resolve_device()
     out_dir.mkdir(parents=True, exist_ok=True)
-    spec = cfg.preset_obj.spec
+    preset = cfg.preset_obj
+    spec = preset.spec
     test = load_dataset(spec.name, data_root)
+    hist = class_histogram(preset, data_root)
+    print(f"{preset.name}: training samples per client and class\n{format_histogram(hist)}", file=sys.stderr)
+    plot_histogram(hist, out_dir / "partitions.png", title=preset.name)
     net = make_model(cfg.model, spec.channels, spec.num_classes, spec.image_size,
                      torch.Generator().manual_seed(client_seed(cfg.seed, 0, SERVER_ID)), device)
     arrays = model_arrays(net)
