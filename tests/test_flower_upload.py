@@ -136,3 +136,12 @@ def test_config_round_trips_through_records():
     again = FedConfig.from_mapping({**dict(ConfigRecord(cfg.to_dict())), "server-round": 2}, strict=False)
     assert again == cfg
     assert again.recipe().objective_args["iterations"] == 5 * cfg.iterations  # sigma planned for the whole run
+
+
+def test_simulate_refuses_bad_settings_before_starting_anything(capsys):
+    from fedcl_dd.cli import main
+
+    assert main(["simulate", "--preset", "digits-zz-4"]) == 2
+    assert "unknown preset 'digits-zz-4'" in capsys.readouterr().err
+    assert main(["simulate", "--mode", "one-shot", "--rounds", "2"]) == 2
+    assert "one-shot mode runs exactly one round" in capsys.readouterr().err
