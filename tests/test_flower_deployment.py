@@ -66,6 +66,42 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _tagged(var: str, value: str) -> list[int]:
+    """Pids of the processes whose environment has ``var=value`` (what this module started,
+    and everything they spawned: the local SuperLink and Ray detach into their own sessions)."""
+    tag, pids = f"{var}={value}".encode() + b"\0", []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if tag in (entry / "environ").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _kill_all(pids: list[int]) -> list[int]:
+    """SIGKILL ``pids``, their descendants and their process groups; wait until they are gone."""
+    pids = sorted({*pids, *(d for pid in pids for d in _descendants(pid))})
+    groups = set()
+    for pid in pids:
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            pass
+    for pgid in groups - {os.getpgid(0)}:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -104,23 +140,7 @@ class Proc:
 
     def kill(self) -> list[int]:
         """SIGKILL the process, its process group and every descendant; return the pids hit."""
-        pids = [self.popen.pid, *_descendants(self.popen.pid)]
-        groups = set()
-        for pid in pids:
-            try:
-                groups.add(os.getpgid(pid))
-            except ProcessLookupError:
-                pass
-        for pgid in groups:
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        pids = _kill_all([self.popen.pid])
         try:
             self.popen.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -181,6 +201,7 @@ class Deployment:
         pids: list[int] = []
         for proc in reversed(self.procs):  # nodes first, then the SuperLink
             pids += proc.kill()
+        pids += _kill_all(_tagged("FLWR_HOME", str(self.home)))  # detached ones (SuperExec, Ray)
         deadline = time.monotonic() + 10
         while (left := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -246,3 +267,4 @@ def test_run_survives_a_supernode_killed_while_distilling(deployment: Deployment
     assert not r1["kept_previous_model"] and r1["upload_bytes"] > 0 and r1["pool_images"] > 0, r1
     assert r1["accuracy"] is not None and r1["accuracy"] != rounds[0]["accuracy"], (rounds[0], r1)
     print(f"deployment run: {time.monotonic() - started:.0f} s; failure: {failure['reason']}")
+
