@@ -268,3 +268,29 @@ def test_run_survives_a_supernode_killed_while_distilling(deployment: Deployment
     assert r1["accuracy"] is not None and r1["accuracy"] != rounds[0]["accuracy"], (rounds[0], r1)
     print(f"deployment run: {time.monotonic() - started:.0f} s; failure: {failure['reason']}")
 
+
+def test_flwr_run_dot_simulates_with_the_local_superlink(deployment: Deployment, tmp_path: Path) -> None:
+    """``flwr run . --stream`` from the project root with the default ``local`` connection:
+    Flower starts a local SuperLink (simulation runtime, Ray), runs our apps on 2 simulated
+    SuperNodes and leaves that SuperLink running; the fixture stops it."""
+    started = time.monotonic()
+    out_dir = tmp_path / "out"
+    # Our own ports for the local SuperLink (defaults 39091 / 39093) and a fresh FLWR_HOME, whose
+    # default config.toml (created by `flwr`) has the `local` connection.
+    http_port, control_port = _free_port(), _free_port()
+    deployment.env.update(FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port),
+                          FLWR_LOCAL_CONTROL_API_PORT=str(control_port))
+    args = [str(BIN / "flwr"), "run", ".", "--stream", "--federation-config", "num-supernodes=2",
+            "--run-config", f"preset='digits-iid-2' rounds=1 iterations=20 server-epochs=20 out-dir='{out_dir}'"]
+    run = subprocess.run(args, env=deployment.env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-4000:]
+    assert f"Starting local SuperLink on 127.0.0.1:{http_port}" in log, log[-4000:]
+    links = [pid for pid in _tagged("FLWR_HOME", str(deployment.home))
+             if b"flower-superlink" in Path(f"/proc/{pid}/cmdline").read_bytes() and _alive(pid)]
+    assert links, "the local SuperLink should still be running after the run"
+
+    rounds = {row["round"]: row for row in json.loads((out_dir / "results.json").read_text())["rounds"]}
+    assert sorted(rounds[1]["accepted"]) == [0, 1] and rounds[1]["failed"] == [], rounds[1]
+    assert rounds[1]["accuracy"] > rounds[0]["accuracy"] + 0.2, rounds
+    print(f"flwr run . (simulation): {time.monotonic() - started:.0f} s")
