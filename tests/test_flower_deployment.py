@@ -26,7 +26,7 @@ import pytest
 pytest.importorskip("flwr")
 pytest.importorskip("sklearn")  # the digits dataset
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower")]  # Flower/Ray tests share one xdist worker
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
