@@ -145,3 +145,17 @@ def test_simulate_refuses_bad_settings_before_starting_anything(capsys):
     assert "unknown preset 'digits-zz-4'" in capsys.readouterr().err
     assert main(["simulate", "--mode", "one-shot", "--rounds", "2"]) == 2
     assert "one-shot mode runs exactly one round" in capsys.readouterr().err
+
+
+def test_pyproject_run_config_lists_every_setting():
+    """`flwr run --run-config` only overrides keys that pyproject declares: declare them all."""
+    import tomllib
+    from pathlib import Path
+
+    from fedcl_dd.strategies.flower.server_app import SERVER_KEYS
+
+    app = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    declared = dict(app["config"])
+    assert set(declared) == set(FedConfig().to_dict()) | set(SERVER_KEYS)
+    server = {k: declared.pop(k) for k in SERVER_KEYS}
+    assert FedConfig.from_mapping(declared).preset == "digits-iid-4" and server["resume"] is False

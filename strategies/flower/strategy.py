@@ -139,10 +139,17 @@ class SyntheticSetStrategy(FedAvg):
         r = self.round_offset + server_round
         self._global = arrays
         nodes = sorted(grid.get_node_ids())
-        while len(nodes) < self.min_available_nodes:
+        # Wait for the federation to assemble before the first round only: later, a node that
+        # died must not stall the run -- the round goes on with the nodes still connected.
+        while len(nodes) < self.min_available_nodes and not self.reports:
             log(INFO, "waiting for nodes: %d connected, %d required", len(nodes), self.min_available_nodes)
             time.sleep(1)
             nodes = sorted(grid.get_node_ids())
+        if len(nodes) < self.min_available_nodes:
+            log(WARNING, "round %d: only %d of %d nodes connected; going on with them", r, len(nodes),
+                self.min_available_nodes)
+        if not nodes:
+            return []
         k = max(1, round(len(nodes) * self.cfg.fraction_train))
         chosen = random.Random(client_seed(self.cfg.seed, r, SERVER_ID)).sample(nodes, k)
         content = ConfigRecord({**dict(config), **self.cfg.to_dict(), "server-round": r})
