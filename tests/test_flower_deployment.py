@@ -229,7 +229,7 @@ def test_run_survives_a_supernode_killed_while_distilling(deployment: Deployment
     link = deployment.superlink()
     victim, survivor = deployment.supernode(0, 2), deployment.supernode(1, 2)
     deployment.wait_ready(link)
-    run_config = (f"preset='digits-iid-2' rounds=1 iterations=40 real-per-class=32 server-epochs=20 "
+    run_config = (f"preset='digits-iid-2' rounds=1 iterations=40 real-per-class=32 server-epochs=20 fraction-evaluate=0.0 "
                   f"out-dir='{out_dir}'")
     # --stream: `flwr run` prints the ServerApp's logs and returns when the run has ended.
     run = deployment.start("flwr-run", [str(BIN / "flwr"), "run", str(REPO), deployment.connection,
@@ -281,7 +281,7 @@ def test_flwr_run_dot_simulates_with_the_local_superlink(deployment: Deployment,
     deployment.env.update(FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port),
                           FLWR_LOCAL_CONTROL_API_PORT=str(control_port))
     args = [str(BIN / "flwr"), "run", ".", "--stream", "--federation-config", "num-supernodes=2",
-            "--run-config", f"preset='digits-iid-2' rounds=1 iterations=20 server-epochs=20 out-dir='{out_dir}'"]
+            "--run-config", f"preset='digits-iid-2' rounds=1 iterations=20 server-epochs=20 fraction-evaluate=0.0 out-dir='{out_dir}'"]
     run = subprocess.run(args, env=deployment.env, cwd=REPO, capture_output=True, text=True, timeout=300)
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-4000:]

@@ -32,6 +32,7 @@ class FedConfig:
     algorithm: str = "synthetic"  # synthetic | fedavg | fedprox
     rounds: int = 3
     fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0  # of the nodes asked to evaluate the global model locally; 0 skips it
     min_nodes: int = 0  # nodes to wait for before a round; 0: every client of the preset
     round_timeout: float = 3600.0  # seconds the server waits for replies; late replies count as failed
     model: str = "convnet"
@@ -75,6 +76,8 @@ class FedConfig:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if self.algorithm == "synthetic" and self.mode == "one-shot" and self.rounds != 1:
             raise ValueError(f"one-shot mode runs exactly one round, got rounds={self.rounds}; use mode=iterative")
+        if not 0.0 <= self.fraction_evaluate <= 1.0:
+            raise ValueError(f"fraction-evaluate must lie in [0, 1], got {self.fraction_evaluate}")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ValueError(f"fraction-train must lie in (0, 1], got {self.fraction_train}")
         if self.epsilon < 0 or not 0.0 < self.delta < 1.0:

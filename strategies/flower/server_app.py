@@ -94,7 +94,8 @@ def run_server(
         if resume:
             raise ValueError("--resume applies to the synthetic strategy (FedAvg/FedProx runs are not checkpointed)")
         common = dict(
-            fraction_train=cfg.fraction_train, min_train_nodes=1, min_evaluate_nodes=1,
+            fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate, min_train_nodes=1,
+            min_evaluate_nodes=1 if cfg.fraction_evaluate > 0 else 0,
             min_available_nodes=cfg.nodes_required, train_metrics_aggr_fn=_sum_metrics,
         )
         strategy = FedProx(proximal_mu=cfg.proximal_mu, **common) if cfg.algorithm == "fedprox" else FedAvg(**common)

@@ -98,13 +98,12 @@ class SyntheticSetStrategy(FedAvg):
         cfg: FedConfig,
         checkpoint: str | Path | None = None,
         device: torch.device | str = "cpu",
-        fraction_evaluate: float = 1.0,
     ) -> None:
         super().__init__(
             fraction_train=cfg.fraction_train,
-            fraction_evaluate=fraction_evaluate,
+            fraction_evaluate=cfg.fraction_evaluate,
             min_train_nodes=1,
-            min_evaluate_nodes=1 if fraction_evaluate > 0 else 0,
+            min_evaluate_nodes=1 if cfg.fraction_evaluate > 0 else 0,
             min_available_nodes=cfg.nodes_required,
         )
         self.cfg = cfg
