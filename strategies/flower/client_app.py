@@ -181,7 +181,8 @@ def _local_sgd(
     gen = torch.Generator().manual_seed(seed)
     net = _global_model(cfg, data, msg.content[ARRAYS], device)
     anchor = [p.detach().clone() for p in net.parameters()]
-    mu = float(msg.content[CONFIG].get("proximal-mu", 0.0))
+    # Flower's FedProx sends its mu as "proximal-mu" (our config carries the same key for it).
+    mu = float(msg.content[CONFIG]["proximal-mu"]) if cfg.algorithm == "fedprox" else 0.0
     x, y = data.train_x.to(device), data.train_y.to(device)
     n = int(y.numel())
     opt = torch.optim.SGD(net.parameters(), lr=cfg.local_lr, momentum=0.9)
@@ -198,6 +199,9 @@ def _local_sgd(
         q = min(1.0, cfg.batch_size / n)
         steps_per_round = cfg.local_epochs * math.ceil(1 / q)
         sigma = noise_for_target(cfg.epsilon, cfg.delta, q, cfg.rounds * steps_per_round)
+        for module in net.modules():  # Opacus's per-sample hooks cannot follow in-place activations
+            if isinstance(module, nn.ReLU):
+                module.inplace = False
         engine = PrivacyEngine(accountant="rdp")
         trained, opt, loader = engine.make_private(
             module=net, optimizer=opt, data_loader=loader, noise_multiplier=sigma, max_grad_norm=cfg.clip,
