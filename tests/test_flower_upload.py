@@ -159,3 +159,23 @@ def test_pyproject_run_config_lists_every_setting():
     assert set(declared) == set(FedConfig().to_dict()) | set(SERVER_KEYS)
     server = {k: declared.pop(k) for k in SERVER_KEYS}
     assert FedConfig.from_mapping(declared).preset == "digits-iid-4" and server["resume"] is False
+
+
+def test_strategy_refuses_partitions_and_releases_beyond_the_privacy_budget(good):
+    from fedcl_dd.privacy import noise_for_target
+    from fedcl_dd.strategies.flower.strategy import SyntheticSetStrategy
+
+    cfg = FedConfig(preset="digits-iid-4", ipc=5, method="dm-dp", epsilon=8.0, rounds=2, iterations=50)
+    strategy = SyntheticSetStrategy(cfg)
+    sigma = noise_for_target(8.0, cfg.delta, 0.2, 2 * 50)  # planned for both rounds
+    private = {**METRIC_VALUES, "noise-multiplier": sigma, "sample-rate": 0.2, "steps": 50}
+    up = strategy.validate(synthetic_records(good, private))
+    assert up.partition_id == 0
+    with pytest.raises(InvalidUpload, match="already uploaded"):
+        strategy.validate(synthetic_records(good, private), seen=[0])
+    with pytest.raises(InvalidUpload, match="partition-id 7 is outside 0..3"):
+        strategy.validate(synthetic_records(good, {**private, "partition-id": 7}))
+    with pytest.raises(InvalidUpload, match="account its release"):
+        strategy.validate(synthetic_records(good, METRIC_VALUES))
+    with pytest.raises(InvalidUpload, match=r"epsilon=\d+.* > budget 8"):
+        strategy.validate(synthetic_records(good, {**private, "steps": 3 * 50}))  # a third round's worth

@@ -192,7 +192,7 @@ class SyntheticSetStrategy(FedAvg):
                 report.failed.append({"node": node, "reason": f"error {msg.error.code}: {msg.error.reason}"})
                 continue
             try:
-                upload = self._check(msg, {u.partition_id for u in uploads})
+                upload = self.validate(msg.content, {u.partition_id for u in uploads})
             except InvalidUpload as exc:
                 report.rejected.append({"node": node, "reason": str(exc)})
                 continue
@@ -235,12 +235,15 @@ class SyntheticSetStrategy(FedAvg):
         self.save_checkpoint()
         return arrays, report.metrics()
 
-    def _check(self, msg: Message, seen: set[int]) -> Upload:
-        up = read_upload(msg.content, self.spec, self.max_bytes, self.max_images)
+    def validate(self, content: RecordDict, seen: Iterable[int] = ()) -> Upload:
+        """Check one reply's content: a valid set for this run and budget, a partition in range
+        and not in ``seen``, and (private runs) a release the client's budget still covers.
+        Raises :class:`InvalidUpload` with the reason."""
+        up = read_upload(content, self.spec, self.max_bytes, self.max_images)
         pid = up.partition_id
         if not 0 <= pid < self.cfg.preset_obj.num_clients:
             raise InvalidUpload(f"partition-id {pid} is outside 0..{self.cfg.preset_obj.num_clients - 1}")
-        if pid in seen:
+        if pid in set(seen):
             raise InvalidUpload(f"partition {pid} already uploaded this round (two nodes share one partition-id)")
         if self.cfg.private:
             needed = ("noise-multiplier", "sample-rate", "steps")
