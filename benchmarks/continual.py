@@ -34,15 +34,15 @@ from fedcl_dd.viz import save_grid
 RESULTS = Path(__file__).resolve().parent / "results"
 # Measured here with Avalanche's ReplayPlugin on SplitMNIST (MLP, 1 epoch, 3 seeds): ../shared/REFERENCE.md §3.
 REFERENCES = {"ReplayPlugin, 100 images": 0.80, "ReplayPlugin, 500 images": 0.90, "GDumb, 200 images": 0.78}
-ROWS = (
+ROWS = (  # (buffer, fresh-model protocol)
+    ("condensed-addressing", True),
+    ("condensed-pixels", True),
+    ("gdumb", False),
     ("replay", False),
     ("class-balanced", False),
     ("herding", False),
-    ("gdumb", False),
-    ("condensed-pixels", False),
     ("condensed-addressing", False),
-    ("condensed-pixels", True),
-    ("condensed-addressing", True),
+    ("condensed-pixels", False),
 )
 
 
@@ -134,6 +134,8 @@ def main() -> None:
     p.add_argument("--batch-size-mem", type=int, default=None)
     p.add_argument("--buffer-epochs", type=int, default=None)
     p.add_argument("--iterations", type=int, default=None)
+    p.add_argument("--downsample", type=int, default=None, help="addressing bases at 1/N resolution")
+    p.add_argument("--bases", type=int, default=None, help="addressing bases")
     p.add_argument("--buffers", nargs="+", default=None, help="only these rows (buffer names)")
     p.add_argument("--sweep-mix", type=int, nargs="+", default=None,
                    help="instead of the table: condensed-pixels and replay at these memory samples per batch")
@@ -142,7 +144,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
     base = RunConfig(benchmark=args.benchmark, budget_images=args.budget_images, model=args.model, epochs=args.epochs)
-    for name in ("batch_size_mem", "buffer_epochs", "iterations"):
+    for name in ("batch_size_mem", "buffer_epochs", "iterations", "downsample", "bases"):
         if getattr(args, name) is not None:
             base = replace(base, **{name: getattr(args, name)})
     stem = f"continual_{args.benchmark.replace('-', '_')}{args.tag}"

@@ -73,12 +73,17 @@ class CondensedBuffer(ExemplarsBuffer):
     :param num_classes: the model's output space (default ``spec.num_classes``); classes
         outside it are refused.
     :param method: ``dm`` (default), ``gm`` or ``tm``: the core's matching objective.
-    :param iterations: distillation iterations per experience.
+    :param iterations: distillation iterations per experience (default: the class's
+        ``default_iterations``: 10 for pixels; 0 for the addressing memory, which the core
+        then builds from principal directions and projections of the data alone, because an
+        iteration over its thousands of images costs ~10 s on a CPU core and the pixel
+        learning rate is far too large for bases and addresses: pass ``lr_images`` with it).
     :param real_per_class: real images per class and iteration (dm, gm).
     :param model: the network distillation embeds with (``convnet`` as in DM).
     """
 
     param: ClassVar[str] = ""
+    default_iterations: ClassVar[int] = 10
 
     def __init__(
         self,
@@ -87,8 +92,8 @@ class CondensedBuffer(ExemplarsBuffer):
         *,
         num_classes: int | None = None,
         method: str = "dm",
-        iterations: int = 50,
-        real_per_class: int = 128,
+        iterations: int | None = None,
+        real_per_class: int = 64,
         lr_images: float | None = None,
         storage: str = "fp32",
         model: str = "convnet",
@@ -108,7 +113,7 @@ class CondensedBuffer(ExemplarsBuffer):
         # The recipe validates method, storage, init and budget; ipc is set per experience.
         self.recipe = Recipe(
             method=method, param=self.param, budget_bytes=int(budget_bytes), storage=storage,
-            iterations=iterations, lr_images=lr_images, init="real", downsample=downsample,
+            iterations=self.default_iterations if iterations is None else iterations, lr_images=lr_images, init="real", downsample=downsample,
             bases=bases, objective_args=objective_args,
         )
         self.budget_bytes = int(budget_bytes)
@@ -306,6 +311,7 @@ class AddressingBuffer(CondensedBuffer):
     """
 
     param = "addressing"
+    default_iterations = 0
 
     def _plan(self, n_classes: int) -> AddressingPlan:
         ds = self.recipe.downsample or (2 if self.spec.image_size >= 16 else 1)

@@ -36,10 +36,20 @@ def _signature(strategy: Any) -> list[dict[str, Any]]:
 
 
 def save(strategy: Any, path: str | Path) -> Path:
-    """Avalanche's ``save_checkpoint(strategy, path)``, written atomically (between experiences only)."""
+    """Avalanche's ``save_checkpoint(strategy, path)``, written atomically (between experiences only).
+
+    dill pickles by reference while saving: by value, it fails on objects that current torch
+    optimizers hold (typing sentinels), and a checkpoint should name classes, not copy them.
+    """
+    import dill
     from avalanche.checkpointing import save_checkpoint
 
-    return atomic_write(path, lambda f: save_checkpoint(strategy, f))
+    byref = dill.settings["byref"]
+    dill.settings["byref"] = True
+    try:
+        return atomic_write(path, lambda f: save_checkpoint(strategy, f))
+    finally:
+        dill.settings["byref"] = byref
 
 
 def resume(strategy: Any, path: str | Path, map_location: Any = None) -> tuple[Any, int]:

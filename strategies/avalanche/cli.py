@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--model", default="mlp", help="learner: mlp, convnet, ... (herding needs mlp)")
     c.add_argument("--epochs", type=positive_int, default=1, help="epochs over each experience")
     c.add_argument("--lr", type=float, default=0.01)
-    c.add_argument("--train-mb-size", type=positive_int, default=10, help="new samples per minibatch")
+    c.add_argument("--train-mb-size", type=positive_int, default=32, help="new samples per minibatch")
     c.add_argument("--batch-size-mem", type=positive_int, default=None, help="memory samples per minibatch")
     c.add_argument("--fresh", action="store_true",
                    help="condensed buffers: train a fresh model on the buffer alone after each experience")
@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--method", default="dm", choices=("dm", "gm", "tm"), help="distillation objective")
     c.add_argument("--iterations", type=int, default=None, help="distillation iterations per experience")
     c.add_argument("--real-per-class", type=positive_int, default=None, help="real images per class and iteration")
+    c.add_argument("--downsample", type=positive_int, default=None,
+                   help="addressing bases at 1/N resolution (default 2; 1 below 16 pixels)")
+    c.add_argument("--bases", type=positive_int, default=None, help="addressing bases (default: from the budget)")
     c.add_argument("--storage", default="fp32", choices=("fp32", "fp16"))
     c.add_argument("--out", default=None, help="output folder (default runs/continual-...)")
     c.add_argument("--checkpoint", action="store_true", help="save after each experience; resume if present")
@@ -63,6 +66,8 @@ def _run(args: argparse.Namespace) -> int:
         "batch_size_mem": args.batch_size_mem,
         "iterations": args.iterations,
         "real_per_class": args.real_per_class,
+        "downsample": args.downsample,
+        "bases": args.bases,
     }
     cfg = RunConfig(
         benchmark=args.benchmark, buffer=args.buffer, budget_bytes=args.budget_bytes,

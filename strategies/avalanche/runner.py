@@ -54,13 +54,15 @@ class RunConfig:
     epochs: int = 1
     lr: float = 0.01
     momentum: float = 0.9
-    train_mb_size: int = 10
+    train_mb_size: int = 32
     batch_size_mem: int = DEFAULT_BATCH_SIZE_MEM
     fresh: bool = False
     buffer_epochs: int = 50
     method: str = "dm"
-    iterations: int = 50
-    real_per_class: int = 128
+    iterations: int | None = None  # the buffer's default
+    real_per_class: int = 64
+    downsample: int | None = None  # addressing bases at 1/downsample resolution
+    bases: int | None = None
     storage: str = "fp32"
     data_root: str | None = None
     device: str = "cpu"
@@ -129,7 +131,8 @@ def make_memory(cfg: RunConfig, bench: ContinualBenchmark, model: nn.Module) -> 
     if cfg.buffer in BUFFERS:
         buffer: CondensedBuffer = BUFFERS[cfg.buffer](
             cfg.budget, spec, method=cfg.method, iterations=cfg.iterations, real_per_class=cfg.real_per_class,
-            storage=cfg.storage, seed=cfg.seed, device=cfg.device, progress=cfg.progress,
+            storage=cfg.storage, downsample=cfg.downsample, bases=cfg.bases, seed=cfg.seed, device=cfg.device,
+            progress=cfg.progress,
         )
         plugin = CondensedReplayPlugin(
             buffer, batch_size_mem=cfg.batch_size_mem, fresh_epochs=cfg.buffer_epochs if cfg.fresh else 0,

@@ -1,0 +1,201 @@
+"""Condensed rehearsal with real Avalanche strategies on SplitDigits (issue 3, section 6).
+
+Budgets are the bytes of N labelled 8x8 digit images (258 B each). Distillation runs
+few, small iterations so that the module stays within its time budget.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+pytest.importorskip("avalanche")
+
+from fedcl_dd.data import SPECS  # noqa: E402
+from fedcl_dd.strategies.avalanche.buffers import AddressingBuffer, CondensedPixelBuffer  # noqa: E402
+from fedcl_dd.strategies.avalanche.checkpoint import memories, resume, save  # noqa: E402
+from fedcl_dd.strategies.avalanche.plugin import CondensedReplayPlugin  # noqa: E402
+from fedcl_dd.strategies.avalanche.runner import RunConfig, make_strategy, run_stream  # noqa: E402
+from fedcl_dd.synthetic import bytes_per_image  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SPEC = SPECS["digits"]
+IMAGE = bytes_per_image(SPEC.image_shape)  # 258 bytes
+FAST = dict(iterations=3, real_per_class=32)
+
+
+@pytest.fixture(scope="module")
+def streams():
+    """SplitDigits for seeds 0 and 1 (5 experiences of 2 classes)."""
+    from fedcl_dd.scenarios.continual import make_benchmark
+
+    return {seed: make_benchmark("split-digits", seed=seed) for seed in (0, 1)}
+
+
+def _by_class(digits, classes):
+    keep = torch.isin(digits.train_y, torch.tensor(classes))
+    return digits.train_x[keep], digits.train_y[keep]
+
+
+def _state(buffer):
+    return {k: v.clone() for k, v in buffer.syn.state_tensors().items()} if buffer.syn is not None else {}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_condensed_beats_reservoir_at_equal_bytes(streams):
+    """Mean final accuracy over two seeds, both memories at the bytes of 20 images, same learner and mix."""
+    common = dict(benchmark="split-digits", budget_images=20, epochs=3, train_mb_size=10, batch_size_mem=10)
+    acc = {"replay": [], "condensed-pixels": []}
+    for seed, bench in streams.items():
+        for buffer in acc:
+            result = run_stream(RunConfig(buffer=buffer, seed=seed, **common, **FAST), bench)
+            acc[buffer].append(result.final_accuracy)
+    condensed, reservoir = statistics.fmean(acc["condensed-pixels"]), statistics.fmean(acc["replay"])
+    assert condensed > reservoir + 0.03, acc
+
+
+@pytest.mark.parametrize("kind", [CondensedPixelBuffer, AddressingBuffer])
+def test_bytes_never_exceed_the_budget_across_the_stream(digits, kind):
+    budget = 30 * IMAGE
+    buffer = kind(budget, SPEC, **FAST)
+    held = []
+    for classes in ([0, 1], [2, 3], [4, 5], [6, 7], [8, 9]):
+        buffer.add(*_by_class(digits, classes), expected=classes)
+        held += classes
+        assert buffer.classes == held
+        assert 0 < buffer.nbytes <= budget
+        # What a file of the memory holds: the honest size, labels included.
+        assert buffer.nbytes == sum(t.numel() * t.element_size() for t in buffer.syn.state_tensors().values())
+        assert len(buffer.buffer) <= buffer.max_size
+    assert len(buffer.distill_seconds) == 5
+
+
+def test_addressing_replays_more_distinct_samples_than_pixels(digits):
+    budget = 50 * IMAGE
+    pixels, addressing = CondensedPixelBuffer(budget, SPEC, **FAST), AddressingBuffer(budget, SPEC)
+    for classes in ([0, 1], [2, 3], [4, 5], [6, 7], [8, 9]):
+        for buffer in (pixels, addressing):
+            buffer.add(*_by_class(digits, classes))
+    assert addressing.nbytes <= budget and pixels.nbytes <= budget
+    assert pixels.distinct_samples() <= 50
+    assert addressing.distinct_samples() > 2 * pixels.distinct_samples()
+
+
+def test_plugin_composes_with_ewc_and_the_evaluation_plugin(streams):
+    result = run_stream(
+        RunConfig(benchmark="split-digits", buffer="condensed-pixels", strategy="ewc", budget_images=50, epochs=3, train_mb_size=10,
+                  batch_size_mem=10, **FAST),
+        streams[0],
+    )
+    assert len(result.accuracy_after) == 5
+    assert result.final_accuracy > 0.6  # 0.2 would mean the old classes were forgotten
+    assert 0.0 <= result.forgetting < 0.5
+
+
+def test_storage_policy_works_inside_avalanches_replay_plugin(streams):
+    from avalanche.training.plugins import ReplayPlugin
+
+    from fedcl_dd.models import make_model
+
+    buffer = CondensedPixelBuffer(20 * IMAGE, SPEC, **FAST)
+    plugin = ReplayPlugin(mem_size=buffer.max_size, batch_size_mem=10, storage_policy=buffer)
+    model = make_model("mlp", 1, 10, 8, torch.Generator().manual_seed(0))
+    strategy = make_strategy(RunConfig(epochs=1), model, [plugin])
+    for exp in streams[0].train_stream[:2]:
+        strategy.train(exp)
+    assert buffer.classes == sorted(streams[0].class_order[:4])
+    assert len(buffer.buffer) == 20 and buffer.nbytes <= 20 * IMAGE
+
+
+def test_checkpoint_round_trip_is_bit_exact_and_continues(streams, tmp_path):
+    bench = streams[0]
+    path = tmp_path / "ckpt.pkl"
+    cfg = RunConfig(benchmark="split-digits", buffer="condensed-addressing", budget_images=20, **FAST)
+
+    def fresh_strategy(config):
+        from fedcl_dd.models import make_model
+        from fedcl_dd.strategies.avalanche.runner import make_memory
+
+        model = make_model("mlp", 1, 10, 8, torch.Generator().manual_seed(0))
+        plugin, _ = make_memory(config, bench, model)
+        return make_strategy(config, model, [plugin])
+
+    first = fresh_strategy(cfg)
+    for exp in bench.train_stream[:2]:
+        first.train(exp)
+    save(first, path)
+    saved = _state(memories(first)[0])
+    first.train(bench.train_stream[2])
+    uninterrupted = _state(memories(first)[0])
+
+    restarted, start = resume(fresh_strategy(cfg), path)
+    assert start == 2
+    buffer = memories(restarted)[0]
+    assert _same(_state(buffer), saved)
+    restarted.train(bench.train_stream[start])
+    assert _same(_state(memories(restarted)[0]), uninterrupted)
+
+    other = fresh_strategy(RunConfig(benchmark="split-digits", buffer="condensed-addressing", budget_images=30, **FAST))
+    before = dict(other.__dict__)
+    with pytest.raises(ValueError, match="another configuration.*budget_bytes"):
+        resume(other, path)
+    assert other.__dict__ == before
+
+
+# -- bad input (issue section 5): a clear error, and the buffer unchanged ----------------------
+
+
+@pytest.mark.parametrize("kind", [CondensedPixelBuffer, AddressingBuffer])
+def test_budget_too_small_for_one_sample_per_class_is_refused(kind):
+    with pytest.raises(ValueError, match="too small"):
+        kind(5 * IMAGE, SPEC)
+
+
+@pytest.fixture
+def filled(digits):
+    buffer = CondensedPixelBuffer(20 * IMAGE, SPEC, num_classes=6, **FAST)
+    buffer.add(*_by_class(digits, [0, 1]))
+    return buffer
+
+
+def _refused(buffer, match, *args, **kwargs):
+    before, dataset = _state(buffer), buffer.buffer
+    with pytest.raises(ValueError, match=match):
+        buffer.add(*args, **kwargs)
+    assert _same(_state(buffer), before) and buffer.buffer is dataset and len(buffer.distill_seconds) == 1
+
+
+def test_class_outside_the_output_space_is_refused(filled, digits):
+    _refused(filled, r"classes \[7\] are outside the model's output space \[0, 6\)", *_by_class(digits, [2, 7]))
+
+
+def test_experience_without_data_for_a_class_is_refused(filled, digits):
+    _refused(filled, r"holds no samples of \[3\]", *_by_class(digits, [2]), expected=[2, 3])
+
+
+def test_class_seen_again_is_refused(filled, digits):
+    _refused(filled, "already in the buffer", *_by_class(digits, [1, 2]))
+
+
+def test_diverging_distillation_leaves_the_buffer_unchanged(filled, digits):
+    from fedcl_dd.distill import DistillationDiverged
+
+    filled.recipe.lr_images = 1e30
+    before = _state(filled)
+    with pytest.raises(DistillationDiverged):
+        filled.add(*_by_class(digits, [2, 3]))
+    assert _same(_state(filled), before) and filled.classes == [0, 1]
+
+
+def test_plugin_refuses_bad_settings():
+    buffer = CondensedPixelBuffer(20 * IMAGE, SPEC)
+    with pytest.raises(ValueError, match="batch_size_mem"):
+        CondensedReplayPlugin(buffer, batch_size_mem=0)
+    with pytest.raises(TypeError, match="CondensedBuffer"):
+        CondensedReplayPlugin(object())

@@ -1,0 +1,70 @@
+"""``fedcl-dd continual`` and the class-incremental scenarios (issue 3, sections 2 and 3)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+pytest.importorskip("avalanche")
+
+from fedcl_dd.cli import main  # noqa: E402
+from fedcl_dd.data import MNIST_FILES, DatasetNotFoundError  # noqa: E402
+from fedcl_dd.scenarios.continual import class_order, make_benchmark, prepare_mnist_raw  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_continual_command_runs_a_stream_and_writes_results(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main([
+        "continual", "--benchmark", "split-digits", "--buffer", "condensed-pixels", "--budget-images", "20",
+        "--iterations", "2", "--real-per-class", "16", "--train-mb-size", "10", "--batch-size-mem", "10",
+        "--no-progress", "--out", str(out),
+    ])
+    assert code == 0
+    result = json.loads((out / "result.json").read_text())
+    assert len(result["accuracy_after"]) == 5 and result["buffer_bytes"] <= 20 * 258
+    assert (out / "buffer.png").stat().st_size > 0
+    assert "experience 4: accuracy" in capsys.readouterr().out
+
+
+def test_continual_command_refuses_a_budget_below_one_image_per_class(tmp_path, capsys):
+    code = main(["continual", "--benchmark", "split-digits", "--budget-bytes", "1000", "--out", str(tmp_path)])
+    assert code == 2
+    assert "too small for one image per class" in capsys.readouterr().err
+
+
+def test_class_orders_are_fixed_by_the_seed():
+    assert class_order(3) == class_order(3) and sorted(class_order(3)) == list(range(10))
+    assert class_order(3) != class_order(4)
+    bench = make_benchmark("split-digits", seed=3)
+    order = class_order(3)
+    assert [sorted(e.classes_in_this_experience) for e in bench.train_stream] == [
+        sorted(order[i : i + 2]) for i in range(0, 10, 2)
+    ]
+
+
+def test_prepare_mnist_raw_decompresses_gzipped_files_in_the_data_root(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in MNIST_FILES:
+        with gzip.open(raw / f"{name}.gz", "wb") as f:
+            f.write(name.encode())
+    assert prepare_mnist_raw(tmp_path) == tmp_path
+    assert all((raw / name).read_bytes() == name.encode() for name in MNIST_FILES)
+    (raw / MNIST_FILES[0]).unlink()
+    (raw / f"{MNIST_FILES[0]}.gz").unlink()
+    with pytest.raises(DatasetNotFoundError, match=MNIST_FILES[0]):
+        prepare_mnist_raw(tmp_path)
+
+
+def test_split_mnist_streams_the_real_data_in_the_seeds_order(data_root):
+    bench = make_benchmark("split-mnist", seed=0, root=data_root)
+    assert [sorted(e.classes_in_this_experience) for e in bench.train_stream] == [
+        sorted(class_order(0)[i : i + 2]) for i in range(0, 10, 2)
+    ]
+    assert sum(len(e.dataset) for e in bench.train_stream) == 60000
+    x, y, task = bench.train_stream[0].dataset[0]
+    assert tuple(x.shape) == (1, 28, 28) and task == 0 and int(y) in class_order(0)[:2]
