@@ -86,6 +86,12 @@ def run_server(
     arrays = model_arrays(net)
     done = 0
     record = ConfigRecord(cfg.to_dict())
+    pending: dict[str, MetricRecord] = {}  # the baselines' train metrics of the round in progress
+
+    def sum_train_metrics(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+        pending["train"] = _sum_metrics(contents, weighted_by_key)
+        return pending["train"]
+
     if cfg.algorithm == "synthetic":
         strategy: FedAvg = SyntheticSetStrategy(cfg, checkpoint=out_dir / "checkpoint.pt", device=device)
         if resume:
@@ -96,34 +102,36 @@ def run_server(
         common = dict(
             fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate, min_train_nodes=1,
             min_evaluate_nodes=1 if cfg.fraction_evaluate > 0 else 0,
-            min_available_nodes=cfg.nodes_required, train_metrics_aggr_fn=_sum_metrics,
+            min_available_nodes=cfg.nodes_required, train_metrics_aggr_fn=sum_train_metrics,
         )
         strategy = FedProx(proximal_mu=cfg.proximal_mu, **common) if cfg.algorithm == "fedprox" else FedAvg(**common)
 
     offset = done
-    history: dict[int, dict[str, float]] = {}
+    history: dict[int, dict[str, Any]] = {}
     started = time.perf_counter()
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         r = offset + server_round
         acc = accuracy(load_model_arrays(net, arrays), test.test_x, test.test_y)
-        history[r] = {"accuracy": acc, "seconds": time.perf_counter() - started}
+        history[r] = {"accuracy": acc, "seconds": time.perf_counter() - started, "train": pending.pop("train", None)}
         if isinstance(strategy, SyntheticSetStrategy):
             strategy.record_evaluation(server_round, {"accuracy": acc})
         if r:
             print(f"[{cfg.algorithm}] round {r}/{cfg.rounds}: accuracy {acc:.4f}", file=sys.stderr, flush=True)
+            # Rewritten every round, so an interrupted run still leaves its rounds so far.
+            write_json({"config": cfg.to_dict(), "rounds": _round_rows(strategy, history),
+                        "resumed_after": done, "complete": False}, out_dir / "results.json")
         return MetricRecord({"accuracy": acc})
 
     if done >= cfg.rounds:
         print(f"{out_dir}: all {cfg.rounds} rounds are done already", file=sys.stderr)
-        result = None
     else:
-        result = strategy.start(
+        strategy.start(
             grid=grid, initial_arrays=arrays, num_rounds=cfg.rounds - done, timeout=cfg.round_timeout,
             train_config=record, evaluate_config=record, evaluate_fn=evaluate_fn,
         )
-    rounds = _round_rows(cfg, strategy, result, history, offset)
-    results = {"config": cfg.to_dict(), "rounds": rounds, "resumed_after": done}
+    rounds = _round_rows(strategy, history)
+    results = {"config": cfg.to_dict(), "rounds": rounds, "resumed_after": done, "complete": True}
     write_json(results, out_dir / "results.json")
     plot_runs({cfg.algorithm: rounds}, out_dir / "accuracy.png", title=cfg.preset)
     if isinstance(strategy, SyntheticSetStrategy) and strategy.pool:
@@ -132,7 +140,7 @@ def run_server(
     return results
 
 
-def _round_rows(cfg: FedConfig, strategy: FedAvg, result: Any, history: dict, offset: int) -> list[dict[str, Any]]:
+def _round_rows(strategy: FedAvg, history: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per round: accuracy, uploaded bytes (round and cumulative), epsilon, replies."""
     rows: list[dict[str, Any]] = []
     if 0 in history:  # the initial model, before any upload
@@ -152,13 +160,13 @@ def _round_rows(cfg: FedConfig, strategy: FedAvg, result: Any, history: dict, of
             })
         return rows
     total = 0
-    for r in range(1, cfg.rounds + 1):
-        m = result.train_metrics_clientapp.get(r) if result is not None else None
+    for r in sorted(k for k in history if k > 0):
+        m = history[r]["train"]
         up = int(m["upload-bytes"]) if m is not None else 0
         total += up
         rows.append({
-            "round": r, "accuracy": history.get(r, {}).get("accuracy"), "upload_bytes": up,
-            "upload_bytes_total": total, "epsilon_max": float(m["epsilon-max"]) if m and "epsilon-max" in m else 0.0,
+            "round": r, "accuracy": history[r]["accuracy"], "upload_bytes": up, "upload_bytes_total": total,
+            "epsilon_max": float(m["epsilon-max"]) if m is not None and "epsilon-max" in m else 0.0,
             "accepted": int(m["accepted"]) if m is not None else 0,
         })
     return rows
