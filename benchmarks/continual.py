@@ -136,7 +136,9 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=None)
     p.add_argument("--downsample", type=int, default=None, help="addressing bases at 1/N resolution")
     p.add_argument("--bases", type=int, default=None, help="addressing bases")
-    p.add_argument("--buffers", nargs="+", default=None, help="only these rows (buffer names)")
+    p.add_argument("--rows", nargs="+", default=None,
+                   help="only these rows: buffer names, '+fresh' for the fresh-model protocol "
+                        "(e.g. condensed-addressing+fresh gdumb replay)")
     p.add_argument("--sweep-mix", type=int, nargs="+", default=None,
                    help="instead of the table: condensed-pixels and replay at these memory samples per batch")
     p.add_argument("--tag", default="", help="suffix of the result files")
@@ -161,7 +163,7 @@ def main() -> None:
             sweep[mix] = rows
         write_json({"settings": settings, "sweep_batch_size_mem": sweep}, RESULTS / f"{stem}_mix.json")
         return
-    rows = [r for r in ROWS if args.buffers is None or r[0] in args.buffers]
+    rows = [r for r in ROWS if args.rows is None or r[0] + ("+fresh" if r[1] else "") in args.rows]
     print(HEADER)
     table = run_rows(base, args.seeds, rows, stem)
     write_json({"settings": settings, "references": REFERENCES, "rows": table}, RESULTS / f"{stem}.json")

@@ -80,6 +80,9 @@ class CondensedBuffer(ExemplarsBuffer):
         learning rate is far too large for bases and addresses: pass ``lr_images`` with it).
     :param real_per_class: real images per class and iteration (dm, gm).
     :param model: the network distillation embeds with (``convnet`` as in DM).
+    :param lr_images: the distillation learning rate (default: the method's published one).
+    :param downsample, bases: the addressing memory's base resolution and count (default: the core's plan).
+    :param seed: seeds every draw of the buffer: networks, real batches, augmentation.
     """
 
     param: ClassVar[str] = ""
@@ -109,12 +112,15 @@ class CondensedBuffer(ExemplarsBuffer):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if real_per_class < 1:
             raise ValueError(f"real_per_class must be >= 1, got {real_per_class}")
+        iterations = self.default_iterations if iterations is None else int(iterations)
+        if iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {iterations}")
         objective_args = {"real_per_class": real_per_class} if method in ("dm", "gm") else {}
         # The recipe validates method, storage, init and budget; ipc is set per experience.
         self.recipe = Recipe(
             method=method, param=self.param, budget_bytes=int(budget_bytes), storage=storage,
-            iterations=self.default_iterations if iterations is None else iterations, lr_images=lr_images, init="real", downsample=downsample,
-            bases=bases, objective_args=objective_args,
+            iterations=iterations, lr_images=lr_images, init="real", downsample=downsample, bases=bases,
+            objective_args=objective_args,
         )
         self.budget_bytes = int(budget_bytes)
         self.spec = spec
@@ -123,7 +129,6 @@ class CondensedBuffer(ExemplarsBuffer):
         self.augment = augment
         self.device = torch.device(device)
         self.progress = progress
-        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.check_budget(num_classes)  # one sample for every class the model can emit, up front
         super().__init__(self._max_samples())
