@@ -15,6 +15,7 @@ resident set of this process and its children (Ray's workers), sampled every 0.2
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import threading
 import time
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="shared FedConfig settings")
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", default="benchmarks/results/federated")
+    p.add_argument("--reuse", action="store_true",
+                   help="take each strategy's rounds from <out>/<strategy>/results.json when present (even "
+                        "an interrupted run's) instead of running it again")
     args = p.parse_args(argv)
 
     shared: dict = {"preset": args.preset}
@@ -90,12 +94,18 @@ def main(argv: list[str] | None = None) -> int:
         cfg = FedConfig.from_mapping(values)
         out = Path(args.out) / name
         start = time.perf_counter()
-        with PeakTreeMemory() as mem:
-            results = simulate(cfg, out, data_root=args.data_root)
-        seconds = time.perf_counter() - start
+        if args.reuse and (out / "results.json").is_file():
+            results = json.loads((out / "results.json").read_text())
+            cfg = FedConfig.from_mapping(results["config"])
+            mem = PeakTreeMemory()
+            mem.peak = float("nan")  # measured when it ran, not now
+        else:
+            with PeakTreeMemory() as mem:
+                results = simulate(cfg, out, data_root=args.data_root)
+        seconds = float("nan") if args.reuse and mem.peak != mem.peak else time.perf_counter() - start
         runs[name] = results["rounds"]
         final = results["rounds"][-1]
-        summary.append({"strategy": name, "rounds": cfg.rounds, "final_accuracy": final["accuracy"],
+        summary.append({"strategy": name, "rounds": final["round"], "final_accuracy": final["accuracy"],
                         "upload_mb": final["upload_bytes_total"] / 1e6, "epsilon_max": final.get("epsilon_max", 0.0),
                         "seconds": seconds, "peak_mib": mem.peak, "config": cfg.to_dict()})
         print(f"{name}: final accuracy {final['accuracy']:.4f}, {final['upload_bytes_total'] / 1e6:.2f} MB, "
