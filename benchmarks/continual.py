@@ -9,8 +9,8 @@ distillation and training seconds per experience) and writes
 experience per buffer (``continual_<benchmark>.png``) and a grid of each condensed
 buffer's images after the last experience (``continual_<benchmark>_<buffer>.png``).
 
-    python benchmarks/continual.py --benchmark split-mnist --seeds 0 1 2
-    python benchmarks/continual.py --benchmark split-mnist --sweep-mix 10 50 100 200   # the batch-mix sweep
+    python benchmarks/continual.py --benchmark split-mnist --seeds 0 1 2 --downsample 1 --bases 20
+    python benchmarks/continual.py --benchmark split-mnist --seeds 0 --downsample 1 --bases 20 --sweep-mix 16 512
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def main() -> None:
                    help="only these rows: buffer names, '+fresh' for the fresh-model protocol "
                         "(e.g. condensed-addressing+fresh gdumb replay)")
     p.add_argument("--sweep-mix", type=int, nargs="+", default=None,
-                   help="instead of the table: condensed-pixels and replay at these memory samples per batch")
+                   help="instead of the table: condensed-addressing and replay at these memory samples per batch")
     p.add_argument("--tag", default="", help="suffix of the result files")
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -159,7 +159,7 @@ def main() -> None:
         print(HEADER)
         for mix in args.sweep_mix:
             rows = run_rows(replace(base, batch_size_mem=mix), args.seeds,
-                            [("replay", False), ("condensed-pixels", False)], None)
+                            [("replay", False), ("condensed-addressing", False)], None)
             sweep[mix] = rows
         write_json({"settings": settings, "sweep_batch_size_mem": sweep}, RESULTS / f"{stem}_mix.json")
         return
