@@ -2,6 +2,7 @@
 
 import statistics
 
+import pytest
 import torch
 
 from fedcl_dd.augment import DSA
@@ -40,6 +41,7 @@ def test_loss_falls_on_digits(digits, digits_sampler):
     assert last < 0.8 * first, (first, last)
 
 
+@pytest.mark.slow  # about two minutes on one thread
 def test_dm_beats_its_random_real_start_at_5_images_per_class(digits, digits_sampler):
     gains = []
     for seed in (0, 1):
