@@ -1,7 +1,5 @@
 """Gradient matching improves on its real start (its own module: it runs on two threads)."""
 
-import os
-
 import pytest
 import torch
 
@@ -12,18 +10,7 @@ from fedcl_dd.objectives import GradientMatching, MatchingContext
 from fedcl_dd.synthetic import PixelSet
 
 
-@pytest.fixture
-def all_cores():
-    """The suite's longest test: let it use every core even on an xdist worker (conftest gives
-    workers their share), so it does not hold the end of the run."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
-@pytest.mark.usefixtures("all_cores")
 def test_gm_beats_its_random_real_start_at_5_images_per_class(digits16):
     spec, real, test_x, test_y = digits16
     gains = []
