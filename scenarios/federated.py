@@ -30,6 +30,7 @@ __all__ = [
     "parse_preset",
     "partition_indices",
     "client_data",
+    "cached_dataset",
     "class_histogram",
     "format_histogram",
     "plot_histogram",
@@ -172,13 +173,18 @@ class ClientData:
 
 @lru_cache(maxsize=4)
 def _dataset(name: str, root: str | None) -> Dataset:
-    # Ray reuses client processes across rounds: load (and decode) each dataset once per process.
     return load_dataset(name, root)
+
+
+def cached_dataset(name: str, root: str | Path | None = None) -> Dataset:
+    """``load_dataset``, once per process: Ray reuses client processes across rounds, and the
+    server reads the same data for partitions and evaluation."""
+    return _dataset(name, str(root) if root is not None else None)
 
 
 @lru_cache(maxsize=8)
 def _partitions(name: str, root: str | None, scheme: Partitioning) -> tuple[torch.Tensor, ...]:
-    return tuple(partition_indices(_dataset(name, root).train_y, scheme))
+    return tuple(partition_indices(cached_dataset(name, root).train_y, scheme))
 
 
 def client_data(preset: Preset, partition_id: int, root: str | Path | None = None) -> ClientData:
@@ -189,7 +195,7 @@ def client_data(preset: Preset, partition_id: int, root: str | Path | None = Non
             f"clients (0..{preset.num_clients - 1}); check the SuperNode's --node-config"
         )
     key = str(root) if root is not None else None
-    ds = _dataset(preset.dataset, key)
+    ds = cached_dataset(preset.dataset, key)
     rows = _partitions(preset.dataset, key, preset.partitioning)[partition_id]
     # A seeded split of the partition: the client's local test share.
     gen = torch.Generator().manual_seed(preset.partitioning.seed * 1000 + partition_id)
@@ -202,7 +208,7 @@ def client_data(preset: Preset, partition_id: int, root: str | Path | None = Non
 def class_histogram(preset: Preset, root: str | Path | None = None) -> torch.Tensor:
     """(clients, classes) counts of the training labels each client holds."""
     key = str(root) if root is not None else None
-    labels = _dataset(preset.dataset, key).train_y
+    labels = cached_dataset(preset.dataset, key).train_y
     parts = _partitions(preset.dataset, key, preset.partitioning)
     return torch.stack([torch.bincount(labels[p], minlength=preset.spec.num_classes) for p in parts])
 

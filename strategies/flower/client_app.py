@@ -126,11 +126,9 @@ def _distill(
         generator=gen, device=device, network_source=source,
     )
     objective = recipe.objective()
-    ledger_before = PrivacyLedger()
-    if cfg.private and _STATE_LEDGER in context.state:
-        state = _ledger_state(context.state[_STATE_LEDGER])
-        objective.load_state_dict({"ledger": state})
-        ledger_before.load_state_dict(state)
+    ledger_before = _stored_ledger(context)
+    if cfg.private and ledger_before.steps:
+        objective.load_state_dict({"ledger": ledger_before.state_dict()})
     result = distill(syn, objective, ctx, DistillConfig(cfg.iterations, recipe.lr, recipe.momentum))
     if cfg.mode == "iterative":
         context.state[_STATE_SET] = ArrayRecord(syn.state_tensors())
@@ -146,27 +144,31 @@ def _distill(
         "loss-last": result.losses[-1] if result.losses else float("nan"),
     }
     if cfg.private:
-        ledger = objective.ledger
-        context.state[_STATE_LEDGER] = ConfigRecord(dict(ledger.state_dict()))
-        before = ledger_before.epsilon(cfg.delta) if ledger_before.steps else 0.0
-        total = ledger.epsilon(cfg.delta)
-        metrics.update(
-            {
-                "epsilon-round": total - before,
-                "epsilon-total": total,
-                "delta": cfg.delta,
-                "noise-multiplier": float(objective.noise_multiplier),
-                "sample-rate": float(objective.sample_rate),
-                "steps": ledger.steps - ledger_before.steps,
-            }
-        )
+        metrics.update(_privacy_metrics(context, ledger_before, objective.ledger, cfg.delta,
+                                        float(objective.noise_multiplier), float(objective.sample_rate)))
     else:
         metrics.update({"epsilon-round": 0.0, "epsilon-total": 0.0, "delta": 0.0})
     return synthetic_records(syn.cpu(), metrics)
 
 
-def _ledger_state(record: ConfigRecord) -> dict[str, list]:
-    return {k: list(v) for k, v in record.items()}
+def _stored_ledger(context: Context) -> PrivacyLedger:
+    """This client's privacy ledger as kept in ``context.state`` (empty before its first release)."""
+    ledger = PrivacyLedger()
+    if _STATE_LEDGER in context.state:
+        ledger.load_state_dict({k: list(v) for k, v in context.state[_STATE_LEDGER].items()})
+    return ledger
+
+
+def _privacy_metrics(
+    context: Context, before: PrivacyLedger, after: PrivacyLedger, delta: float, sigma: float, sample_rate: float
+) -> dict[str, float]:
+    """Keep ``after`` in ``context.state``; report epsilon this round and in total, and the
+    (sigma, q, steps) the server needs to account the release itself."""
+    context.state[_STATE_LEDGER] = ConfigRecord(dict(after.state_dict()))
+    spent = before.epsilon(delta) if before.steps else 0.0
+    total = after.epsilon(delta)
+    return {"epsilon-round": total - spent, "epsilon-total": total, "delta": delta, "noise-multiplier": sigma,
+            "sample-rate": sample_rate, "steps": after.steps - before.steps}
 
 
 def _local_sgd(
@@ -207,17 +209,10 @@ def _local_sgd(
             module=net, optimizer=opt, data_loader=loader, noise_multiplier=sigma, max_grad_norm=cfg.clip,
             poisson_sampling=True,
         )
-        ledger = PrivacyLedger()
-        if _STATE_LEDGER in context.state:
-            ledger.load_state_dict(_ledger_state(context.state[_STATE_LEDGER]))
-        before = ledger.epsilon(cfg.delta) if ledger.steps else 0.0
-        ledger.step(sigma, q, steps_per_round)
-        context.state[_STATE_LEDGER] = ConfigRecord(dict(ledger.state_dict()))
-        total = ledger.epsilon(cfg.delta)
-        metrics.update(
-            {"epsilon-round": total - before, "epsilon-total": total, "delta": cfg.delta,
-             "noise-multiplier": sigma, "sample-rate": q, "steps": steps_per_round}
-        )
+        before = _stored_ledger(context)
+        after = _stored_ledger(context)
+        after.step(sigma, q, steps_per_round)
+        metrics.update(_privacy_metrics(context, before, after, cfg.delta, sigma, q))
     trained.train()
     for _ in range(cfg.local_epochs):
         for xb, yb in loader:

@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
 from fedcl_dd.data import DatasetSpec
+from fedcl_dd.privacy import PrivacyLedger
 from fedcl_dd.synthetic import InvalidSyntheticSet, SyntheticSet
 
 __all__ = [
@@ -52,6 +53,7 @@ class Upload:
     def __init__(self, syn: SyntheticSet, metrics: dict[str, float]) -> None:
         self.syn = syn
         self.metrics = metrics
+        self.ledger: PrivacyLedger | None = None  # private runs: the client's ledger with this release
 
     @property
     def partition_id(self) -> int:

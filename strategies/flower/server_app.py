@@ -20,11 +20,10 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx
 
 from fedcl_dd.cli import resolve_device
-from fedcl_dd.data import load_dataset
 from fedcl_dd.evaluate import accuracy
 from fedcl_dd.io import write_json
 from fedcl_dd.models import make_model
-from fedcl_dd.scenarios.federated import class_histogram, format_histogram, plot_histogram
+from fedcl_dd.scenarios.federated import cached_dataset, class_histogram, format_histogram, plot_histogram
 from fedcl_dd.viz import save_grid
 
 from .client_app import client_seed
@@ -77,7 +76,7 @@ def run_server(
     out_dir.mkdir(parents=True, exist_ok=True)
     preset = cfg.preset_obj
     spec = preset.spec
-    test = load_dataset(spec.name, data_root)
+    test = cached_dataset(spec.name, data_root)
     hist = class_histogram(preset, data_root)
     print(f"{preset.name}: training samples per client and class\n{format_histogram(hist)}", file=sys.stderr)
     plot_histogram(hist, out_dir / "partitions.png", title=preset.name)

@@ -122,7 +122,6 @@ class SyntheticSetStrategy(FedAvg):
         self.ledgers: dict[int, PrivacyLedger] = {}
         self.reports: list[RoundReport] = []
         self._global: ArrayRecord | None = None
-        self._sent: dict[str, int] = {}  # message id -> destination node
         self._outgoing: list[Message] = []
 
     # ----------------------------------------------------------------------------- rounds
@@ -208,9 +207,8 @@ class SyntheticSetStrategy(FedAvg):
             report.accepted.append(up.partition_id)
             report.upload_bytes += int(up.metrics["upload-bytes"])
             report.client_seconds_max = max(report.client_seconds_max, float(up.metrics["seconds"]))
-            if self.cfg.private:
-                ledger = self.ledgers.setdefault(up.partition_id, PrivacyLedger())
-                ledger.step(up.metrics["noise-multiplier"], up.metrics["sample-rate"], int(up.metrics["steps"]))
+            if up.ledger is not None:
+                self.ledgers[up.partition_id] = up.ledger
         report.accepted.sort()
         report.upload_bytes_total = report.upload_bytes + (self.reports[-1].upload_bytes_total if self.reports else 0)
         report.epsilon = {pid: led.epsilon(self.cfg.delta) for pid, led in self.ledgers.items()}
@@ -259,6 +257,7 @@ class SyntheticSetStrategy(FedAvg):
             spent = trial.epsilon(self.cfg.delta)
             if spent > self.cfg.epsilon * (1 + 1e-6):
                 raise InvalidUpload(f"the upload brings client {pid} to epsilon={spent:.4g} > budget {self.cfg.epsilon:g}")
+            up.ledger = trial
         return up
 
     def union(self) -> tuple[torch.Tensor, torch.Tensor]:
