@@ -11,6 +11,8 @@ and writes JSON.
     python benchmarks/accuracy.py --dataset mnist --ipc 10 --methods dm --minutes 15
     # a full grid (needs a GPU for the published iteration counts)
     python benchmarks/accuracy.py --dataset cifar10 --ipc 1 10 50 --methods dm gm tm --iterations 20000
+    # private DM at epsilon 8 (any method option is a flag, given to the methods declaring it)
+    python benchmarks/accuracy.py --dataset mnist --methods dm-dp --epsilon 8 --minutes 15
 """
 
 from __future__ import annotations
@@ -22,16 +24,17 @@ from pathlib import Path
 
 import torch
 
-from fedcl_dd.augment import DSA
 from fedcl_dd.cli import resolve_device
 from fedcl_dd.data import data_root, load_dataset
-from fedcl_dd.distill import DistillConfig, ProgressBar, TimeLimit, distill
+from fedcl_dd.distill import Callback, ProgressBar, TimeLimit
 from fedcl_dd.evaluate import evaluate
-from fedcl_dd.objectives import MatchingContext
+from fedcl_dd.pipeline import Distillation
 from fedcl_dd.recipe import Recipe
+from fedcl_dd.registry import add_option_flags, get_objective, options_from_args
 from fedcl_dd.sampling import ClassSampler
 
-# Published ConvNet accuracies (%), images per class 1 / 10 / 50.
+# Published ConvNet accuracies (%) by paper, images per class 1 / 10 / 50; each objective
+# names the paper it compares with (``Objective.paper``).
 PUBLISHED = {
     "mnist": {
         "dc": (91.7, 97.4, 98.8),
@@ -46,36 +49,30 @@ PUBLISHED = {
         "mtt": (46.3, 65.3, 71.6),
     },
 }
-# Our method name -> the paper whose figure it compares with.
-PAPER_OF = {"dm": "dm", "dm-dp": "dm", "gm": "dsa", "tm": "mtt"}
 
 
 def published(dataset: str, method: str, ipc: int) -> float | None:
     col = {1: 0, 10: 1, 50: 2}.get(ipc)
-    row = PUBLISHED.get(dataset, {}).get(PAPER_OF.get(method, ""))
+    row = PUBLISHED.get(dataset, {}).get(get_objective(method).paper)
     return row[col] if (row and col is not None) else None
 
 
 def run_one(args, ds, method: str, ipc: int, seed: int, device) -> dict:
     spec = ds.spec
     real = ClassSampler(ds.train_x, ds.train_y, spec.num_classes, device)
-    gen = torch.Generator().manual_seed(seed)
-    obj_args = {"real_per_class": args.real_per_class} if method in ("dm", "dm-dp", "gm") else {}
-    if method == "tm":
-        obj_args["expert_dir"] = data_root(args.data_root) / "experts"
-    if method == "dm-dp":
-        obj_args.update(epsilon=args.epsilon, delta=args.delta, iterations=args.iterations)
+    # The command line's method options, each given to the methods that declare it.
+    declared = {o.name for o in get_objective(method).options}
+    options = {k: v for k, v in options_from_args(args).items() if k in declared}
     recipe = Recipe(method=method, ipc=ipc, param=args.param, iterations=args.iterations,
-                    lr_images=args.lr_images, objective_args=obj_args)
-    syn = recipe.init_synthetic(real, spec, gen)
+                    lr_images=args.lr_images, options=options)
+    run = Distillation(recipe, real, spec, seed=seed, device=device, cache_dir=data_root(args.data_root))
     with torch.no_grad():
-        start_images, start_targets = syn.images().detach().clone(), syn.targets().detach().clone()
-    ctx = MatchingContext(real, spec, augment=DSA(spec.dsa_strategy, torch.Generator().manual_seed(seed + 1)),
-                          generator=gen, device=device)
-    callbacks = [ProgressBar(f"{args.dataset} {method} ipc{ipc}")]
+        start_images, start_targets = run.syn.images().detach().clone(), run.syn.targets().detach().clone()
+    callbacks: list[Callback] = [ProgressBar(f"{args.dataset} {method} ipc{ipc}")]
     if args.minutes:
         callbacks.append(TimeLimit(60 * args.minutes))
-    result = distill(syn, recipe.objective(), ctx, DistillConfig(args.iterations, recipe.lr), callbacks)
+    result = run.run(callbacks)
+    syn = run.syn
     ev_kw = dict(model=args.eval_model, num_models=args.eval_models, epochs=args.eval_epochs,
                  seed=seed + 1000, device=device)
     t = time.perf_counter()
@@ -85,6 +82,7 @@ def run_one(args, ds, method: str, ipc: int, seed: int, device) -> dict:
         "dataset": args.dataset, "method": method, "ipc": ipc, "param": args.param, "seed": seed,
         "iterations": result.iterations, "distill_seconds": result.seconds,
         "seconds_per_iteration": result.seconds / max(1, result.iterations),
+        "options": options, "lr_images": recipe.lr,
         "accuracy_mean": ev.mean, "accuracy_std": ev.std, "accuracies": ev.accuracies,
         "start_accuracy_mean": base.mean, "start_accuracy_std": base.std,
         "eval_seconds": (time.perf_counter() - t) / 2, "nbytes": syn.nbytes, "num_images": syn.num_images,
@@ -102,22 +100,20 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=20000, help="upper bound; --minutes may stop earlier")
     p.add_argument("--minutes", type=float, default=None, help="distillation time limit per run")
     p.add_argument("--lr-images", type=float, default=None)
-    p.add_argument("--real-per-class", type=int, default=256)
-    p.add_argument("--epsilon", type=float, default=8.0)
-    p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--eval-model", default="convnet")
     p.add_argument("--eval-models", type=int, default=3)
     p.add_argument("--eval-epochs", type=int, default=300)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default="benchmarks/results/accuracy.json")
+    add_option_flags(p)
     args = p.parse_args()
     device = resolve_device(args.device)
     ds = load_dataset(args.dataset, args.data_root)
     rows = [run_one(args, ds, m, ipc, s, device) for ipc in args.ipc for m in args.methods for s in args.seeds]
 
     budget = (f"{args.minutes} min" if args.minutes else f"{args.iterations} it") + \
-        f" of distillation, {args.real_per_class} real/class; eval {args.eval_models}x {args.eval_model}, " \
+        f" of distillation, options {options_from_args(args) or 'default'}; eval {args.eval_models}x {args.eval_model}, " \
         f"{args.eval_epochs} epochs; device {device}"
     print(f"\n{args.dataset} ({args.param}); budget: {budget}")
     head = (f"{'method':7} {'ipc':>4} {'iters':>6} {'s/it':>6} {'ours %':>13} {'start (real) %':>15} "

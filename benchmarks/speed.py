@@ -12,7 +12,10 @@ A second reference for DM: the same objective computed the way the original
 code does (one forward pass per class on each side), timed in the same run.
 
     python benchmarks/speed.py --dataset mnist --ipc 10 --real-per-class 64
-    python benchmarks/speed.py --methods dm gm tm tm-tesla dm-dp --json out/speed.json
+    # a method is "name[:option=value,...]": here one short expert for tm (set-up, not timed)
+    python benchmarks/speed.py --methods dm gm dm-dp:noise_multiplier=1 \
+        tm:num_experts=1,expert_train_epochs=2,max_start_epoch=0 \
+        tm:num_experts=1,expert_train_epochs=2,max_start_epoch=0,constant_memory=true --json out/speed.json
 """
 
 from __future__ import annotations
@@ -30,26 +33,19 @@ import torch
 from procmem import peak_since_reset, reset_peak
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedcl_dd.augment import DSA
 from fedcl_dd.cli import resolve_device
 from fedcl_dd.data import data_root, load_dataset
 from fedcl_dd.distill import Callback, DistillConfig, distill
-from fedcl_dd.objectives import DistributionMatching, MatchingContext
+from fedcl_dd.objectives import DistributionMatching
+from fedcl_dd.pipeline import Distillation
 from fedcl_dd.recipe import Recipe
+from fedcl_dd.registry import get_objective, register_objective
 from fedcl_dd.sampling import ClassSampler
 
-METHOD_ARGS = {
-    "dm": ("dm", {}),
-    "dm-dp": ("dm-dp", {"noise_multiplier": 1.0}),
-    "gm": ("gm", {}),
-    # Few, short experts: expert training is set-up, not an iteration, and MNIST epochs are slow on CPU.
-    "tm": ("tm", {"num_experts": 1, "expert_train_epochs": 2, "max_start_epoch": 0}),
-    "tm-tesla": ("tm", {"num_experts": 1, "expert_train_epochs": 2, "max_start_epoch": 0, "constant_memory": True}),
-}
-
-
+@register_objective
 class LoopedDM(DistributionMatching):
-    """DM as the original code computes it: one forward pass per class and side (reference only)."""
+    """DM as the original code computes it: one forward pass per class and side (the reference,
+    registered in this script's process only)."""
 
     name = "dm-looped"
 
@@ -87,21 +83,24 @@ def conv_rate(device: torch.device, batch: int = 256, repeats: int = 5) -> float
     return flops / min(times)
 
 
-def build(args: argparse.Namespace, method: str, device: torch.device):
-    name, extra = METHOD_ARGS.get(method, ("dm", {}))
+def parse_method(spec: str) -> tuple[str, dict[str, str]]:
+    """``name[:option=value,...]`` as the method's name and its options (values parsed by the recipe)."""
+    name, _, rest = spec.partition(":")
+    pairs = [item.partition("=") for item in rest.split(",") if item]
+    bad = [k for k, sep, _ in pairs if not sep]
+    if bad:
+        raise SystemExit(f"method {spec!r}: expected option=value, got {bad}")
+    return name, {k.replace("-", "_"): v for k, _, v in pairs}
+
+
+def build(args: argparse.Namespace, spec: str, device: torch.device) -> tuple[Distillation, Recipe]:
+    name, options = parse_method(spec)
+    if "real_per_class" in {o.name for o in get_objective(name).options}:
+        options.setdefault("real_per_class", str(args.real_per_class))
     ds = load_dataset(args.dataset, args.data_root)
     real = ClassSampler(ds.train_x, ds.train_y, ds.spec.num_classes, device)
-    gen = torch.Generator().manual_seed(0)
-    obj_args = dict(extra)
-    if name in ("dm", "dm-dp", "gm"):
-        obj_args["real_per_class"] = args.real_per_class
-    if name == "tm":
-        obj_args["expert_dir"] = data_root(args.data_root) / "experts"
-    recipe = Recipe(method=name, ipc=args.ipc, param=args.param, objective_args=obj_args)
-    syn = recipe.init_synthetic(real, ds.spec, gen)
-    ctx = MatchingContext(real, ds.spec, augment=DSA(ds.spec.dsa_strategy), generator=gen, device=device)
-    objective = LoopedDM(args.real_per_class) if method == "dm-looped" else recipe.objective()
-    return syn, objective, ctx, recipe
+    recipe = Recipe(method=name, ipc=args.ipc, param=args.param, options=options)
+    return Distillation(recipe, real, ds.spec, seed=0, device=device, cache_dir=data_root(args.data_root)), recipe
 
 
 class _Clock(Callback):
@@ -123,7 +122,8 @@ class _Clock(Callback):
 
 def measure(args: argparse.Namespace, method: str) -> dict:
     device = resolve_device(args.device)
-    syn, objective, ctx, recipe = build(args, method, device)
+    run, recipe = build(args, method, device)
+    syn, objective, ctx = run.syn, run.objective, run.ctx
     clock = _Clock(device)
     distill(syn, objective, ctx, DistillConfig(args.iterations + 1, recipe.lr), [clock])
     with FlopCounterMode(display=False) as counter:
@@ -151,8 +151,9 @@ def _forward(args: argparse.Namespace) -> list[str]:
 
 def child(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
-    syn, objective, ctx, recipe = build(args, args.child, device)
-    distill(syn, objective, ctx, DistillConfig(0, recipe.lr))  # set-up (experts) is not an iteration
+    run, recipe = build(args, args.child, device)
+    syn, objective, ctx = run.syn, run.objective, run.ctx
+    objective.setup(ctx, syn)  # set-up (experts) is not an iteration
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()

@@ -23,11 +23,9 @@ from pathlib import Path
 import torch
 from procmem import peak_since_reset, reset_peak
 
-from fedcl_dd.augment import DSA
 from fedcl_dd.cli import resolve_device
 from fedcl_dd.data import data_root, load_dataset
-from fedcl_dd.distill import DistillConfig, distill
-from fedcl_dd.objectives import MatchingContext
+from fedcl_dd.pipeline import Distillation
 from fedcl_dd.recipe import Recipe
 from fedcl_dd.sampling import ClassSampler
 
@@ -36,21 +34,17 @@ def child(args: argparse.Namespace, steps: int, tesla: bool) -> float:
     device = resolve_device(args.device)
     ds = load_dataset(args.dataset, args.data_root)
     real = ClassSampler(ds.train_x, ds.train_y, ds.spec.num_classes, device)
-    gen = torch.Generator().manual_seed(0)
-    recipe = Recipe(method="tm", ipc=args.ipc, objective_args={
-        "syn_steps": steps, "constant_memory": tesla, "batch_syn": args.batch_syn,
-        "expert_dir": data_root(args.data_root) / "experts", "num_experts": args.experts,
+    recipe = Recipe(method="tm", ipc=args.ipc, iterations=2, options={
+        "syn_steps": steps, "constant_memory": tesla, "batch_syn": args.batch_syn, "num_experts": args.experts,
         "expert_train_epochs": args.expert_epochs, "max_start_epoch": args.expert_epochs - 2})
-    syn = recipe.init_synthetic(real, ds.spec, gen)
-    ctx = MatchingContext(real, ds.spec, augment=DSA(ds.spec.dsa_strategy), generator=gen, device=device)
-    objective = recipe.objective()
-    distill(syn, objective, ctx, DistillConfig(0, recipe.lr))  # experts: trained once, then cached
+    run = Distillation(recipe, real, ds.spec, seed=0, device=device, cache_dir=data_root(args.data_root))
+    run.objective.setup(run.ctx, run.syn)  # experts: trained once, then cached; not measured
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         base = reset_peak()
-    distill(syn, objective, ctx, DistillConfig(2, recipe.lr))
+    run.run()
     if device.type == "cuda":
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     return peak_since_reset() - base

@@ -17,22 +17,15 @@ from typing import Any, Sequence
 
 import torch
 
-from .augment import DSA
 from .data import SPECS, DatasetNotFoundError, data_root, import_data, load_dataset
-from .distill import (
-    Checkpointer,
-    DistillationDiverged,
-    DistillConfig,
-    PeriodicEvaluation,
-    ProgressBar,
-    TimeLimit,
-    distill,
-)
+from .distill import Callback, Checkpointer, DistillationDiverged, PeriodicEvaluation, ProgressBar, TimeLimit
 from .evaluate import evaluate
 from .io import write_json
 from .models import MODELS
-from .objectives import OBJECTIVES, MatchingContext
-from .recipe import PARAMS, STORAGE_DTYPES, Recipe
+from .parameterizations import INITS
+from .pipeline import Distillation
+from .recipe import STORAGE_DTYPES, Recipe
+from .registry import OBJECTIVES, PARAMETERIZATIONS, add_option_flags, options_from_args
 from .sampling import ClassSampler
 from .synthetic import InvalidSyntheticSet, SyntheticSet
 from .viz import save_grid
@@ -73,24 +66,16 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--dataset", required=True, choices=sorted(SPECS))
     d.add_argument("--method", default="dm", choices=sorted(OBJECTIVES))
     d.add_argument("--ipc", type=int, default=10, help="budget in labelled images per class")
-    d.add_argument("--param", default="pixels", choices=PARAMS)
+    d.add_argument("--param", default="pixels", choices=sorted(PARAMETERIZATIONS))
     d.add_argument("--budget-bytes", type=int, default=None, help="byte budget (overrides --ipc)")
     d.add_argument("--storage", default="fp32", choices=sorted(STORAGE_DTYPES))
     d.add_argument("--iterations", type=int, default=1000)
     d.add_argument("--max-minutes", type=float, default=None, help="stop distilling after this long")
     d.add_argument("--lr-images", type=float, default=None, help="default: the method's published value")
-    d.add_argument("--init", default=None, choices=("real", "noise"), help="default: noise for dm-dp, else real")
-    d.add_argument("--soft-labels", action="store_true", help="learn labels too (gm, tm)")
-    d.add_argument("--downsample", type=positive_int, default=None,
-                   help="addressing bases at 1/N resolution (default 2; 1 for images under 16 pixels)")
-    d.add_argument("--bases", type=positive_int, default=None, help="addressing bases (default: from budget)")
+    d.add_argument("--momentum", type=float, default=None, help="default: the method's")
+    d.add_argument("--init", default=None, choices=INITS, help="default: the method's (noise for private ones)")
+    d.add_argument("--soft-labels", action="store_true", help="learn labels too")
     d.add_argument("--model", default="convnet", choices=sorted(MODELS), help="network to distill with")
-    d.add_argument("--real-per-class", type=positive_int, default=None, help="real images per class and step")
-    d.add_argument("--epsilon", type=float, default=None, help="dm-dp: target epsilon over the whole run")
-    d.add_argument("--delta", type=float, default=1e-5, help="dm-dp: target delta")
-    d.add_argument("--noise-multiplier", type=float, default=None, help="dm-dp: sigma (instead of --epsilon)")
-    d.add_argument("--clip", type=float, default=1.0, help="dm-dp: per-sample embedding norm bound C")
-    d.add_argument("--constant-memory", action="store_true", help="tm: TESLA's constant-memory gradient")
     d.add_argument("--no-augment", action="store_true", help="distill without DSA")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<method>-...)")
@@ -98,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     d.add_argument("--eval-every", type=int, default=0, help="evaluate every N iterations (watching only)")
     d.add_argument("--no-progress", action="store_true")
+    add_option_flags(d)
     _add_eval_args(d)
 
     e = sub.add_parser("evaluate", help="evaluate a saved synthetic set")
@@ -116,27 +102,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _objective_args(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if args.real_per_class is not None and args.method != "tm":
-        out["real_per_class"] = args.real_per_class
-    if args.method == "dm-dp":
-        out.update(clip=args.clip, delta=args.delta, iterations=args.iterations)
-        if args.noise_multiplier is not None:
-            out["noise_multiplier"] = args.noise_multiplier
-        if args.epsilon is not None:
-            out["epsilon"] = args.epsilon
-    elif args.epsilon is not None or args.noise_multiplier is not None:
-        raise ValueError("--epsilon/--noise-multiplier apply to --method dm-dp only")
-    if args.method == "tm":
-        # Expert trajectories are costly: cache them beside the data, keyed by what defines them.
-        out["expert_dir"] = data_root(args.data_root) / "experts"
-        out["constant_memory"] = args.constant_memory
-    elif args.constant_memory:
-        raise ValueError("--constant-memory applies to --method tm only")
-    return out
-
-
 def _cmd_distill(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     recipe = Recipe(
@@ -147,11 +112,10 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         storage=args.storage,
         iterations=args.iterations,
         lr_images=args.lr_images,
+        momentum=args.momentum,
         init=args.init,
         soft_labels=args.soft_labels,
-        downsample=args.downsample,
-        bases=args.bases,
-        objective_args=_objective_args(args),
+        options=options_from_args(args),
     )
     out = Path(args.out or f"runs/{args.dataset}-{args.method}-{args.param}-ipc{args.ipc}-seed{args.seed}")
     checkpoint = out / "checkpoint.pt"
@@ -160,24 +124,17 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     ds = load_dataset(args.dataset, args.data_root)
     spec = ds.spec
     real = ClassSampler(ds.train_x, ds.train_y, spec.num_classes, device)
-    gen = torch.Generator().manual_seed(args.seed)
-    ctx = MatchingContext(
-        real=real,
-        spec=spec,
-        model=args.model,
-        augment=None if args.no_augment else DSA(spec.dsa_strategy, torch.Generator().manual_seed(args.seed + 1)),
-        generator=gen,
-        device=device,
-    )
-    syn = recipe.init_synthetic(real, spec, gen, info={"seed": args.seed})
-    objective = recipe.objective()
+    # Costly artifacts (expert trajectories) are cached beside the data, keyed by what defines them.
+    run = Distillation(recipe, real, spec, seed=args.seed, augment=not args.no_augment, model=args.model,
+                       cache_dir=data_root(args.data_root), info={"seed": args.seed})
+    syn = run.syn
 
     def watch(s: SyntheticSet) -> dict[str, float]:
         r = evaluate(s, ds.test_x, ds.test_y, spec, args.eval_model, 1, args.eval_epochs, seed=args.seed)
         return {"test_accuracy_1net": r.mean}
 
-    callbacks: list = [ProgressBar(f"{args.method}/{args.param}", disable=args.no_progress or None)]
-    callbacks.append(Checkpointer(checkpoint, args.checkpoint_every))
+    callbacks: list[Callback] = [Checkpointer(checkpoint, args.checkpoint_every, resume=args.resume)]
+    callbacks.append(ProgressBar(f"{args.method}/{args.param}", disable=args.no_progress or None))
     if args.eval_every > 0:
         callbacks.append(PeriodicEvaluation(args.eval_every, watch))
     if args.max_minutes is not None:
@@ -188,10 +145,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         f"({syn.nbytes} bytes, budget {budget}) on {device}",
         file=sys.stderr,
     )
-    result = distill(
-        syn, objective, ctx, DistillConfig(args.iterations, recipe.lr, recipe.momentum),
-        callbacks, resume=checkpoint if args.resume else None,
-    )
+    result = run.run(callbacks)
     syn.save(out / "synthetic.safetensors")
     save_grid(syn, out / "grid.png")
     ev = evaluate(

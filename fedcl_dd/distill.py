@@ -9,9 +9,10 @@
             loss <- objective.loss(ctx, net, S); update S by SGD
             objective.update_network(ctx, net, S)   # gradient matching trains net on S
 
-Callbacks see every iteration (progress bars, periodic evaluation, checkpoints).
-A checkpoint holds S, the optimizer, the objective's state and every RNG state,
-so a resumed run continues exactly where the interrupted one stopped.
+Callbacks see every iteration (progress bars, periodic evaluation, checkpoints);
+:class:`Checkpointer` is one of them: it saves S, the optimizer, the objective's
+state and every RNG state, and restores them so that a resumed run continues
+exactly where the interrupted one stopped.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "Checkpointer",
     "TimeLimit",
     "distill",
+    "make_optimizer",
 ]
 
 
@@ -59,11 +61,15 @@ class DistillConfig:
 
 @dataclass
 class DistillState:
-    """What callbacks see: the iteration just finished and the history so far."""
+    """What callbacks see: the iteration just finished, the history so far, and everything the
+    loop runs with (so that a callback such as :class:`Checkpointer` can save and restore it)."""
 
     iteration: int
     syn: SyntheticSet
     objective: Objective
+    ctx: MatchingContext
+    config: DistillConfig
+    optimizer: torch.optim.Optimizer
     loss: float = float("nan")
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
@@ -83,7 +89,13 @@ class DistillResult:
 
 
 class Callback:
-    """Hooks called by :func:`distill`; override what you need."""
+    """Hooks called by :func:`distill`; override what you need.
+
+    ``on_prepare`` runs for every callback before any ``on_start`` (restoring a checkpoint
+    there lets the others start from the restored iteration).
+    """
+
+    def on_prepare(self, state: DistillState) -> None: ...
 
     def on_start(self, state: DistillState, total: int) -> None: ...
 
@@ -137,19 +149,55 @@ class PeriodicEvaluation(Callback):
 
 
 class Checkpointer(Callback):
-    """Write a resumable checkpoint every ``every`` iterations and at the end (atomically)."""
+    """Write a resumable checkpoint every ``every`` iterations and at the end (atomically).
 
-    def __init__(self, path: str | Path, every: int) -> None:
-        self.path, self.every = Path(path), every
-        self.save: Callable[[DistillState], None] | None = None  # bound by distill()
+    A checkpoint holds S, the optimizer, the objective's state, every RNG stream, the
+    history and the elapsed time. With ``resume=True`` the run first restores ``path``
+    and continues after its iteration exactly as the interrupted run would have.
+    """
+
+    def __init__(self, path: str | Path, every: int, resume: bool = False) -> None:
+        self.path, self.every, self.resume = Path(path), every, resume
+
+    def on_prepare(self, state: DistillState) -> None:
+        if not self.resume:
+            return
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no checkpoint at {self.path} to resume from; start without resuming")
+        ckpt = torch.load(self.path, map_location=state.ctx.device, weights_only=True)
+        state.syn.load_state_dict(ckpt["syn"])
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+        state.objective.load_state_dict(ckpt["objective"])
+        state.ctx.generator.set_state(ckpt["generator"].cpu())
+        if state.ctx.augment is not None:
+            state.ctx.augment.generator.set_state(ckpt["augment_generator"].cpu())
+        state.iteration, state.losses = int(ckpt["iteration"]), list(ckpt["losses"])
+        state.metrics = {k: [tuple(p) for p in v] for k, v in ckpt["metrics"].items()}
+        state.seconds = float(ckpt["seconds"])
+
+    def save(self, state: DistillState) -> None:
+        """Write ``state`` to ``path`` now."""
+        ctx = state.ctx
+        state_dict = {
+            "syn": state.syn.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "objective": state.objective.state_dict(),
+            "generator": ctx.generator.get_state(),
+            "augment_generator": ctx.augment.generator.get_state() if ctx.augment else torch.empty(0),
+            "iteration": state.iteration,
+            "losses": state.losses,
+            "metrics": {k: [list(p) for p in v] for k, v in state.metrics.items()},
+            "seconds": state.seconds,
+            "config": asdict(state.config),
+        }
+        atomic_write(self.path, lambda f: torch.save(state_dict, f))
 
     def on_iteration(self, state: DistillState) -> None:
-        if self.every > 0 and state.iteration % self.every == 0 and self.save is not None:
+        if self.every > 0 and state.iteration % self.every == 0:
             self.save(state)
 
     def on_end(self, state: DistillState) -> None:
-        if self.save is not None:
-            self.save(state)
+        self.save(state)
 
 
 class TimeLimit(Callback):
@@ -167,85 +215,40 @@ def _finite(params: list[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in params)
 
 
+def make_optimizer(syn: SyntheticSet, objective: Objective, config: DistillConfig) -> torch.optim.SGD:
+    """SGD over S (labels at ``lr_labels`` when learnable) and the objective's own parameters."""
+    groups: list[dict[str, Any]] = [{"params": [p for n, p in syn.named_parameters() if n != "label_logits"]}]
+    if syn.label_logits is not None:
+        groups.append({"params": [syn.label_logits], "lr": config.lr_labels})
+    groups += objective.parameter_groups()
+    return torch.optim.SGD(groups, lr=config.lr_images, momentum=config.momentum)
+
+
 def distill(
     syn: SyntheticSet,
     objective: Objective,
     ctx: MatchingContext,
     config: DistillConfig,
     callbacks: Sequence[Callback] = (),
-    resume: str | Path | None = None,
 ) -> DistillResult:
     """Optimize ``syn`` in place with ``objective`` for ``config.iterations`` iterations.
 
-    ``resume`` names a checkpoint written by a :class:`Checkpointer`; the run continues
-    after its iteration with the same S, optimizer, objective state and RNG streams.
     Raises :class:`DistillationDiverged` (naming the iteration) if the loss or S turns
     NaN/Inf; S is then restored to its last finite state and no checkpoint is overwritten.
     """
     objective.setup(ctx, syn)
-    groups: list[dict[str, Any]] = [{"params": [p for n, p in syn.named_parameters() if n != "label_logits"]}]
-    if syn.label_logits is not None:
-        groups.append({"params": [syn.label_logits], "lr": config.lr_labels})
-    groups += objective.parameter_groups()
-    optimizer = torch.optim.SGD(groups, lr=config.lr_images, momentum=config.momentum)
+    optimizer = make_optimizer(syn, objective, config)
     params = [p for g in optimizer.param_groups for p in g["params"]]  # S and objective parameters
-
-    state = DistillState(iteration=0, syn=syn, objective=objective)
-    if resume is not None:
-        ckpt = torch.load(resume, map_location=ctx.device, weights_only=True)
-        syn.load_state_dict(ckpt["syn"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        objective.load_state_dict(ckpt["objective"])
-        ctx.generator.set_state(ckpt["generator"].cpu())
-        if ctx.augment is not None:
-            ctx.augment.generator.set_state(ckpt["augment_generator"].cpu())
-        state.iteration, state.losses = int(ckpt["iteration"]), list(ckpt["losses"])
-        state.metrics = {k: [tuple(p) for p in v] for k, v in ckpt["metrics"].items()}
-        state.seconds = float(ckpt["seconds"])
-
-    def save(st: DistillState, path: Path) -> None:
-        state_dict = {
-            "syn": syn.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "objective": objective.state_dict(),
-            "generator": ctx.generator.get_state(),
-            "augment_generator": ctx.augment.generator.get_state() if ctx.augment else torch.empty(0),
-            "iteration": st.iteration,
-            "losses": st.losses,
-            "metrics": {k: [list(p) for p in v] for k, v in st.metrics.items()},
-            "seconds": st.seconds,
-            "config": asdict(config),
-        }
-        atomic_write(path, lambda f: torch.save(state_dict, f))
-
+    state = DistillState(iteration=0, syn=syn, objective=objective, ctx=ctx, config=config, optimizer=optimizer)
     for cb in callbacks:
-        if isinstance(cb, Checkpointer):
-            cb.save = lambda st, path=cb.path: save(st, path)
+        cb.on_prepare(state)
+    for cb in callbacks:
         cb.on_start(state, config.iterations)
 
     start = time.perf_counter() - state.seconds
     while state.iteration < config.iterations:
-        it = state.iteration + 1
-        net = objective.network(ctx)
-        steps = objective.outer_steps(syn)
-        total = 0.0
-        for outer in range(steps):
-            good = [p.detach().clone() for p in params]
-            optimizer.zero_grad(set_to_none=True)
-            loss = objective.loss(ctx, net, syn)
-            if not torch.isfinite(loss):
-                raise DistillationDiverged(_diverged_message(it, "loss", config))
-            loss.backward()
-            optimizer.step()
-            if not _finite(params):
-                with torch.no_grad():
-                    for p, g in zip(params, good):
-                        p.copy_(g)
-                raise DistillationDiverged(_diverged_message(it, "synthetic set or a learned parameter", config))
-            total += float(loss.detach())
-            if outer < steps - 1:
-                objective.update_network(ctx, net, syn)
-        state.iteration, state.loss = it, total / steps
+        state.loss = _iteration(state.iteration + 1, syn, objective, ctx, optimizer, params)
+        state.iteration += 1
         state.losses.append(state.loss)
         state.seconds = time.perf_counter() - start
         for cb in callbacks:
@@ -257,9 +260,37 @@ def distill(
     return DistillResult(state.losses, state.seconds, state.iteration, state.metrics, objective.report())
 
 
-def _diverged_message(it: int, what: str, config: DistillConfig) -> str:
+def _iteration(
+    it: int, syn: SyntheticSet, objective: Objective, ctx: MatchingContext, optimizer: torch.optim.Optimizer,
+    params: list[torch.Tensor],
+) -> float:
+    """One iteration: a network, then the objective's outer steps on S; returns the mean loss."""
+    net = objective.network(ctx)
+    steps = objective.outer_steps(syn)
+    lr = optimizer.param_groups[0]["lr"]
+    total = 0.0
+    for outer in range(steps):
+        good = [p.detach().clone() for p in params]
+        optimizer.zero_grad(set_to_none=True)
+        loss = objective.loss(ctx, net, syn)
+        if not torch.isfinite(loss):
+            raise DistillationDiverged(_diverged_message(it, "loss", lr))
+        loss.backward()
+        optimizer.step()
+        if not _finite(params):
+            with torch.no_grad():
+                for p, g in zip(params, good):
+                    p.copy_(g)
+            raise DistillationDiverged(_diverged_message(it, "synthetic set or a learned parameter", lr))
+        total += float(loss.detach())
+        if outer < steps - 1:
+            objective.update_network(ctx, net, syn)
+    return total / steps
+
+
+def _diverged_message(it: int, what: str, lr: float) -> str:
     return (
         f"the {what} became NaN/Inf at iteration {it}; the synthetic set was restored to its last "
         f"finite state and earlier checkpoints are kept. Try a smaller learning rate "
-        f"(lr_images={config.lr_images:g}, e.g. {config.lr_images / 10:g})."
+        f"(lr_images={lr:g}, e.g. {lr / 10:g})."
     )

@@ -1,32 +1,29 @@
 """A distillation recipe: the few choices a user makes, turned into a synthetic set and an objective.
 
 The command line, the Flower client and the Avalanche buffer all build their
-synthetic sets through :class:`Recipe`, so a method means the same thing
-everywhere: same defaults, same budget rules, same errors.
+synthetic sets through :class:`Recipe` (by way of :class:`~fedcl_dd.pipeline.Distillation`),
+so a method means the same thing everywhere: the defaults its objective class declares,
+the same budget rules, the same errors.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .data import DatasetSpec
-from .objectives import OBJECTIVES, Objective, make_objective
-from .objectives.tm import mtt_settings
+from .objectives import Objective, Plan
+from .parameterizations import INITS, Parameterization
+from .registry import get_objective, get_parameterization, split_options
 from .sampling import ClassSampler
-from .synthetic import AddressingPlan, AddressingSet, PixelSet, SyntheticSet, bytes_per_image, pixel_ipc_for_budget
+from .synthetic import SyntheticSet, bytes_per_image
 
-__all__ = ["Recipe", "PARAMS", "STORAGE_DTYPES"]
+__all__ = ["Recipe", "STORAGE_DTYPES"]
 
-PARAMS = ("pixels", "addressing")
 STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-
-# Image learning rates of the original papers: DM 1 (10 from 100 images per class up),
-# DC/DSA 0.1, MTT 100 at 10 images per class (1000 at 50). Private DM starts from noise and
-# matches clipped embeddings, whose gradients are far smaller: 100 worked on digits.
-_DEFAULT_LR = {"dm": 1.0, "dm-dp": 100.0, "gm": 0.1, "tm": 100.0}
 
 
 @dataclass
@@ -36,6 +33,9 @@ class Recipe:
     ``ipc`` sets the budget as the bytes of ``ipc`` labelled images per class at the
     storage dtype, unless ``budget_bytes`` is given. A pixel set holds as many images
     as fit; an addressing memory spends the same bytes on bases and addresses.
+    ``lr_images``, ``momentum`` and ``init`` default to what the method's objective
+    class declares; ``options`` are the objective's and the parameterization's own
+    (e.g. ``{"real_per_class": 64, "bases": 8}``), checked against their declarations.
     """
 
     method: str = "dm"
@@ -45,33 +45,38 @@ class Recipe:
     storage: str = "fp32"
     iterations: int = 1000
     lr_images: float | None = None
-    momentum: float = 0.5
-    init: str | None = None  # "real" or "noise"; default: noise for dm-dp (real data is private), else real
+    momentum: float | None = None
+    init: str | None = None
     soft_labels: bool = False
-    downsample: int | None = None  # addressing bases at 1/downsample resolution; default 2 (1 below 16 px)
-    bases: int | None = None
-    objective_args: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.method not in OBJECTIVES:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {sorted(OBJECTIVES)}")
-        if self.param not in PARAMS:
-            raise ValueError(f"unknown parameterization {self.param!r}; choose one of {list(PARAMS)}")
+        cls = get_objective(self.method)
+        get_parameterization(self.param)
         if self.storage not in STORAGE_DTYPES:
             raise ValueError(f"unknown storage {self.storage!r}; choose one of {sorted(STORAGE_DTYPES)}")
         if self.ipc < 1:
             raise ValueError(f"images per class must be >= 1, got {self.ipc}")
-        if self.init is None:
-            self.init = "noise" if self.method == "dm-dp" else "real"
-        if self.init not in ("real", "noise"):
-            raise ValueError(f"init must be 'real' or 'noise', got {self.init!r}")
-        if self.method == "dm-dp" and self.init == "real":
-            raise ValueError(
-                "dm-dp with init 'real' would publish real images (and, for addressing memories, "
-                "principal directions of the real data): start private sets from noise (--init noise)"
-            )
+        if self.iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {self.iterations}")
         if self.budget_bytes is not None and self.budget_bytes < 1:
             raise ValueError(f"budget_bytes must be positive, got {self.budget_bytes}")
+        if self.init is None:
+            self.init = cls.default_init
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {list(INITS)}, got {self.init!r}")
+        if cls.private and self.init == "real":
+            raise ValueError(
+                f"{self.method} with init 'real' would publish real images (and, for addressing memories, "
+                f"principal directions of the real data): start private sets from noise (--init noise)"
+            )
+        if self.momentum is None:
+            self.momentum = cls.momentum
+        self.objective_options, self.param_options = split_options(self.method, self.param, self.options)
+
+    @property
+    def objective_class(self) -> type[Objective]:
+        return get_objective(self.method)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -79,14 +84,12 @@ class Recipe:
 
     @property
     def lr(self) -> float:
-        """The image learning rate: as given, else the method's published default."""
-        if self.lr_images is not None:
-            return self.lr_images
-        if self.method == "dm" and self.ipc >= 100:
-            return 10.0
-        if self.method == "tm" and self.ipc >= 50:
-            return 1000.0
-        return _DEFAULT_LR[self.method]
+        """The image learning rate: as given, else the method's published default for ``ipc``."""
+        return self.lr_images if self.lr_images is not None else self.objective_class.default_lr(self.ipc)
+
+    def parameterization(self, spec: DatasetSpec) -> Parameterization:
+        """The parameterization for ``spec`` at the storage dtype, with its options."""
+        return get_parameterization(self.param)(spec, self.dtype, **self.param_options)
 
     def budget_for(self, spec: DatasetSpec, num_classes: int) -> int:
         """The byte budget for a set of ``num_classes`` classes."""
@@ -106,7 +109,6 @@ class Recipe:
         classes = list(classes if classes is not None else real.classes)
         if not classes:
             raise ValueError("no classes to distill: the real data holds no samples")
-        budget = self.budget_for(spec, len(classes))
         meta = {
             "method": self.method,
             "dataset": spec.name,
@@ -115,31 +117,23 @@ class Recipe:
             "class_names": list(spec.class_names),
             **(info or {}),
         }
-        syn: SyntheticSet
-        if self.param == "pixels":
-            ipc = pixel_ipc_for_budget(budget, len(classes), spec.image_shape, self.dtype)
-            if self.init == "real":
-                syn = PixelSet.from_real(real, ipc, classes, generator, storage_dtype=self.dtype, info=meta)
-            else:
-                syn = PixelSet.from_noise(
-                    spec.num_classes, spec.image_shape, ipc, classes, generator, real.device,
-                    storage_dtype=self.dtype, info=meta,
-                )
-        else:
-            ds = self.downsample or (2 if spec.image_size >= 16 else 1)
-            plan = AddressingPlan.for_budget(budget, len(classes), spec.image_shape, self.dtype, ds, self.bases)
-            if self.init == "real":
-                syn = AddressingSet.from_real(real, plan, classes, generator, info=meta)
-            else:
-                syn = AddressingSet.from_noise(plan, spec.num_classes, classes, generator, real.device, info=meta)
+        assert self.init is not None  # resolved in __post_init__
+        budget = self.budget_for(spec, len(classes))
+        syn = self.parameterization(spec).init(real, budget, classes, self.init, generator, meta)
         if self.soft_labels:
             syn.make_labels_learnable()
         return syn
 
-    def objective(self, **overrides: Any) -> Objective:
-        """The matching objective with ``objective_args`` (and ``overrides``) applied.
+    def objective(self, planned_iterations: int | None = None, cache_dir: str | Path | None = None) -> Objective:
+        """The matching objective with the recipe's options.
 
-        Trajectory matching starts from MTT's published settings for this many images per class.
+        ``planned_iterations`` (default ``iterations``) counts every S update of the whole
+        run, e.g. rounds times iterations for a federated client; ``cache_dir`` keeps costly
+        artifacts such as expert trajectories.
         """
-        defaults = mtt_settings(self.ipc) if self.method == "tm" else {}
-        return make_objective(self.method, **{**defaults, **self.objective_args, **overrides})
+        plan = Plan(
+            self.ipc,
+            self.iterations if planned_iterations is None else planned_iterations,
+            None if cache_dir is None else Path(cache_dir),
+        )
+        return self.objective_class.build(self.objective_options, plan)

@@ -39,7 +39,7 @@ def test_resume_continues_a_run(tmp_path):
         (["distill", "--dataset", "digits", "--ipc", "0"], "images per class must be >= 1"),
         (["distill", "--dataset", "digits", "--budget-bytes", "100"], "too small for one image per class"),
         (["distill", "--dataset", "digits", "--param", "addressing", "--budget-bytes", "60"], "too small"),
-        (["distill", "--dataset", "digits", "--epsilon", "8"], "apply to --method dm-dp only"),
+        (["distill", "--dataset", "digits", "--epsilon", "8"], "option epsilon does not apply to method 'dm'"),
         (["distill", "--dataset", "digits", "--resume", "--out", "/nonexistent/x"], "no checkpoint at"),
         (["--data-root", "/nonexistent/root", "distill", "--dataset", "mnist"], "MNIST"),
         (["evaluate", "/nonexistent/s.safetensors", "--dataset", "digits"], "no synthetic set at"),
@@ -57,6 +57,12 @@ def test_unknown_dataset_and_method_are_refused_by_the_parser(capsys):
             main(args)
         assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_method_options_are_checked_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        main(["distill", "--dataset", "digits", "--real-per-class", "0"])
+    assert "real-per-class=0 is outside [1" in capsys.readouterr().err
 
 
 def test_evaluate_refuses_a_set_of_another_dataset(tmp_path, capsys):

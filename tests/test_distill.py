@@ -33,7 +33,7 @@ def test_resume_continues_exactly_where_the_run_stopped(digits, digits_sampler, 
     ckpt = tmp_path / "ckpt.pt"
     distill(syn2, DistributionMatching(32), ctx2, DistillConfig(iterations=3), [Checkpointer(ckpt, 1)])
     ctx3, syn3 = _setup(digits, digits_sampler, seed=99)  # fresh objects, other seeds: state comes from the file
-    resumed = distill(syn3, DistributionMatching(32), ctx3, DistillConfig(iterations=6), resume=ckpt)
+    resumed = distill(syn3, DistributionMatching(32), ctx3, DistillConfig(iterations=6), [Checkpointer(ckpt, 0, resume=True)])
 
     assert resumed.losses == pytest.approx(straight.losses, rel=1e-6)
     assert torch.allclose(syn3.images(), syn.images(), atol=1e-6)
@@ -55,7 +55,7 @@ def test_divergence_names_the_iteration_and_restores_the_set(digits, digits_samp
             return out * float("inf") if PoisonAfter.calls == 2 else out
 
     with pytest.raises(DistillationDiverged, match="iteration 4.*smaller learning rate"):
-        distill(syn, PoisonAfter(16), ctx, DistillConfig(iterations=5), [Checkpointer(ckpt, 1)], resume=ckpt)
+        distill(syn, PoisonAfter(16), ctx, DistillConfig(iterations=5), [Checkpointer(ckpt, 1, resume=True)])
     assert torch.isfinite(syn.images()).all()
     assert not torch.equal(syn.images(), before)  # iteration 3 ran and was kept
     assert ckpt.read_bytes() != saved  # checkpoint of iteration 3 written ...
@@ -88,3 +88,24 @@ def test_bad_config_is_refused():
         DistillConfig(lr_images=0)
     with pytest.raises(ValueError, match="iterations must be >= 0"):
         DistillConfig(iterations=-1)
+
+
+def test_resuming_from_a_missing_checkpoint_names_the_file(digits, digits_sampler, tmp_path):
+    ctx, syn = _setup(digits, digits_sampler)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at .*missing.pt"):
+        distill(syn, DistributionMatching(16), ctx, DistillConfig(iterations=2), [Checkpointer(tmp_path / "missing.pt", 1, resume=True)])
+
+
+def test_every_callback_is_prepared_before_any_starts(digits, digits_sampler, tmp_path):
+    """A restored checkpoint is seen by the callbacks that start after it (e.g. a progress bar's start)."""
+    ctx, syn = _setup(digits, digits_sampler)
+    ckpt = tmp_path / "ckpt.pt"
+    distill(syn, DistributionMatching(16), ctx, DistillConfig(iterations=2), [Checkpointer(ckpt, 1)])
+    started = []
+
+    class Start(Callback):
+        def on_start(self, state, total):
+            started.append(state.iteration)
+
+    distill(syn, DistributionMatching(16), ctx, DistillConfig(iterations=3), [Start(), Checkpointer(ckpt, 1, resume=True)])
+    assert started == [2]

@@ -62,7 +62,7 @@ def _evaluate(msg: Message, context: Context) -> Message:
 
 
 def test_faulty_clients_are_refused_and_rounds_go_on(tmp_path):
-    cfg = FedConfig(preset="digits-iid-6", rounds=2, ipc=5, iterations=10, real_per_class=32, server_epochs=30)
+    cfg = FedConfig(preset="digits-iid-6", rounds=2, ipc=5, iterations=10, server_epochs=30, options={"real_per_class": 32})
     results = simulate(cfg, tmp_path, device=torch.device("cpu"), client_app=faulty)
     rounds = {row["round"]: row for row in results["rounds"]}
     assert sorted(rounds) == [0, 1, 2]

@@ -124,6 +124,8 @@ def test_malformed_uploads_are_refused(good, digits, kind, match):
         ({"epsilon": 8.0}, "dm-dp"),
         ({"preset": "digits-zz-4"}, "preset"),
         ({"ipcs": 3}, "unknown setting"),
+        ({"method": "dm", "constant-memory": True}, "constant-memory do.*not apply to method=dm"),
+        ({"real-per-class": 0}, r"real-per-class=0 is outside \[1"),
     ],
 )
 def test_bad_configs_are_refused(values, match):
@@ -135,7 +137,12 @@ def test_config_round_trips_through_records():
     cfg = FedConfig(preset="mnist-dir0.5-10", method="dm-dp", epsilon=8.0, rounds=5, ipc=3)
     again = FedConfig.from_mapping({**dict(ConfigRecord(cfg.to_dict())), "server-round": 2}, strict=False)
     assert again == cfg
-    assert again.recipe().objective_args["iterations"] == 5 * cfg.iterations  # sigma planned for the whole run
+    assert again.planned_iterations == 5 * cfg.iterations  # sigma planned for the whole run
+    tuned = FedConfig(method="gm", options={"real-per-class": 32, "distance": "mse"})
+    assert FedConfig.from_mapping(tuned.to_dict()) == tuned
+    assert tuned.recipe().objective().real_per_class == 32
+    zero = FedConfig(method="tm", options={"max_start_epoch": 0})  # zero is a value here, not "unset"
+    assert FedConfig.from_mapping(zero.to_dict()).options == {"max_start_epoch": 0}
 
 
 def test_simulate_refuses_bad_settings_before_starting_anything(capsys):

@@ -171,7 +171,7 @@ def test_clipped_sums_have_sensitivity_clip(digits, model, scale):
     neighbours.append((torch.cat([x, extra_x]), torch.cat([y, extra_y])))
     for nx, ny in neighbours:
         diff = obj.clipped_sums(ctx, net, nx, ny, params) - full
-        assert (diff.norm(dim=1) > 0).sum() == 1  # one class's sum moves
+        assert (diff.norm(dim=1) > 1e-4 * clip).sum() == 1  # one class's sum moves (the others: rounding only)
         assert float(diff.norm()) <= clip * (1 + 1e-5)
         assert float(diff.norm()) == pytest.approx(clip, rel=1e-4)  # clipping is active: exactly C
 
@@ -253,11 +253,11 @@ def test_epsilon_target_is_respected_and_survives_resume(digits, tmp_path):
     target, iterations = 4.0, 6
     spec = digits.spec
 
-    def run(until: int, resume=None, callbacks=()):
+    def run(until: int, callbacks=()):
         obj = PrivateDistributionMatching(clip=0.5, epsilon=target, iterations=iterations)
         syn = PixelSet.from_noise(10, spec.image_shape, 1, generator=torch.Generator().manual_seed(0))
         ctx = _ctx(digits)
-        distill(syn, obj, ctx, DistillConfig(iterations=until, lr_images=10.0), callbacks, resume)
+        distill(syn, obj, ctx, DistillConfig(iterations=until, lr_images=10.0), callbacks)
         return obj, syn, ctx
 
     full, full_syn, ctx = run(iterations)
@@ -270,7 +270,7 @@ def test_epsilon_target_is_respected_and_survives_resume(digits, tmp_path):
 
     ckpt = tmp_path / "half.pt"
     run(iterations // 2, callbacks=[Checkpointer(ckpt, every=0)])
-    resumed, resumed_syn, _ = run(iterations, resume=ckpt)
+    resumed, resumed_syn, _ = run(iterations, callbacks=[Checkpointer(ckpt, every=0, resume=True)])
     assert resumed.ledger.history == full.ledger.history
     assert resumed.report() == full.report()
     assert torch.allclose(resumed_syn.images(), full_syn.images())

@@ -23,7 +23,7 @@ def test_a_subset_of_classes_gets_the_budget_of_those_classes(digits, digits_sam
 
 
 def test_private_sets_start_from_noise_and_never_from_real_data(digits, digits_sampler):
-    recipe = Recipe(method="dm-dp", param="addressing", objective_args={"noise_multiplier": 1.0})
+    recipe = Recipe(method="dm-dp", param="addressing", options={"noise_multiplier": 1.0})
     assert recipe.init == "noise"
     syn = recipe.init_synthetic(digits_sampler, digits.spec, torch.Generator().manual_seed(0))
     real = digits_sampler.x.flatten(1)
@@ -41,6 +41,11 @@ def test_private_sets_start_from_noise_and_never_from_real_data(digits, digits_s
         ({"ipc": 0}, "images per class must be >= 1"),
         ({"storage": "int8"}, "unknown storage"),
         ({"budget_bytes": -5}, "budget_bytes must be positive"),
+        ({"options": {"epsilon": 1.0}}, "option epsilon does not apply to method 'dm'.*belongs to dm-dp"),
+        ({"options": {"bases": 4}}, "option bases does not apply.*belongs to addressing"),
+        ({"options": {"warp": 4}}, "no registered method declares it"),
+        ({"options": {"real_per_class": 0}}, r"real-per-class=0 is outside \[1"),
+        ({"method": "gm", "options": {"distance": "l1"}}, "distance='l1' is not one of"),
     ],
 )
 def test_bad_recipes_are_refused(kwargs, message):

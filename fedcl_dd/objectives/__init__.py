@@ -1,28 +1,15 @@
-"""Matching objectives, one module each, behind one interface (:class:`Objective`)."""
+"""Matching objectives, one module each, behind one interface (:class:`Objective`).
+
+They are listed by name in :mod:`fedcl_dd.registry`.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
-from .base import MatchingContext, Objective, class_means
+from .base import REAL_PER_CLASS, MatchingContext, Objective, Plan, class_means
 from .dm import DistributionMatching
 from .dm_dp import PrivateDistributionMatching
 from .gm import GradientMatching
 from .tm import TrajectoryMatching
 
-__all__ = ["MatchingContext", "Objective", "class_means", "DistributionMatching",
-           "PrivateDistributionMatching", "GradientMatching", "TrajectoryMatching", "OBJECTIVES", "make_objective"]
-
-OBJECTIVES: dict[str, type[Objective]] = {
-    DistributionMatching.name: DistributionMatching,
-    PrivateDistributionMatching.name: PrivateDistributionMatching,
-    GradientMatching.name: GradientMatching,
-    TrajectoryMatching.name: TrajectoryMatching,
-}
-
-
-def make_objective(name: str, **kwargs: Any) -> Objective:
-    """Build an objective by its method name (``dm``, ``dm-dp``, ``gm``, ``tm``)."""
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(OBJECTIVES)}")
-    return OBJECTIVES[name](**kwargs)
+__all__ = ["MatchingContext", "Objective", "Plan", "REAL_PER_CLASS", "class_means", "DistributionMatching",
+           "PrivateDistributionMatching", "GradientMatching", "TrajectoryMatching"]

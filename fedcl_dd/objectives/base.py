@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -20,10 +21,11 @@ from torch import nn
 from ..augment import DSA, AugParams
 from ..data import DatasetSpec
 from ..models import make_model
+from ..options import Option, parse_declared
 from ..sampling import ClassSampler
 from ..synthetic import SyntheticSet
 
-__all__ = ["MatchingContext", "Objective", "DistillationDiverged", "class_means"]
+__all__ = ["MatchingContext", "Objective", "Plan", "DistillationDiverged", "class_means", "REAL_PER_CLASS"]
 
 class DistillationDiverged(RuntimeError):
     """The loss, the synthetic set or an objective's parameter became NaN/Inf (or left its valid range)."""
@@ -66,10 +68,71 @@ class MatchingContext:
         return self.augment.apply(x, params) if (self.augment is not None and params is not None) else x
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What an objective is told about the run it serves, besides its options.
+
+    ``iterations`` counts every S update the objective will be asked for over the whole run
+    (a federated client: rounds times iterations per round), which a private objective
+    plans its noise for; ``cache_dir`` holds costly artifacts such as expert trajectories.
+    """
+
+    ipc: int
+    iterations: int
+    cache_dir: Path | None = None
+
+
+# Shared by every objective that samples real batches per class: one flag, one meaning.
+REAL_PER_CLASS = Option("real_per_class", int, 256, "real images per class and iteration", low=1)
+
+
 class Objective(abc.ABC):
-    """A matching objective: what distance between real and synthetic data S is trained to close."""
+    """A matching objective: what distance between real and synthetic data S is trained to close.
+
+    Besides the loss, a subclass declares what the method *is*, once: its ``options``
+    (keyword arguments of its constructor, with types and ranges), the image learning rate
+    by images per class (``lr_by_ipc``: rows ``(from_ipc, lr)``) and momentum, how its set
+    starts (``default_init``), whether its release is differentially private (``private``:
+    it then never starts from real data), whether it trains networks, ``quick``:
+    the cheapest options that still run every code path (tests and smoke runs), and the
+    ``paper`` whose published figures it is compared with (benchmarks). The
+    registry (:mod:`fedcl_dd.registry`) derives flags and configuration keys from these.
+    """
 
     name: ClassVar[str] = ""
+    options: ClassVar[tuple[Option, ...]] = ()
+    lr_by_ipc: ClassVar[tuple[tuple[int, float], ...]] = ((1, 1.0),)
+    momentum: ClassVar[float] = 0.5
+    default_init: ClassVar[str] = "real"
+    private: ClassVar[bool] = False
+    trains_networks: ClassVar[bool] = False
+    quick: ClassVar[dict[str, Any]] = {}
+    paper: ClassVar[str] = ""  # the paper whose published figures this objective compares with
+
+    @classmethod
+    def default_lr(cls, ipc: int) -> float:
+        """The image learning rate for ``ipc`` images per class: the row at or below ``ipc``."""
+        rows = sorted(cls.lr_by_ipc)
+        return next((lr for start, lr in reversed(rows) if start <= ipc), rows[0][1])
+
+    @classmethod
+    def defaults(cls, plan: Plan) -> dict[str, Any]:
+        """Constructor arguments for ``plan`` before the user's options: the declared defaults.
+
+        A subclass adds what depends on the run (MTT's row for the images per class, the
+        number of releases a private objective plans its noise for, a cache folder).
+        """
+        return {o.name: o.default for o in cls.options if o.default is not None}
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``options`` parsed against the declarations; an undeclared one is an :class:`OptionError`."""
+        return parse_declared(f"method {cls.name!r}", cls.options, dict(options))
+
+    @classmethod
+    def build(cls, options: Mapping[str, Any], plan: Plan) -> "Objective":
+        """The objective for a run: :meth:`defaults` for ``plan``, overridden by ``options``."""
+        return cls(**{**cls.defaults(plan), **cls.check_options(options)})
 
     def setup(self, ctx: MatchingContext, syn: SyntheticSet) -> None:
         """Run once before the loop (e.g. train or load expert trajectories)."""

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..synthetic import SyntheticSet
-from .base import MatchingContext, Objective, class_means
+from .base import REAL_PER_CLASS, MatchingContext, Objective, class_means
 
 __all__ = ["DistributionMatching"]
 
@@ -30,6 +30,10 @@ class DistributionMatching(Objective):
     """DM: ``sum_c || mean_real_c(embed) - mean_syn_c(embed) ||^2`` under a random frozen network."""
 
     name = "dm"
+    options = (REAL_PER_CLASS,)
+    lr_by_ipc = ((1, 1.0), (100, 10.0))  # the DM code's image learning rates
+    quick = {"real_per_class": 16}
+    paper = "dm"
 
     def __init__(self, real_per_class: int = 256) -> None:
         if real_per_class < 1:

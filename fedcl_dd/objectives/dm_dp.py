@@ -52,6 +52,7 @@ floating-point noise has known subtleties (Mironov, CCS 2012).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,7 +60,8 @@ from torch import nn
 from ..augment import AugParams
 from ..privacy import PrivacyBudgetError, PrivacyLedger, noise_for_target
 from ..synthetic import SyntheticSet
-from .base import MatchingContext
+from ..options import Option
+from .base import REAL_PER_CLASS, MatchingContext, Plan
 from .dm import DistributionMatching
 
 __all__ = ["PrivateDistributionMatching", "ClippedEmbedding", "clip_rows"]
@@ -119,6 +121,27 @@ class PrivateDistributionMatching(DistributionMatching):
     """
 
     name = "dm-dp"
+    options = (
+        REAL_PER_CLASS,
+        Option("clip", float, 1.0, "per-record bound C on the centered embedding's L2 norm", low=0, open_low=True),
+        Option("epsilon", float, None, "target epsilon over the whole run (sigma is calibrated)", low=0, open_low=True),
+        Option("noise_multiplier", float, None, "sigma, instead of epsilon (epsilon is then reported)",
+               low=0, open_low=True),
+        Option("delta", float, 1e-5, "target delta", low=0, high=1, open_low=True),
+        Option("sample_rate", float, None, "Poisson rate q (default: real_per_class / mean class size)",
+               low=0, high=1, open_low=True),
+    )
+    # Starts from noise and matches clipped embeddings, whose gradients are far smaller than
+    # DM's: 100 worked on digits.
+    lr_by_ipc = ((1, 100.0),)
+    default_init = "noise"
+    private = True
+    quick = {"real_per_class": 16, "noise_multiplier": 1.0}
+
+    @classmethod
+    def defaults(cls, plan: Plan) -> dict[str, Any]:
+        """The declared defaults, with an ``epsilon`` target planned for ``plan.iterations`` releases."""
+        return {**super().defaults(plan), "iterations": plan.iterations if plan.iterations >= 1 else None}
 
     def __init__(
         self,

@@ -21,7 +21,8 @@ from torch import nn
 
 from ..evaluate import train_epochs
 from ..synthetic import SyntheticSet
-from .base import MatchingContext, Objective
+from ..options import Option
+from .base import REAL_PER_CLASS, MatchingContext, Objective
 
 __all__ = ["GradientMatching", "DISTANCES", "LOOPS", "loops_for_ipc", "gradient_distance"]
 
@@ -98,6 +99,19 @@ class GradientMatching(Objective):
     """
 
     name = "gm"
+    options = (
+        REAL_PER_CLASS,
+        Option("distance", str, "layerwise", "gradient distance", choices=DISTANCES),
+        Option("outer_loop", int, None, "S updates per network (default: DC's schedule by images per class)", low=1),
+        Option("inner_loop", int, None, "epochs on S between outer steps (default: DC's schedule)", low=1),
+        Option("lr_net", float, 0.01, "learning rate of the network's training on S", low=0, open_low=True),
+        Option("momentum_net", float, 0.5, "momentum of the network's training on S", low=0, high=1),
+        Option("batch_net", int, 256, "batch size of the network's training on S", low=1),
+    )
+    lr_by_ipc = ((1, 0.1),)  # DC/DSA
+    trains_networks = True
+    quick = {"real_per_class": 8, "outer_loop": 2, "inner_loop": 1}
+    paper = "dsa"  # DC with DSA, as the loop applies it
 
     def __init__(
         self,

@@ -39,8 +39,9 @@ from ..io import atomic_write
 from ..models import make_model
 from ..sampling import ClassSampler
 from ..synthetic import SyntheticSet
-from .base import DistillationDiverged, MatchingContext, Objective
 from ..evaluate import train_epochs
+from ..options import Option
+from .base import DistillationDiverged, MatchingContext, Objective, Plan
 
 __all__ = [
     "mtt_settings","TrajectoryMatching", "ExpertSegment", "train_experts", "expert_cache_key"]
@@ -204,6 +205,33 @@ class TrajectoryMatching(Objective):
     """
 
     name = "tm"
+    _MTT = "(default: MTT's row for the images per class)"
+    options = (
+        Option("syn_steps", int, None, f"student steps on S per iteration {_MTT}", low=1),
+        Option("expert_epochs", int, None, f"expert epochs the student must cover {_MTT}", low=1),
+        Option("max_start_epoch", int, None, f"latest expert epoch a segment starts at {_MTT}", low=0),
+        Option("lr_teacher", float, None, f"initial learnable student step size {_MTT}", low=0, open_low=True),
+        Option("lr_lr", float, None, f"learning rate of the step size {_MTT}", low=0, open_low=True),
+        Option("batch_syn", int, None, "synthetic images per student step (default: all)", low=1),
+        Option("constant_memory", bool, False, "TESLA's constant-memory gradient"),
+        Option("num_experts", int, 5, "expert trajectories to train", low=1),
+        Option("expert_train_epochs", int, 25, "epochs each expert trains (MTT: 50)", low=1),
+        Option("expert_lr", float, 0.01, "experts' learning rate", low=0, open_low=True),
+        Option("expert_batch", int, 256, "experts' batch size", low=1),
+        Option("expert_augment", bool, True, "train experts with DSA"),
+        Option("expert_seed", int, 0, "seed of the experts' training"),
+    )
+    lr_by_ipc = ((1, 100.0), (50, 1000.0))  # MTT's CIFAR-10 rows
+    trains_networks = True
+    quick = {"num_experts": 1, "expert_train_epochs": 2, "max_start_epoch": 0, "syn_steps": 2, "expert_epochs": 1}
+    paper = "mtt"
+
+    @classmethod
+    def defaults(cls, plan: Plan) -> dict[str, Any]:
+        """The declared defaults plus MTT's published row at or below ``plan.ipc``; experts are
+        cached under ``plan.cache_dir/experts`` when a cache folder is given."""
+        cache = {"expert_dir": plan.cache_dir / "experts"} if plan.cache_dir is not None else {}
+        return {**super().defaults(plan), **mtt_settings(plan.ipc), **cache}
 
     def __init__(
         self,

@@ -11,8 +11,9 @@ budget is fixed for the whole stream:
   space of a freshly initialized network, the space distribution matching works in);
 * :class:`AddressingBuffer` is the addressing-matrix memory of Deng & Russakovsky
   (NeurIPS 2022): shared bases plus per-class addresses. New classes add addresses;
-  the bases are re-fitted to the old memory's images and the new real data, and the
-  whole memory is distilled again against them, so the bytes never grow. At the byte
+  the bases are re-fitted to the old memory's images and the new real data (and, with
+  ``iterations`` > 0, the whole memory is then distilled against both; the default is 0),
+  so the bytes never grow. At the byte
   cost of N pixel images it replays many more than N distinct images.
 
 Both are Avalanche ``ExemplarsBuffer`` storage policies: ``buffer`` is a
@@ -33,11 +34,13 @@ from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dat
 from avalanche.training.storage_policy import ExemplarsBuffer, HerdingSelectionStrategy
 from torch.utils.data import DataLoader
 
-from fedcl_dd.augment import DSA
 from fedcl_dd.data import DatasetSpec
-from fedcl_dd.distill import DistillConfig, ProgressBar, distill
+from fedcl_dd.distill import ProgressBar
 from fedcl_dd.objectives import MatchingContext
+from fedcl_dd.parameterizations import Addressing
+from fedcl_dd.pipeline import Distillation
 from fedcl_dd.recipe import STORAGE_DTYPES, Recipe
+from fedcl_dd.registry import get_objective, get_parameterization
 from fedcl_dd.sampling import ClassSampler
 from fedcl_dd.synthetic import (
     AddressingPlan,
@@ -72,13 +75,13 @@ class CondensedBuffer(ExemplarsBuffer):
     :param spec: the stream's dataset spec (image shape, normalization, DSA strategy).
     :param num_classes: the model's output space (default ``spec.num_classes``); classes
         outside it are refused.
-    :param method: ``dm`` (default), ``gm`` or ``tm``: the core's matching objective.
+    :param method: a registered non-private objective (default ``dm``).
     :param iterations: distillation iterations per experience (default: the class's
         ``default_iterations``: 10 for pixels; 0 for the addressing memory, which the core
         then builds from principal directions and projections of the data alone, because an
         iteration over its thousands of images costs ~10 s on a CPU core and the pixel
         learning rate is far too large for bases and addresses: pass ``lr_images`` with it).
-    :param real_per_class: real images per class and iteration (dm, gm).
+    :param real_per_class: real images per class and iteration (for the methods declaring it).
     :param model: the network distillation embeds with (``convnet`` as in DM).
     :param lr_images: the distillation learning rate (default: the method's published one).
     :param downsample, bases: the addressing memory's base resolution and count (default: the core's plan).
@@ -115,12 +118,16 @@ class CondensedBuffer(ExemplarsBuffer):
         iterations = self.default_iterations if iterations is None else int(iterations)
         if iterations < 0:
             raise ValueError(f"iterations must be >= 0, got {iterations}")
-        objective_args = {"real_per_class": real_per_class} if method in ("dm", "gm") else {}
-        # The recipe validates method, storage, init and budget; ipc is set per experience.
+        if get_objective(method).private:
+            raise ValueError(f"method {method!r} is private; a rehearsal memory uses a non-private method")
+        # Each setting goes to the objective or parameterization that declares it (the others ignore it).
+        given = {"real_per_class": real_per_class, "downsample": downsample, "bases": bases}
+        declared = {o.name for o in get_objective(method).options + get_parameterization(self.param).options}
+        # The recipe validates method, storage, init, options and budget; ipc is set per experience.
         self.recipe = Recipe(
             method=method, param=self.param, budget_bytes=int(budget_bytes), storage=storage,
-            iterations=iterations, lr_images=lr_images, init="real", downsample=downsample, bases=bases,
-            objective_args=objective_args,
+            iterations=iterations, lr_images=lr_images, init="real",
+            options={k: v for k, v in given.items() if k in declared},
         )
         self.budget_bytes = int(budget_bytes)
         self.spec = spec
@@ -180,17 +187,13 @@ class CondensedBuffer(ExemplarsBuffer):
             "storage": self.recipe.storage,
         }
 
-    def _context(self, real: ClassSampler) -> MatchingContext:
-        aug = DSA(self.spec.dsa_strategy, generator=self.generator) if self.augment else None
-        return MatchingContext(real, self.spec, self.model, aug, self.generator, self.device)
-
-    def _distill(self, syn: SyntheticSet, real: ClassSampler, label: str) -> float:
-        """Run the core's loop on ``syn`` against ``real``; returns the seconds it took."""
-        if self.recipe.iterations == 0:
-            return 0.0
-        config = DistillConfig(self.recipe.iterations, self.recipe.lr, self.recipe.momentum)
-        callbacks = [ProgressBar(f"distill {label}", disable=not self.progress)]
-        return distill(syn, self.recipe.objective(), self._context(real), config, callbacks).seconds
+    def _distill(self, recipe: Recipe, real: ClassSampler, classes: list[int], label: str) -> tuple[SyntheticSet, float]:
+        """A new set for ``classes`` from ``real``, run through the core's pipeline (all draws from
+        the buffer's generator); returns it with the seconds its iterations took."""
+        run = Distillation(recipe, real, self.spec, generator=self.generator, augment=self.augment,
+                           device=self.device, classes=classes, model=self.model)
+        seconds = run.run([ProgressBar(f"distill {label}", disable=not self.progress)]).seconds
+        return run.syn, seconds
 
     def _stored(self, syn: SyntheticSet) -> SyntheticSet:
         """``syn`` as it is stored (at the storage dtype), checked against the budget by the core's validator."""
@@ -261,8 +264,7 @@ class CondensedPixelBuffer(CondensedBuffer):
     def _build(self, real: ClassSampler, new: list[int]) -> tuple[PixelSet, float]:
         ipc = pixel_ipc_for_budget(self.budget_bytes, len(self.classes) + len(new), self.spec.image_shape, self.dtype)
         recipe = dataclasses.replace(self.recipe, budget_bytes=None, ipc=ipc)
-        fresh = recipe.init_synthetic(real, self.spec, self.generator, classes=new)
-        seconds = self._distill(fresh, real, f"classes {new}")
+        fresh, seconds = self._distill(recipe, real, new, f"classes {new}")
         parts = [self._shrunk(ipc)] if self.syn is not None else []
         with torch.no_grad():
             parts.append((fresh.images().detach().cpu(), fresh.class_ids.cpu()))
@@ -276,7 +278,9 @@ class CondensedPixelBuffer(CondensedBuffer):
         assert self.syn is not None
         with torch.no_grad():
             images, ids = self.syn.images().detach().cpu(), self.syn.class_ids.cpu()
-            net = self._context(ClassSampler(images, ids, self.num_classes)).fresh_network().eval()
+            ctx = MatchingContext(ClassSampler(images, ids, self.num_classes), self.spec, self.model,
+                                  generator=self.generator, device=self.device)
+            net = ctx.fresh_network().eval()
             herding = HerdingSelectionStrategy(net, next(iter(net._modules)))
             keep = []
             for c in self.syn.classes:
@@ -311,18 +315,17 @@ class AddressingBuffer(CondensedBuffer):
 
     The number of bases is fixed by the budget (``AddressingPlan.for_budget``), so when
     classes arrive only the addresses per class shrink; the bases are re-fitted to the
-    old memory's images together with the new real data, and the memory is distilled
-    again against both.
+    old memory's images together with the new real data (distilled against both only
+    when ``iterations`` > 0; the default is 0).
     """
 
     param = "addressing"
     default_iterations = 0
 
     def _plan(self, n_classes: int) -> AddressingPlan:
-        ds = self.recipe.downsample or (2 if self.spec.image_size >= 16 else 1)
-        return AddressingPlan.for_budget(
-            self.budget_bytes, n_classes, self.spec.image_shape, self.dtype, ds, self.recipe.bases
-        )
+        parameterization = self.recipe.parameterization(self.spec)
+        assert isinstance(parameterization, Addressing)
+        return parameterization.plan(self.budget_bytes, n_classes)
 
     def check_budget(self, n_classes: int) -> None:
         self._plan(n_classes)
@@ -340,8 +343,7 @@ class AddressingBuffer(CondensedBuffer):
                 torch.cat([old_x.to(self.device), real.x]), torch.cat([old_y.to(self.device), real.y]),
                 self.num_classes, self.device,
             )
-        syn = self.recipe.init_synthetic(real, self.spec, self.generator, classes=seen)
-        seconds = self._distill(syn, real, f"classes {seen}")
+        syn, seconds = self._distill(self.recipe, real, seen, f"classes {seen}")
         return syn, seconds
 
     def resize(self, strategy: Any, new_size: int) -> None:

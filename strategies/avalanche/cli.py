@@ -38,7 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--fresh", action="store_true",
                    help="condensed buffers: train a fresh model on the buffer alone after each experience")
     c.add_argument("--buffer-epochs", type=positive_int, default=50, help="epochs on the buffer (--fresh, gdumb)")
-    c.add_argument("--method", default="dm", choices=("dm", "gm", "tm"), help="distillation objective")
+    from fedcl_dd.registry import OBJECTIVES
+
+    rehearsal = sorted(name for name, cls in OBJECTIVES.items() if not cls.private)
+    c.add_argument("--method", default="dm", choices=rehearsal, help="distillation objective")
     c.add_argument("--iterations", type=int, default=None, help="distillation iterations per experience")
     c.add_argument("--real-per-class", type=positive_int, default=None, help="real images per class and iteration")
     c.add_argument("--downsample", type=positive_int, default=None,

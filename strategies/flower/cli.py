@@ -9,27 +9,26 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedcl_dd.recipe import PARAMS, STORAGE_DTYPES
+from fedcl_dd.recipe import STORAGE_DTYPES
+from fedcl_dd.registry import OBJECTIVES, PARAMETERIZATIONS, get_objective
 
 __all__ = ["register", "simulate"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``simulate`` to the ``fedcl-dd`` command."""
-    from fedcl_dd.objectives import OBJECTIVES
-
     p = sub.add_parser("simulate", help="simulate federated rounds on Flower (Ray backend)")
     p.add_argument("--preset", default="digits-iid-4", help="<dataset>-<iid|dir<alpha>|path<k>>-<clients>")
     p.add_argument("--strategy", dest="algorithm", default="synthetic", choices=("synthetic", "fedavg", "fedprox"))
     p.add_argument("--rounds", type=int, default=None, help="default: 1 for one-shot, 3 otherwise")
     p.add_argument("--mode", default="iterative", choices=("one-shot", "iterative"))
     p.add_argument("--method", default="dm", choices=sorted(OBJECTIVES))
-    p.add_argument("--param", default="pixels", choices=PARAMS)
+    p.add_argument("--param", default="pixels", choices=sorted(PARAMETERIZATIONS))
     p.add_argument("--ipc", type=int, default=10)
     p.add_argument("--budget-bytes", type=int, default=0, help="per-client upload budget (default: from --ipc)")
     p.add_argument("--storage", default="fp32", choices=sorted(STORAGE_DTYPES))
     p.add_argument("--iterations", type=int, default=200, help="distillation iterations per client and round")
-    p.add_argument("--epsilon", type=float, default=0.0, help="dm-dp / DP-SGD: per-client epsilon over the run")
+    p.add_argument("--epsilon", type=float, default=0.0, help="per-client epsilon over the run (private distillation, or DP-SGD for fedavg)")
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--server-epochs", type=int, default=0)
@@ -61,9 +60,23 @@ def _config(args: argparse.Namespace):
         if not sep:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         values[key] = value
-    if args.epsilon > 0 and args.algorithm == "synthetic" and args.method == "dm":
-        values["method"] = "dm-dp"  # --epsilon asks for the private objective
+    if args.epsilon > 0 and args.algorithm == "synthetic":
+        values["method"] = private_variant(str(values["method"]))  # --epsilon asks for a private objective
     return FedConfig.from_mapping(values)
+
+
+def private_variant(method: str) -> str:
+    """``method`` if it is private, else the one registered private objective derived from it."""
+    base = get_objective(method)
+    if base.private:
+        return method
+    found = sorted(n for n, c in OBJECTIVES.items() if c.private and issubclass(c, base))
+    if len(found) != 1:
+        raise ValueError(
+            f"--epsilon needs a private method; {method!r} is not one and has "
+            + (f"several private variants {found}: pick one with --method" if found else "no private variant")
+        )
+    return found[0]
 
 
 def simulate(args: argparse.Namespace) -> int:

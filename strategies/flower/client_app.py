@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-import zlib
 from typing import Any
 
 import torch
@@ -26,12 +25,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from fedcl_dd.augment import DSA
 from fedcl_dd.cli import resolve_device
-from fedcl_dd.distill import DistillConfig, distill
 from fedcl_dd.evaluate import accuracy
 from fedcl_dd.models import make_model
 from fedcl_dd.objectives import MatchingContext
+from fedcl_dd.pipeline import Distillation
 from fedcl_dd.privacy import PrivacyLedger, noise_for_target
 from fedcl_dd.sampling import ClassSampler
 from fedcl_dd.scenarios.federated import ClientData, client_data
@@ -39,17 +37,13 @@ from fedcl_dd.synthetic import SyntheticSet
 
 from .config import FedConfig
 from .payload import ARRAYS, CONFIG, METRICS, load_model_arrays, synthetic_records
+from .seeding import client_seed
 
-__all__ = ["app", "client_seed", "perturbed_global"]
+__all__ = ["app", "perturbed_global"]
 
 app = ClientApp()
 
 _STATE_SET, _STATE_META, _STATE_LEDGER = "fedcl-synthetic", "fedcl-synthetic-meta", "fedcl-ledger"
-
-
-def client_seed(seed: int, server_round: int, partition_id: int) -> int:
-    """A seed for one client's work in one round: the same in every process and after a restart."""
-    return zlib.crc32(f"{seed}/{server_round}/{partition_id}".encode())
 
 
 def _setup(msg: Message, context: Context) -> tuple[FedConfig, int, ClientData, torch.device]:
@@ -107,29 +101,24 @@ def _distill(
 ) -> RecordDict:
     start = time.perf_counter()
     spec = data.spec
-    seed = client_seed(cfg.seed, server_round, pid)
-    gen = torch.Generator().manual_seed(seed)
     real = ClassSampler(data.train_x, data.train_y, spec.num_classes, device)
-    recipe = cfg.recipe()
     syn: SyntheticSet | None = None
     if cfg.mode == "iterative" and _STATE_SET in context.state:
         prev = context.state[_STATE_SET].to_torch_state_dict()
         syn = SyntheticSet.from_state(dict(prev), dict(context.state[_STATE_META]))
-    if syn is None:
-        syn = recipe.init_synthetic(real, spec, gen, classes=data.classes, info={"partition-id": pid})
-    syn = syn.to(device)
     source = None
     if cfg.mode == "iterative" and server_round > 1 and cfg.perturb >= 0:
         source = perturbed_global(_global_model(cfg, data, msg.content[ARRAYS], device), cfg.perturb)
-    ctx = MatchingContext(
-        real=real, spec=spec, model=cfg.model, augment=DSA(spec.dsa_strategy, torch.Generator().manual_seed(seed + 1)),
-        generator=gen, device=device, network_source=source,
+    run = Distillation(
+        cfg.recipe(), real, spec, seed=client_seed(cfg.seed, server_round, pid), device=device, syn=syn,
+        classes=data.classes, model=cfg.model, network_source=source, planned_iterations=cfg.planned_iterations,
+        info={"partition-id": pid},
     )
-    objective = recipe.objective()
+    syn, objective = run.syn, run.objective
     ledger_before = _stored_ledger(context)
     if cfg.private and ledger_before.steps:
         objective.load_state_dict({"ledger": ledger_before.state_dict()})
-    result = distill(syn, objective, ctx, DistillConfig(cfg.iterations, recipe.lr, recipe.momentum))
+    result = run.run()
     if cfg.mode == "iterative":
         context.state[_STATE_SET] = ArrayRecord(syn.state_tensors())
         context.state[_STATE_META] = ConfigRecord(dict(syn.metadata()))

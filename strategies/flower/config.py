@@ -4,6 +4,11 @@ One flat set of hyphenated keys, as Flower's run config (``[tool.flwr.app.config
 ``pyproject.toml``, ``flwr run . --run-config "k=v"``) and ``ConfigRecord`` carry them. The
 server sends the whole configuration with every train message, so clients need nothing
 but their ``partition-id`` / ``num-partitions`` node config (and a data root).
+
+Besides the run's own fields, every option a registered objective or parameterization
+declares is a key (``real-per-class``, ``noise-multiplier``, ``bases`` ...), at its
+declared default; where an option shares a field's name (``epsilon``, ``delta``, ``clip``:
+also DP-SGD's), the field is its value.
 """
 
 from __future__ import annotations
@@ -12,8 +17,8 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from fedcl_dd.objectives import OBJECTIVES
-from fedcl_dd.recipe import PARAMS, STORAGE_DTYPES, Recipe
+from fedcl_dd.recipe import STORAGE_DTYPES, Recipe
+from fedcl_dd.registry import OBJECTIVES, PARAMETERIZATIONS, declared_options, get_objective
 from fedcl_dd.scenarios.federated import Preset, parse_preset
 
 __all__ = ["FedConfig", "ALGORITHMS", "MODES", "POOLS"]
@@ -25,7 +30,11 @@ POOLS = ("none", "latest")
 
 @dataclass
 class FedConfig:
-    """Everything a federated run is made of. Zero means "the default" for optional numbers."""
+    """Everything a federated run is made of. Zero means "the default" for optional numbers.
+
+    ``options`` holds the objective's and parameterization's options that differ from
+    their declared defaults (by their underscored names).
+    """
 
     preset: str = "digits-iid-4"
     seed: int = 0
@@ -45,7 +54,6 @@ class FedConfig:
     storage: str = "fp32"
     iterations: int = 200
     lr_images: float = 0.0  # 0: the method's published value
-    real_per_class: int = 0  # 0: the objective's default (256)
     perturb: float = 0.05  # FedDM: networks = global weights + this relative Gaussian perturbation
     epsilon: float = 0.0  # > 0: record-level (epsilon, delta)-DP per client over the whole run
     delta: float = 1e-5
@@ -59,19 +67,21 @@ class FedConfig:
     local_lr: float = 0.01
     batch_size: int = 64
     proximal_mu: float = 0.01
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         checks = {
             "algorithm": (self.algorithm, ALGORITHMS),
             "mode": (self.mode, MODES),
             "method": (self.method, tuple(OBJECTIVES)),
-            "param": (self.param, PARAMS),
+            "param": (self.param, tuple(PARAMETERIZATIONS)),
             "storage": (self.storage, tuple(STORAGE_DTYPES)),
             "pool": (self.pool, POOLS),
         }
         for key, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ValueError(f"{key.replace('_', '-')}={value!r} is not one of {list(allowed)}")
+        self.options = _normalized(self.options)
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if self.algorithm == "synthetic" and self.mode == "one-shot" and self.rounds != 1:
@@ -82,9 +92,15 @@ class FedConfig:
             raise ValueError(f"fraction-train must lie in (0, 1], got {self.fraction_train}")
         if self.epsilon < 0 or not 0.0 < self.delta < 1.0:
             raise ValueError(f"need epsilon >= 0 and 0 < delta < 1, got epsilon={self.epsilon}, delta={self.delta}")
-        if self.algorithm == "synthetic" and (self.method == "dm-dp") != (self.epsilon > 0):
-            raise ValueError("private clients need method=dm-dp together with epsilon > 0 (and vice versa)")
+        private = sorted(n for n, c in OBJECTIVES.items() if c.private)
+        if self.algorithm == "synthetic" and get_objective(self.method).private != (self.epsilon > 0):
+            raise ValueError(
+                f"private clients need a private method ({', '.join(private)}) together with epsilon > 0, "
+                f"and epsilon > 0 needs one; got method={self.method}, epsilon={self.epsilon}"
+            )
         self.preset_obj  # a bad preset name fails here, not in a client
+        if self.algorithm == "synthetic":
+            self.recipe()  # options that do not apply to the method or are out of range fail here too
 
     @property
     def preset_obj(self) -> Preset:
@@ -105,14 +121,16 @@ class FedConfig:
         return 300 if self.mode == "one-shot" else 30
 
     def recipe(self) -> Recipe:
-        """The clients' distillation recipe. A private client's sigma is planned for the whole run."""
-        objective_args: dict[str, Any] = {}
-        if self.real_per_class > 0 and self.method != "tm":
-            objective_args["real_per_class"] = self.real_per_class
-        if self.method == "dm-dp":
-            objective_args.update(
-                clip=self.clip, delta=self.delta, epsilon=self.epsilon, iterations=self.rounds * self.iterations
+        """The clients' distillation recipe (its objective: :meth:`planned_iterations` releases)."""
+        obj, par = get_objective(self.method), PARAMETERIZATIONS[self.param]
+        mine = {o.name for o in obj.options + par.options}
+        stray = sorted(k for k in self.options if k not in mine)
+        if stray:
+            raise ValueError(
+                f"{', '.join(k.replace('_', '-') for k in stray)} do(es) not apply to method={self.method} "
+                f"with param={self.param}; its options are {sorted(k.replace('_', '-') for k in mine)}"
             )
+        shared = {name: getattr(self, name) for name in mine if name in _FIELDS}
         return Recipe(
             method=self.method,
             param=self.param,
@@ -121,8 +139,13 @@ class FedConfig:
             storage=self.storage,
             iterations=self.iterations,
             lr_images=self.lr_images or None,
-            objective_args=objective_args,
+            options={**self.options, **_from_flat(shared)},
         )
+
+    @property
+    def planned_iterations(self) -> int:
+        """Every S update of a client over the whole run, which a private objective plans its noise for."""
+        return self.rounds * self.iterations
 
     def budget_limit(self) -> int:
         """The most bytes any client may upload: the budget for a client holding every class."""
@@ -131,23 +154,58 @@ class FedConfig:
 
     # --- conversions -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Hyphenated keys, as in the run config and the ConfigRecord."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+        """Hyphenated keys, as in the run config and the ConfigRecord: the fields, then every
+        registered option (at its declared default unless set)."""
+        out = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self) if f.name != "options"}
+        for name, (opt, _) in declared_options().items():
+            if name not in _FIELDS:
+                out[opt.key] = self.options[name] if name in self.options else opt.flat_default
+        return out
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], strict: bool = True) -> "FedConfig":
         """From hyphenated (or underscored) keys; unknown keys are an error when ``strict``."""
-        known = {f.name: f for f in fields(cls)}
+        known = {f.name: f for f in fields(cls) if f.name != "options"}
+        registered = declared_options()
         kwargs: dict[str, Any] = {}
+        options: dict[str, Any] = {}
         for key, value in values.items():
             name = key.replace("-", "_")
-            if name not in known:
-                if strict:
-                    raise ValueError(f"unknown setting {key!r}; known: {sorted(k.replace('_', '-') for k in known)}")
-                continue
-            default = known[name].default
-            kwargs[name] = type(default)(value) if default is not dataclasses.MISSING else value
-        return cls(**kwargs)
+            if name in known:
+                default = known[name].default
+                kwargs[name] = type(default)(value) if default is not dataclasses.MISSING else value
+            elif name in registered:
+                opt = registered[name][0]
+                parsed = opt.from_flat(value)
+                if parsed is not None and parsed != opt.default:
+                    options[name] = parsed
+            elif strict:
+                every = sorted([k.replace("_", "-") for k in known] + [o.key for o, _ in registered.values()])
+                raise ValueError(f"unknown setting {key!r}; known: {every}")
+        return cls(**kwargs, options=options)
 
     def replace(self, **changes: Any) -> "FedConfig":
         return dataclasses.replace(self, **changes)
+
+
+_FIELDS = {f.name for f in fields(FedConfig)}
+
+
+def _from_flat(values: dict[str, Any]) -> dict[str, Any]:
+    """Run-config field values as the options of the same name (zero: unset where the default is None)."""
+    registered = declared_options()
+    return {k: registered[k][0].from_flat(v) for k, v in values.items()}
+
+
+def _normalized(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` parsed, by underscored name, without those at their declared default."""
+    registered = declared_options()
+    out = {}
+    for key, value in options.items():
+        name = key.replace("-", "_")
+        if name not in registered or name in _FIELDS:
+            raise ValueError(f"unknown option {key!r}; registered options are {sorted(registered)}")
+        parsed = registered[name][0].parse(value)
+        if parsed is not None and parsed != registered[name][0].default:
+            out[name] = parsed
+    return out
