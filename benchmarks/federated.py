@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 
 from fedcl_dd.io import write_json
+from fedcl_dd.strategies.flower.cli import private_variant
 from fedcl_dd.strategies.flower.config import FedConfig
 from fedcl_dd.strategies.flower.report import format_table, plot_runs
 from fedcl_dd.strategies.flower.simulation import simulate
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.epsilon > 0:
             values["epsilon"] = args.epsilon
             if name == "synthetic":
-                values["method"] = "dm-dp"
+                values["method"] = private_variant(str(values.get("method", "dm")))
         cfg = FedConfig.from_mapping(values)
         out = Path(args.out) / name
         start = time.perf_counter()

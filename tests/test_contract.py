@@ -86,12 +86,13 @@ def _run(method, param, digits, sampler, tmp_path, iterations, callbacks=()):
 # Pairs whose loss does not fall within 12 iterations at the declared defaults (measured;
 # left open in issue 8's note): addressing memories take the objectives' pixel learning
 # rates, and DM's loss from noise is too noisy across fresh networks to fall in 12 steps.
+# Not strict: some of them fall or not with the thread count (gm/addressing did under xdist).
 _SLOW = {("dm", "pixels"), ("dm-dp", "addressing"), ("gm", "addressing"), ("tm", "addressing")}
 
 
 @pytest.mark.parametrize(
     "method,param",
-    [pytest.param(m, p, marks=pytest.mark.xfail(strict=True, reason="known: see _SLOW")) if (m, p) in _SLOW
+    [pytest.param(m, p, marks=pytest.mark.xfail(strict=False, reason="known: see _SLOW")) if (m, p) in _SLOW
      else (m, p) for m, p in _pairs()],
 )
 def test_every_method_and_parameterization_lowers_its_loss(method, param, digits, digits_sampler, tmp_path):
