@@ -63,41 +63,73 @@ def run_one(args, ds, method: str, ipc: int, seed: int, device) -> dict:
     # The command line's method options, each given to the methods that declare it.
     declared = {o.name for o in get_objective(method).options}
     options = {k: v for k, v in options_from_args(args).items() if k in declared}
-    recipe = Recipe(method=method, ipc=ipc, param=args.param, iterations=args.iterations,
-                    lr_images=args.lr_images, options=options)
-    run = Distillation(recipe, real, spec, seed=seed, device=device, cache_dir=data_root(args.data_root))
+    recipe = Recipe(
+        method=method,
+        ipc=ipc,
+        param=args.param,
+        iterations=args.iterations,
+        lr_images=args.lr_images,
+        options=options,
+    )
+    run = Distillation(
+        recipe, real, spec, seed=seed, device=device, cache_dir=data_root(args.data_root)
+    )
     with torch.no_grad():
-        start_images, start_targets = run.syn.images().detach().clone(), run.syn.targets().detach().clone()
+        start_images, start_targets = (
+            run.syn.images().detach().clone(),
+            run.syn.targets().detach().clone(),
+        )
     callbacks: list[Callback] = [ProgressBar(f"{args.dataset} {method} ipc{ipc}")]
     if args.minutes:
         callbacks.append(TimeLimit(60 * args.minutes))
     result = run.run(callbacks)
     syn = run.syn
-    ev_kw = dict(model=args.eval_model, num_models=args.eval_models, epochs=args.eval_epochs,
-                 seed=seed + 1000, device=device)
+    ev_kw = dict(
+        model=args.eval_model,
+        num_models=args.eval_models,
+        epochs=args.eval_epochs,
+        seed=seed + 1000,
+        device=device,
+    )
     t = time.perf_counter()
     ev = evaluate(syn, ds.test_x, ds.test_y, spec, **ev_kw)
     base = evaluate((start_images, start_targets), ds.test_x, ds.test_y, spec, **ev_kw)
     return {
-        "dataset": args.dataset, "method": method, "ipc": ipc, "param": args.param, "seed": seed,
-        "iterations": result.iterations, "distill_seconds": result.seconds,
+        "dataset": args.dataset,
+        "method": method,
+        "ipc": ipc,
+        "param": args.param,
+        "seed": seed,
+        "iterations": result.iterations,
+        "distill_seconds": result.seconds,
         "seconds_per_iteration": result.seconds / max(1, result.iterations),
-        "options": options, "lr_images": recipe.lr,
-        "accuracy_mean": ev.mean, "accuracy_std": ev.std, "accuracies": ev.accuracies,
-        "start_accuracy_mean": base.mean, "start_accuracy_std": base.std,
-        "eval_seconds": (time.perf_counter() - t) / 2, "nbytes": syn.nbytes, "num_images": syn.num_images,
-        "published": published(args.dataset, method, ipc), **result.report,
+        "options": options,
+        "lr_images": recipe.lr,
+        "accuracy_mean": ev.mean,
+        "accuracy_std": ev.std,
+        "accuracies": ev.accuracies,
+        "start_accuracy_mean": base.mean,
+        "start_accuracy_std": base.std,
+        "eval_seconds": (time.perf_counter() - t) / 2,
+        "nbytes": syn.nbytes,
+        "num_images": syn.num_images,
+        "published": published(args.dataset, method, ipc),
+        **result.report,
     }
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--dataset", default="mnist")
     p.add_argument("--data-root", default=None)
     p.add_argument("--ipc", type=int, nargs="+", default=[10])
     p.add_argument("--methods", nargs="+", default=["dm"])
     p.add_argument("--param", default="pixels")
-    p.add_argument("--iterations", type=int, default=20000, help="upper bound; --minutes may stop earlier")
+    p.add_argument(
+        "--iterations", type=int, default=20000, help="upper bound; --minutes may stop earlier"
+    )
     p.add_argument("--minutes", type=float, default=None, help="distillation time limit per run")
     p.add_argument("--lr-images", type=float, default=None)
     p.add_argument("--eval-model", default="convnet")
@@ -110,21 +142,32 @@ def main() -> None:
     args = p.parse_args()
     device = resolve_device(args.device)
     ds = load_dataset(args.dataset, args.data_root)
-    rows = [run_one(args, ds, m, ipc, s, device) for ipc in args.ipc for m in args.methods for s in args.seeds]
+    rows = [
+        run_one(args, ds, m, ipc, s, device)
+        for ipc in args.ipc
+        for m in args.methods
+        for s in args.seeds
+    ]
 
-    budget = (f"{args.minutes} min" if args.minutes else f"{args.iterations} it") + \
-        f" of distillation, options {options_from_args(args) or 'default'}; eval {args.eval_models}x {args.eval_model}, " \
+    budget = (
+        (f"{args.minutes} min" if args.minutes else f"{args.iterations} it")
+        + f" of distillation, options {options_from_args(args) or 'default'}; eval {args.eval_models}x {args.eval_model}, "
         f"{args.eval_epochs} epochs; device {device}"
+    )
     print(f"\n{args.dataset} ({args.param}); budget: {budget}")
-    head = (f"{'method':7} {'ipc':>4} {'iters':>6} {'s/it':>6} {'ours %':>13} {'start (real) %':>15} "
-            f"{'published %':>11} {'bytes':>9}")
+    head = (
+        f"{'method':7} {'ipc':>4} {'iters':>6} {'s/it':>6} {'ours %':>13} {'start (real) %':>15} "
+        f"{'published %':>11} {'bytes':>9}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         pub = f"{r['published']:.1f}" if r["published"] is not None else "-"
-        print(f"{r['method']:7} {r['ipc']:4d} {r['iterations']:6d} {r['seconds_per_iteration']:6.2f} "
-              f"{100 * r['accuracy_mean']:6.2f} ± {100 * r['accuracy_std']:4.2f} "
-              f"{100 * r['start_accuracy_mean']:7.2f} ± {100 * r['start_accuracy_std']:4.2f} {pub:>11} {r['nbytes']:9d}")
+        print(
+            f"{r['method']:7} {r['ipc']:4d} {r['iterations']:6d} {r['seconds_per_iteration']:6.2f} "
+            f"{100 * r['accuracy_mean']:6.2f} ± {100 * r['accuracy_std']:4.2f} "
+            f"{100 * r['start_accuracy_mean']:7.2f} ± {100 * r['start_accuracy_std']:4.2f} {pub:>11} {r['nbytes']:9d}"
+        )
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"budget": budget, "rows": rows}, indent=2))

@@ -23,17 +23,21 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-
-from fedcl_dd.io import write_json
+from fedcl_dd.scenarios.continual import make_benchmark
 from fedcl_dd.strategies.avalanche.buffers import CondensedBuffer
 from fedcl_dd.strategies.avalanche.checkpoint import memories
 from fedcl_dd.strategies.avalanche.runner import RunConfig, run_stream
-from fedcl_dd.scenarios.continual import make_benchmark
+
+from fedcl_dd.io import write_json
 from fedcl_dd.viz import save_grid
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Measured here with Avalanche's ReplayPlugin on SplitMNIST (MLP, 1 epoch, 3 seeds): ../shared/REFERENCE.md §3.
-REFERENCES = {"ReplayPlugin, 100 images": 0.80, "ReplayPlugin, 500 images": 0.90, "GDumb, 200 images": 0.78}
+REFERENCES = {
+    "ReplayPlugin, 100 images": 0.80,
+    "ReplayPlugin, 500 images": 0.90,
+    "GDumb, 200 images": 0.78,
+}
 ROWS = (  # (buffer, fresh-model protocol)
     ("condensed-addressing", True),
     ("condensed-pixels", True),
@@ -61,16 +65,20 @@ def run_rows(base: RunConfig, seeds: list[int], rows, grids: str | None) -> list
 
             def grid(i: int, result, strategy, cfg=cfg) -> None:
                 memory = memories(strategy)[0]
-                if grids and cfg.seed == seeds[0] and i == len(benches[seed].train_stream) - 1:
-                    if isinstance(memory, CondensedBuffer) and memory.syn is not None:
-                        save_grid(memory.syn, RESULTS / f"{grids}_{buffer}{'-fresh' if fresh else ''}.png")
+                last = i == len(benches[cfg.seed].train_stream) - 1
+                keep = grids and cfg.seed == seeds[0] and last
+                if keep and isinstance(memory, CondensedBuffer) and memory.syn is not None:
+                    tag = f"{cfg.buffer}{'-fresh' if cfg.fresh else ''}"
+                    save_grid(memory.syn, RESULTS / f"{grids}_{tag}.png")
 
             runs.append(run_stream(cfg, benches[seed], on_experience=grid))
         acc, std = _mean_std([r.final_accuracy for r in runs])
         row = {
             "buffer": buffer,
             "protocol": "fresh model on buffer" if (fresh or buffer == "gdumb") else "replay mix",
-            "accuracy_after": [statistics.fmean(a) for a in zip(*(r.accuracy_after for r in runs))],
+            "accuracy_after": [
+                statistics.fmean(a) for a in zip(*(r.accuracy_after for r in runs), strict=True)
+            ],
             "final_accuracy": acc,
             "final_accuracy_std": std,
             "final_accuracies": [r.final_accuracy for r in runs],
@@ -111,7 +119,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for row in rows:
         x = range(1, len(row["accuracy_after"]) + 1)
         style = "-" if row["buffer"].startswith("condensed") else "--"
-        label = row["buffer"] + (" (fresh)" if row["protocol"].startswith("fresh") and row["buffer"] != "gdumb" else "")
+        label = row["buffer"] + (
+            " (fresh)" if row["protocol"].startswith("fresh") and row["buffer"] != "gdumb" else ""
+        )
         ax.plot(x, row["accuracy_after"], style, marker="o", label=label)
     ax.set_xlabel("experiences trained")
     ax.set_ylabel("accuracy on the whole test stream")
@@ -125,8 +135,14 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--benchmark", default="split-mnist", choices=("split-digits", "split-mnist", "split-cifar10"))
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--benchmark",
+        default="split-mnist",
+        choices=("split-digits", "split-mnist", "split-cifar10"),
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--budget-images", type=int, default=100)
     p.add_argument("--model", default="mlp")
@@ -134,43 +150,77 @@ def main() -> None:
     p.add_argument("--batch-size-mem", type=int, default=None)
     p.add_argument("--buffer-epochs", type=int, default=None)
     p.add_argument("--iterations", type=int, default=None)
-    p.add_argument("--downsample", type=int, default=None, help="addressing bases at 1/N resolution")
+    p.add_argument(
+        "--downsample", type=int, default=None, help="addressing bases at 1/N resolution"
+    )
     p.add_argument("--bases", type=int, default=None, help="addressing bases")
-    p.add_argument("--rows", nargs="+", default=None,
-                   help="only these rows: buffer names, '+fresh' for the fresh-model protocol "
-                        "(e.g. condensed-addressing+fresh gdumb replay)")
-    p.add_argument("--sweep-mix", type=int, nargs="+", default=None,
-                   help="instead of the table: condensed-addressing and replay at these memory samples per batch")
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        default=None,
+        help="only these rows: buffer names, '+fresh' for the fresh-model protocol "
+        "(e.g. condensed-addressing+fresh gdumb replay)",
+    )
+    p.add_argument(
+        "--sweep-mix",
+        type=int,
+        nargs="+",
+        default=None,
+        help="instead of the table: condensed-addressing and replay at these memory samples per batch",
+    )
     p.add_argument("--tag", default="", help="suffix of the result files")
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
-    base = RunConfig(benchmark=args.benchmark, budget_images=args.budget_images, model=args.model, epochs=args.epochs)
+    base = RunConfig(
+        benchmark=args.benchmark,
+        budget_images=args.budget_images,
+        model=args.model,
+        epochs=args.epochs,
+    )
     for name in ("batch_size_mem", "buffer_epochs", "iterations", "downsample", "bases"):
         if getattr(args, name) is not None:
             base = replace(base, **{name: getattr(args, name)})
     stem = f"continual_{args.benchmark.replace('-', '_')}{args.tag}"
     RESULTS.mkdir(exist_ok=True)
-    settings = {k: v for k, v in vars(base).items() if k not in ("buffer", "seed", "fresh", "progress")}
-    settings.update(budget_bytes=base.budget, seeds=args.seeds, torch_threads=torch.get_num_threads())
+    settings = {
+        k: v for k, v in vars(base).items() if k not in ("buffer", "seed", "fresh", "progress")
+    }
+    settings.update(
+        budget_bytes=base.budget, seeds=args.seeds, torch_threads=torch.get_num_threads()
+    )
     print(f"settings: {settings}")
     if args.sweep_mix:
         sweep = {}
         print(HEADER)
         for mix in args.sweep_mix:
-            rows = run_rows(replace(base, batch_size_mem=mix), args.seeds,
-                            [("replay", False), ("condensed-addressing", False)], None)
+            rows = run_rows(
+                replace(base, batch_size_mem=mix),
+                args.seeds,
+                [("replay", False), ("condensed-addressing", False)],
+                None,
+            )
             sweep[mix] = rows
-        write_json({"settings": settings, "sweep_batch_size_mem": sweep}, RESULTS / f"{stem}_mix.json")
+        write_json(
+            {"settings": settings, "sweep_batch_size_mem": sweep}, RESULTS / f"{stem}_mix.json"
+        )
         return
     rows = [r for r in ROWS if args.rows is None or r[0] + ("+fresh" if r[1] else "") in args.rows]
     print(HEADER)
     table = run_rows(base, args.seeds, rows, stem)
-    write_json({"settings": settings, "references": REFERENCES, "rows": table}, RESULTS / f"{stem}.json")
-    plot(table, RESULTS / f"{stem}.png", f"{args.benchmark}, {base.budget:,} B memory, {args.model}, "
-         f"{args.epochs} epoch(s), {len(args.seeds)} seeds")
-    print("references (Avalanche on SplitMNIST, MLP, 1 epoch, 3 seeds, measured here): "
-          + ", ".join(f"{k} -> {v}" for k, v in REFERENCES.items()))
+    write_json(
+        {"settings": settings, "references": REFERENCES, "rows": table}, RESULTS / f"{stem}.json"
+    )
+    plot(
+        table,
+        RESULTS / f"{stem}.png",
+        f"{args.benchmark}, {base.budget:,} B memory, {args.model}, "
+        f"{args.epochs} epoch(s), {len(args.seeds)} seeds",
+    )
+    print(
+        "references (Avalanche on SplitMNIST, MLP, 1 epoch, 3 seeds, measured here): "
+        + ", ".join(f"{k} -> {v}" for k, v in REFERENCES.items())
+    )
 
 
 if __name__ == "__main__":

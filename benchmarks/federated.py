@@ -15,6 +15,7 @@ resident set of this process and its children (Ray's workers), sampled every 0.2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import threading
@@ -22,12 +23,12 @@ import time
 from pathlib import Path
 
 import psutil
-
-from fedcl_dd.io import write_json
 from fedcl_dd.strategies.flower.cli import private_variant
 from fedcl_dd.strategies.flower.config import FedConfig
 from fedcl_dd.strategies.flower.report import format_table, plot_runs
 from fedcl_dd.strategies.flower.simulation import simulate
+
+from fedcl_dd.io import write_json
 
 
 class PeakTreeMemory:
@@ -41,14 +42,12 @@ class PeakTreeMemory:
         while not self._stop.is_set():
             total = 0
             for p in [me, *me.children(recursive=True)]:
-                try:
+                with contextlib.suppress(psutil.Error):
                     total += p.memory_info().rss
-                except psutil.Error:
-                    pass
             self.peak = max(self.peak, total / 2**20)
             time.sleep(self.interval)
 
-    def __enter__(self) -> "PeakTreeMemory":
+    def __enter__(self) -> PeakTreeMemory:
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -67,18 +66,35 @@ def reach(rows: list[dict], target: float) -> tuple[int | None, int | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--preset", default="digits-dir0.5-4")
-    p.add_argument("--strategies", nargs="+", default=["synthetic", "fedavg"], choices=["synthetic", "fedavg", "fedprox"])
+    p.add_argument(
+        "--strategies",
+        nargs="+",
+        default=["synthetic", "fedavg"],
+        choices=["synthetic", "fedavg", "fedprox"],
+    )
     p.add_argument("--rounds", type=int, default=5, help="rounds of the synthetic strategy")
     p.add_argument("--fedavg-rounds", type=int, default=20, help="rounds of FedAvg / FedProx")
-    p.add_argument("--epsilon", type=float, default=0.0, help="> 0: dm-dp clients vs DP-SGD FedAvg at this epsilon")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="shared FedConfig settings")
+    p.add_argument(
+        "--epsilon",
+        type=float,
+        default=0.0,
+        help="> 0: dm-dp clients vs DP-SGD FedAvg at this epsilon",
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="shared FedConfig settings"
+    )
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", default="benchmarks/results/federated")
-    p.add_argument("--reuse", action="store_true",
-                   help="take each strategy's rounds from <out>/<strategy>/results.json when present (even "
-                        "an interrupted run's) instead of running it again")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take each strategy's rounds from <out>/<strategy>/results.json when present (even "
+        "an interrupted run's) instead of running it again",
+    )
     args = p.parse_args(argv)
 
     shared: dict = {"preset": args.preset}
@@ -87,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         shared[key] = value
     runs, summary = {}, []
     for name in args.strategies:
-        values = dict(shared, algorithm=name, rounds=args.rounds if name == "synthetic" else args.fedavg_rounds)
+        values = dict(
+            shared,
+            algorithm=name,
+            rounds=args.rounds if name == "synthetic" else args.fedavg_rounds,
+        )
         if args.epsilon > 0:
             values["epsilon"] = args.epsilon
             if name == "synthetic":
@@ -103,31 +123,63 @@ def main(argv: list[str] | None = None) -> int:
         else:
             with PeakTreeMemory() as mem:
                 results = simulate(cfg, out, data_root=args.data_root)
-        seconds = float("nan") if args.reuse and mem.peak != mem.peak else time.perf_counter() - start
+        seconds = (
+            float("nan") if args.reuse and mem.peak != mem.peak else time.perf_counter() - start
+        )
         runs[name] = results["rounds"]
         final = results["rounds"][-1]
-        summary.append({"strategy": name, "rounds": final["round"], "final_accuracy": final["accuracy"],
-                        "upload_mb": final["upload_bytes_total"] / 1e6, "epsilon_max": final.get("epsilon_max", 0.0),
-                        "seconds": seconds, "peak_mib": mem.peak, "config": cfg.to_dict()})
-        print(f"{name}: final accuracy {final['accuracy']:.4f}, {final['upload_bytes_total'] / 1e6:.2f} MB, "
-              f"{seconds:.0f} s, peak {mem.peak:.0f} MiB", file=sys.stderr)
+        summary.append(
+            {
+                "strategy": name,
+                "rounds": final["round"],
+                "final_accuracy": final["accuracy"],
+                "upload_mb": final["upload_bytes_total"] / 1e6,
+                "epsilon_max": final.get("epsilon_max", 0.0),
+                "seconds": seconds,
+                "peak_mib": mem.peak,
+                "config": cfg.to_dict(),
+            }
+        )
+        print(
+            f"{name}: final accuracy {final['accuracy']:.4f}, {final['upload_bytes_total'] / 1e6:.2f} MB, "
+            f"{seconds:.0f} s, peak {mem.peak:.0f} MiB",
+            file=sys.stderr,
+        )
 
     print(format_table(runs))
     if "fedavg" in runs and "synthetic" in runs:
         fedavg = runs["fedavg"][-1]
         r, b = reach(runs["synthetic"], fedavg["accuracy"])
-        verdict = (f"synthetic reaches FedAvg's {len(runs['fedavg']) - 1}-round accuracy {fedavg['accuracy']:.4f} "
-                   + (f"in {r} rounds with {b / 1e6:.2f} MB = {b / fedavg['upload_bytes_total']:.3f} of FedAvg's "
-                      f"{fedavg['upload_bytes_total'] / 1e6:.2f} MB (targets: <= 5 rounds, <= 0.25)" if r else "never"))
+        verdict = (
+            f"synthetic reaches FedAvg's {len(runs['fedavg']) - 1}-round accuracy {fedavg['accuracy']:.4f} "
+            + (
+                f"in {r} rounds with {b / 1e6:.2f} MB = {b / fedavg['upload_bytes_total']:.3f} of FedAvg's "
+                f"{fedavg['upload_bytes_total'] / 1e6:.2f} MB (targets: <= 5 rounds, <= 0.25)"
+                if r
+                else "never"
+            )
+        )
         print(verdict)
-        summary.append({"comparison": verdict, "rounds_to_fedavg": r, "bytes_to_fedavg": b,
-                        "bytes_ratio": (b / fedavg["upload_bytes_total"]) if b else None})
-    print(f"{'strategy':<10}{'rounds':>7}{'final acc':>10}{'MB':>9}{'eps':>7}{'seconds':>9}{'peak MiB':>9}")
+        summary.append(
+            {
+                "comparison": verdict,
+                "rounds_to_fedavg": r,
+                "bytes_to_fedavg": b,
+                "bytes_ratio": (b / fedavg["upload_bytes_total"]) if b else None,
+            }
+        )
+    print(
+        f"{'strategy':<10}{'rounds':>7}{'final acc':>10}{'MB':>9}{'eps':>7}{'seconds':>9}{'peak MiB':>9}"
+    )
     for row in summary:
         if "strategy" in row:
-            print(f"{row['strategy']:<10}{row['rounds']:>7}{row['final_accuracy']:>10.4f}{row['upload_mb']:>9.2f}"
-                  f"{row['epsilon_max']:>7.2f}{row['seconds']:>9.0f}{row['peak_mib']:>9.0f}")
-    write_json({"preset": args.preset, "summary": summary, "rounds": runs}, Path(args.out) / "summary.json")
+            print(
+                f"{row['strategy']:<10}{row['rounds']:>7}{row['final_accuracy']:>10.4f}{row['upload_mb']:>9.2f}"
+                f"{row['epsilon_max']:>7.2f}{row['seconds']:>9.0f}{row['peak_mib']:>9.0f}"
+            )
+    write_json(
+        {"preset": args.preset, "summary": summary, "rounds": runs}, Path(args.out) / "summary.json"
+    )
     plot_runs(runs, Path(args.out) / "accuracy.png", title=args.preset)
     print(f"wrote {args.out}/summary.json and {args.out}/accuracy.png")
     return 0

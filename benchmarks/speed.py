@@ -42,6 +42,7 @@ from fedcl_dd.recipe import Recipe
 from fedcl_dd.registry import get_objective, register_objective
 from fedcl_dd.sampling import ClassSampler
 
+
 @register_objective
 class LoopedDM(DistributionMatching):
     """DM as the original code computes it: one forward pass per class and side (the reference,
@@ -100,7 +101,9 @@ def build(args: argparse.Namespace, spec: str, device: torch.device) -> tuple[Di
     ds = load_dataset(args.dataset, args.data_root)
     real = ClassSampler(ds.train_x, ds.train_y, ds.spec.num_classes, device)
     recipe = Recipe(method=name, ipc=args.ipc, param=args.param, options=options)
-    return Distillation(recipe, real, ds.spec, seed=0, device=device, cache_dir=data_root(args.data_root)), recipe
+    return Distillation(
+        recipe, real, ds.spec, seed=0, device=device, cache_dir=data_root(args.data_root)
+    ), recipe
 
 
 class _Clock(Callback):
@@ -138,14 +141,26 @@ def measure(args: argparse.Namespace, method: str) -> dict:
 
 def peak_memory(args: argparse.Namespace, method: str) -> float:
     """Peak memory of a fresh process that runs the method (MiB above its start-up)."""
-    cmd = [sys.executable, __file__, "--child", method] + _forward(args)
+    cmd = [sys.executable, __file__, "--child", method, *_forward(args)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
 
 
 def _forward(args: argparse.Namespace) -> list[str]:
-    out = ["--dataset", args.dataset, "--ipc", str(args.ipc), "--real-per-class", str(args.real_per_class),
-           "--param", args.param, "--iterations", "2", "--device", args.device]
+    out = [
+        "--dataset",
+        args.dataset,
+        "--ipc",
+        str(args.ipc),
+        "--real-per-class",
+        str(args.real_per_class),
+        "--param",
+        args.param,
+        "--iterations",
+        "2",
+        "--device",
+        args.device,
+    ]
     return out + (["--data-root", args.data_root] if args.data_root else [])
 
 
@@ -168,7 +183,9 @@ def child(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--dataset", default="mnist")
     p.add_argument("--data-root", default=None)
     p.add_argument("--ipc", type=int, default=10)
@@ -193,20 +210,32 @@ def main() -> None:
         row["achieved_tflops"] = row["flops"] / row["seconds_per_iteration"] / 1e12
         row["peak_mib"] = peak_memory(args, method)
         rows.append(row)
-    print(f"\n{args.dataset}, {args.ipc} images/class ({args.param}), {args.real_per_class} real/class, "
-          f"DSA on, device {device}, torch threads {torch.get_num_threads()}; "
-          f"reference conv rate {rate / 1e9:.1f} GFLOP/s")
+    print(
+        f"\n{args.dataset}, {args.ipc} images/class ({args.param}), {args.real_per_class} real/class, "
+        f"DSA on, device {device}, torch threads {torch.get_num_threads()}; "
+        f"reference conv rate {rate / 1e9:.1f} GFLOP/s"
+    )
     head = f"{'method':10} {'s/iter':>8} {'GFLOP':>8} {'floor s':>8} {'x floor':>8} {'TFLOP/s':>8} {'peak MiB':>9}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['method']:10} {r['seconds_per_iteration']:8.3f} {r['flops'] / 1e9:8.1f} "
-              f"{r['floor_seconds']:8.3f} {r['ratio_to_floor']:8.2f} {r['achieved_tflops']:8.3f} {r['peak_mib']:9.0f}")
+        print(
+            f"{r['method']:10} {r['seconds_per_iteration']:8.3f} {r['flops'] / 1e9:8.1f} "
+            f"{r['floor_seconds']:8.3f} {r['ratio_to_floor']:8.2f} {r['achieved_tflops']:8.3f} {r['peak_mib']:9.0f}"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"device": str(device), "conv_rate": rate, "rows": rows,
-                                               "args": {k: v for k, v in vars(args).items() if k != "child"}},
-                                              indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "device": str(device),
+                    "conv_rate": rate,
+                    "rows": rows,
+                    "args": {k: v for k, v in vars(args).items() if k != "child"},
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -34,10 +34,22 @@ def child(args: argparse.Namespace, steps: int, tesla: bool) -> float:
     device = resolve_device(args.device)
     ds = load_dataset(args.dataset, args.data_root)
     real = ClassSampler(ds.train_x, ds.train_y, ds.spec.num_classes, device)
-    recipe = Recipe(method="tm", ipc=args.ipc, iterations=2, options={
-        "syn_steps": steps, "constant_memory": tesla, "batch_syn": args.batch_syn, "num_experts": args.experts,
-        "expert_train_epochs": args.expert_epochs, "max_start_epoch": args.expert_epochs - 2})
-    run = Distillation(recipe, real, ds.spec, seed=0, device=device, cache_dir=data_root(args.data_root))
+    recipe = Recipe(
+        method="tm",
+        ipc=args.ipc,
+        iterations=2,
+        options={
+            "syn_steps": steps,
+            "constant_memory": tesla,
+            "batch_syn": args.batch_syn,
+            "num_experts": args.experts,
+            "expert_train_epochs": args.expert_epochs,
+            "max_start_epoch": args.expert_epochs - 2,
+        },
+    )
+    run = Distillation(
+        recipe, real, ds.spec, seed=0, device=device, cache_dir=data_root(args.data_root)
+    )
     run.objective.setup(run.ctx, run.syn)  # experts: trained once, then cached; not measured
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -51,7 +63,9 @@ def child(args: argparse.Namespace, steps: int, tesla: bool) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--dataset", default="mnist")
     p.add_argument("--data-root", default=None)
     p.add_argument("--ipc", type=int, default=10)
@@ -69,22 +83,47 @@ def main() -> None:
     rows = []
     for mode in ("mtt", "tesla"):
         for steps in args.steps:
-            cmd = [sys.executable, __file__, "--child", str(steps), mode, "--dataset", args.dataset,
-                   "--ipc", str(args.ipc), "--batch-syn", str(args.batch_syn), "--experts", str(args.experts),
-                   "--expert-epochs", str(args.expert_epochs), "--device", args.device]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                str(steps),
+                mode,
+                "--dataset",
+                args.dataset,
+                "--ipc",
+                str(args.ipc),
+                "--batch-syn",
+                str(args.batch_syn),
+                "--experts",
+                str(args.experts),
+                "--expert-epochs",
+                str(args.expert_epochs),
+                "--device",
+                args.device,
+            ]
             if args.data_root:
                 cmd += ["--data-root", args.data_root]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            rows.append({"mode": mode, "syn_steps": steps, "peak_mib": float(out.strip().splitlines()[-1])})
+            rows.append(
+                {"mode": mode, "syn_steps": steps, "peak_mib": float(out.strip().splitlines()[-1])}
+            )
             print(rows[-1], flush=True)
-    print(f"\n{args.dataset}, {args.ipc} images/class, batch_syn {args.batch_syn}, device {resolve_device(args.device)}")
+    print(
+        f"\n{args.dataset}, {args.ipc} images/class, batch_syn {args.batch_syn}, device {resolve_device(args.device)}"
+    )
     print(f"{'mode':6} " + " ".join(f"{s:>9}" for s in args.steps) + "   ratio last/first")
     for mode in ("mtt", "tesla"):
         peaks = [r["peak_mib"] for r in rows if r["mode"] == mode]
-        print(f"{mode:6} " + " ".join(f"{m:9.0f}" for m in peaks) + f"   {peaks[-1] / peaks[0]:.2f}x")
+        print(
+            f"{mode:6} " + " ".join(f"{m:9.0f}" for m in peaks) + f"   {peaks[-1] / peaks[0]:.2f}x"
+        )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"rows": rows, "args": {k: v for k, v in vars(args).items()
-                                                                  if k != "child"}}, indent=2))
+    Path(args.json).write_text(
+        json.dumps(
+            {"rows": rows, "args": {k: v for k, v in vars(args).items() if k != "child"}}, indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

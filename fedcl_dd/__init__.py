@@ -20,7 +20,21 @@ from .sampling import ClassSampler
 from .synthetic import SyntheticSet
 
 __all__ = [
-    "SPECS", "load_dataset", "ClassSampler", "Recipe", "Distillation", "Callback", "Checkpointer",
-    "PeriodicEvaluation", "ProgressBar", "TimeLimit", "evaluate", "SyntheticSet", "Objective", "Option",
-    "Parameterization", "register_objective", "register_parameterization",
+    "SPECS",
+    "Callback",
+    "Checkpointer",
+    "ClassSampler",
+    "Distillation",
+    "Objective",
+    "Option",
+    "Parameterization",
+    "PeriodicEvaluation",
+    "ProgressBar",
+    "Recipe",
+    "SyntheticSet",
+    "TimeLimit",
+    "evaluate",
+    "load_dataset",
+    "register_objective",
+    "register_parameterization",
 ]

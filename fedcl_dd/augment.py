@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DSA", "AugParams", "FAMILIES", "DEFAULT_STRATEGY", "NO_FLIP_STRATEGY"]
+__all__ = ["DEFAULT_STRATEGY", "DSA", "FAMILIES", "NO_FLIP_STRATEGY", "AugParams"]
 
 FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"

@@ -11,14 +11,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Sequence
 
 import torch
 
 from .data import SPECS, DatasetNotFoundError, data_root, import_data, load_dataset
-from .distill import Callback, Checkpointer, DistillationDiverged, PeriodicEvaluation, ProgressBar, TimeLimit
+from .distill import (
+    Callback,
+    Checkpointer,
+    DistillationDiverged,
+    PeriodicEvaluation,
+    ProgressBar,
+    TimeLimit,
+)
 from .evaluate import evaluate
 from .io import write_json
 from .models import MODELS
@@ -30,7 +37,7 @@ from .sampling import ClassSampler
 from .synthetic import InvalidSyntheticSet, SyntheticSet
 from .viz import save_grid
 
-__all__ = ["main", "resolve_device", "positive_int", "COMMANDS_GROUP"]
+__all__ = ["COMMANDS_GROUP", "main", "positive_int", "resolve_device"]
 
 COMMANDS_GROUP = "fedcl_dd.commands"
 
@@ -52,13 +59,19 @@ def positive_int(text: str) -> int:
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-model", default="convnet", choices=sorted(MODELS))
-    p.add_argument("--eval-epochs", type=positive_int, default=300, help="epochs per evaluated network")
+    p.add_argument(
+        "--eval-epochs", type=positive_int, default=300, help="epochs per evaluated network"
+    )
     p.add_argument("--eval-models", type=positive_int, default=3, help="networks to average over")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedcl-dd", description=__doc__)
-    parser.add_argument("--data-root", default=None, help="data folder (default: $FEDCL_DD_DATA or ~/.cache/fedcl-dd)")
+    parser.add_argument(
+        "--data-root",
+        default=None,
+        help="data folder (default: $FEDCL_DD_DATA or ~/.cache/fedcl-dd)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -70,18 +83,30 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--budget-bytes", type=int, default=None, help="byte budget (overrides --ipc)")
     d.add_argument("--storage", default="fp32", choices=sorted(STORAGE_DTYPES))
     d.add_argument("--iterations", type=int, default=1000)
-    d.add_argument("--max-minutes", type=float, default=None, help="stop distilling after this long")
-    d.add_argument("--lr-images", type=float, default=None, help="default: the method's published value")
+    d.add_argument(
+        "--max-minutes", type=float, default=None, help="stop distilling after this long"
+    )
+    d.add_argument(
+        "--lr-images", type=float, default=None, help="default: the method's published value"
+    )
     d.add_argument("--momentum", type=float, default=None, help="default: the method's")
-    d.add_argument("--init", default=None, choices=INITS, help="default: the method's (noise for private ones)")
+    d.add_argument(
+        "--init", default=None, choices=INITS, help="default: the method's (noise for private ones)"
+    )
     d.add_argument("--soft-labels", action="store_true", help="learn labels too")
-    d.add_argument("--model", default="convnet", choices=sorted(MODELS), help="network to distill with")
+    d.add_argument(
+        "--model", default="convnet", choices=sorted(MODELS), help="network to distill with"
+    )
     d.add_argument("--no-augment", action="store_true", help="distill without DSA")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<method>-...)")
+    d.add_argument(
+        "--out", default=None, help="output folder (default runs/<dataset>-<method>-...)"
+    )
     d.add_argument("--checkpoint-every", type=int, default=100)
     d.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    d.add_argument("--eval-every", type=int, default=0, help="evaluate every N iterations (watching only)")
+    d.add_argument(
+        "--eval-every", type=int, default=0, help="evaluate every N iterations (watching only)"
+    )
     d.add_argument("--no-progress", action="store_true")
     add_option_flags(d)
     _add_eval_args(d)
@@ -95,7 +120,9 @@ def _parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="manage the data root")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    imp = data_sub.add_parser("import", help="fill the data root from a folder laid out like shared/data")
+    imp = data_sub.add_parser(
+        "import", help="fill the data root from a folder laid out like shared/data"
+    )
     imp.add_argument("path")
     for ep in entry_points(group=COMMANDS_GROUP):
         ep.load()(sub)
@@ -117,23 +144,39 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         soft_labels=args.soft_labels,
         options=options_from_args(args),
     )
-    out = Path(args.out or f"runs/{args.dataset}-{args.method}-{args.param}-ipc{args.ipc}-seed{args.seed}")
+    out = Path(
+        args.out or f"runs/{args.dataset}-{args.method}-{args.param}-ipc{args.ipc}-seed{args.seed}"
+    )
     checkpoint = out / "checkpoint.pt"
     if args.resume and not checkpoint.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}; run without --resume to start")
+        raise FileNotFoundError(
+            f"--resume: no checkpoint at {checkpoint}; run without --resume to start"
+        )
     ds = load_dataset(args.dataset, args.data_root)
     spec = ds.spec
     real = ClassSampler(ds.train_x, ds.train_y, spec.num_classes, device)
     # Costly artifacts (expert trajectories) are cached beside the data, keyed by what defines them.
-    run = Distillation(recipe, real, spec, seed=args.seed, augment=not args.no_augment, model=args.model,
-                       cache_dir=data_root(args.data_root), info={"seed": args.seed})
+    run = Distillation(
+        recipe,
+        real,
+        spec,
+        seed=args.seed,
+        augment=not args.no_augment,
+        model=args.model,
+        cache_dir=data_root(args.data_root),
+        info={"seed": args.seed},
+    )
     syn = run.syn
 
     def watch(s: SyntheticSet) -> dict[str, float]:
-        r = evaluate(s, ds.test_x, ds.test_y, spec, args.eval_model, 1, args.eval_epochs, seed=args.seed)
+        r = evaluate(
+            s, ds.test_x, ds.test_y, spec, args.eval_model, 1, args.eval_epochs, seed=args.seed
+        )
         return {"test_accuracy_1net": r.mean}
 
-    callbacks: list[Callback] = [Checkpointer(checkpoint, args.checkpoint_every, resume=args.resume)]
+    callbacks: list[Callback] = [
+        Checkpointer(checkpoint, args.checkpoint_every, resume=args.resume)
+    ]
     callbacks.append(ProgressBar(f"{args.method}/{args.param}", disable=args.no_progress or None))
     if args.eval_every > 0:
         callbacks.append(PeriodicEvaluation(args.eval_every, watch))
@@ -149,8 +192,15 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     syn.save(out / "synthetic.safetensors")
     save_grid(syn, out / "grid.png")
     ev = evaluate(
-        syn, ds.test_x, ds.test_y, spec, args.eval_model, args.eval_models, args.eval_epochs,
-        seed=args.seed + 1000, device=device,
+        syn,
+        ds.test_x,
+        ds.test_y,
+        spec,
+        args.eval_model,
+        args.eval_models,
+        args.eval_epochs,
+        seed=args.seed + 1000,
+        device=device,
     )
     results = {
         "dataset": args.dataset,
@@ -191,19 +241,41 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             f"but {args.dataset} has {spec.num_classes} classes of {spec.image_shape}"
         )
     ds = load_dataset(args.dataset, args.data_root)
-    ev = evaluate(syn, ds.test_x, ds.test_y, ds.spec, args.eval_model, args.eval_models, args.eval_epochs,
-                  seed=args.seed, device=device)
+    ev = evaluate(
+        syn,
+        ds.test_x,
+        ds.test_y,
+        ds.spec,
+        args.eval_model,
+        args.eval_models,
+        args.eval_epochs,
+        seed=args.seed,
+        device=device,
+    )
     print(f"{args.file}: {ev}")
     if args.json:
-        write_json({"file": args.file, "accuracy_mean": ev.mean, "accuracy_std": ev.std,
-                     "accuracies": ev.accuracies, "eval_model": ev.model, "eval_epochs": ev.epochs,
-                     "nbytes": syn.nbytes, "num_images": syn.num_images}, Path(args.json))
+        write_json(
+            {
+                "file": args.file,
+                "accuracy_mean": ev.mean,
+                "accuracy_std": ev.std,
+                "accuracies": ev.accuracies,
+                "eval_model": ev.model,
+                "eval_epochs": ev.epochs,
+                "nbytes": syn.nbytes,
+                "num_images": syn.num_images,
+            },
+            Path(args.json),
+        )
     return 0
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
     written = import_data(args.path, args.data_root)
-    print(f"imported {len(written)} files into the data root" + ("" if written else " (already complete)"))
+    print(
+        f"imported {len(written)} files into the data root"
+        + ("" if written else " (already complete)")
+    )
     return 0
 
 

@@ -38,14 +38,14 @@ from .augment import DEFAULT_STRATEGY, NO_FLIP_STRATEGY
 from .io import atomic_write, temp_sibling
 
 __all__ = [
-    "DatasetSpec",
-    "Dataset",
     "SPECS",
-    "DatasetNotFoundError",
     "ChecksumError",
+    "Dataset",
+    "DatasetNotFoundError",
+    "DatasetSpec",
     "data_root",
-    "load_dataset",
     "import_data",
+    "load_dataset",
 ]
 
 
@@ -131,7 +131,7 @@ MNIST_FILES = (
 CIFAR_JPG = Path("cifar10-jpg")
 CIFAR_ARCHIVE = "cifar10-jpg.tar.gz"
 CIFAR_BATCHES = Path("cifar-10-batches-py")
-_CIFAR_BATCH_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+_CIFAR_BATCH_FILES = (*tuple(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
 # Written last into an extracted copy, holding the archive's SHA-256: its presence means the
 # extraction finished, its content tells whether the source archive has changed since.
 _COMPLETE_MARKER = ".complete"
@@ -219,8 +219,9 @@ def _load_mnist(root: Path, download: bool) -> Dataset:
     raw = root / MNIST_RAW
     missing = [raw / f for f in MNIST_FILES if not (raw / f).is_file()]
     if missing and not download:
-        listing = "\n".join(f"  {raw / f}" + ("   (missing)" if raw / f in missing else "")
-                            for f in MNIST_FILES)
+        listing = "\n".join(
+            f"  {raw / f}" + ("   (missing)" if raw / f in missing else "") for f in MNIST_FILES
+        )
         raise DatasetNotFoundError(
             f"MNIST not found under {root}: expected the four uncompressed idx files\n"
             f"{listing}\n{_IMPORT_HINT}"
@@ -232,8 +233,9 @@ def _load_mnist(root: Path, download: bool) -> Dataset:
     splits = [MNIST(str(root), train=train, download=download) for train in (True, False)]
     tensors = [(_normalized(spec, s.data.unsqueeze(1)), s.targets.to(torch.int64)) for s in splits]
     (train_x, train_y), (test_x, test_y) = tensors
-    return Dataset(spec, train_x, train_y, test_x, test_y,
-                   extra={"source": "mnist-idx", "root": str(root)})
+    return Dataset(
+        spec, train_x, train_y, test_x, test_y, extra={"source": "mnist-idx", "root": str(root)}
+    )
 
 
 def _load_cifar10(root: Path, download: bool) -> Dataset:
@@ -294,7 +296,10 @@ def _load_jpeg_split(
         y = np.load(y_path, allow_pickle=False)
         if (x.dtype, x.shape[1:], y.dtype, y.shape) == (np.uint8, shape, np.int64, x.shape[:1]):
             return x, y, True
-        warnings.warn(f"ignoring malformed CIFAR-10 cache in {x_path.parent}; decoding the JPEGs")
+        warnings.warn(
+            f"ignoring malformed CIFAR-10 cache in {x_path.parent}; decoding the JPEGs",
+            stacklevel=2,
+        )
 
     from torchvision.datasets import ImageFolder
 
@@ -315,7 +320,7 @@ def _load_jpeg_split(
             path.parent.mkdir(exist_ok=True)
             atomic_write(path, lambda f, a=array: np.save(f, a, allow_pickle=False))
     except OSError as err:  # a read-only data root still loads, just slowly every time
-        warnings.warn(f"could not cache decoded CIFAR-10 in {x_path.parent}: {err}")
+        warnings.warn(f"could not cache decoded CIFAR-10 in {x_path.parent}: {err}", stacklevel=2)
     return x, y, False
 
 
@@ -376,7 +381,7 @@ def _import_mnist(src: Path, dest: Path, sums: dict[str, str]) -> list[Path]:
     out_dir = dest / MNIST_RAW
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, gz in zip(MNIST_FILES, gz_files):
+    for name, gz in zip(MNIST_FILES, gz_files, strict=True):
         target = out_dir / name
         if _idx_complete(target):
             continue
@@ -479,5 +484,3 @@ def _verify(src: Path, path: Path, sums: dict[str, str]) -> str:
             "the copy is corrupt or incomplete; copy it again"
         )
     return digest
-
-

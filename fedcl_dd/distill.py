@@ -18,9 +18,10 @@ exactly where the interrupted one stopped.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -29,14 +30,14 @@ from .objectives.base import DistillationDiverged, MatchingContext, Objective
 from .synthetic import SyntheticSet
 
 __all__ = [
-    "DistillConfig",
-    "DistillState",
-    "DistillResult",
-    "DistillationDiverged",
     "Callback",
-    "ProgressBar",
-    "PeriodicEvaluation",
     "Checkpointer",
+    "DistillConfig",
+    "DistillResult",
+    "DistillState",
+    "DistillationDiverged",
+    "PeriodicEvaluation",
+    "ProgressBar",
     "TimeLimit",
     "distill",
     "make_optimizer",
@@ -143,7 +144,9 @@ class PeriodicEvaluation(Callback):
             self._log(state)
 
     def on_end(self, state: DistillState) -> None:
-        already = any(it == state.iteration for series in state.metrics.values() for it, _ in series)
+        already = any(
+            it == state.iteration for series in state.metrics.values() for it, _ in series
+        )
         if not already:
             self._log(state)
 
@@ -163,7 +166,9 @@ class Checkpointer(Callback):
         if not self.resume:
             return
         if not self.path.is_file():
-            raise FileNotFoundError(f"no checkpoint at {self.path} to resume from; start without resuming")
+            raise FileNotFoundError(
+                f"no checkpoint at {self.path} to resume from; start without resuming"
+            )
         ckpt = torch.load(self.path, map_location=state.ctx.device, weights_only=True)
         state.syn.load_state_dict(ckpt["syn"])
         state.optimizer.load_state_dict(ckpt["optimizer"])
@@ -183,7 +188,9 @@ class Checkpointer(Callback):
             "optimizer": state.optimizer.state_dict(),
             "objective": state.objective.state_dict(),
             "generator": ctx.generator.get_state(),
-            "augment_generator": ctx.augment.generator.get_state() if ctx.augment else torch.empty(0),
+            "augment_generator": ctx.augment.generator.get_state()
+            if ctx.augment
+            else torch.empty(0),
             "iteration": state.iteration,
             "losses": state.losses,
             "metrics": {k: [list(p) for p in v] for k, v in state.metrics.items()},
@@ -215,9 +222,13 @@ def _finite(params: list[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in params)
 
 
-def make_optimizer(syn: SyntheticSet, objective: Objective, config: DistillConfig) -> torch.optim.SGD:
+def make_optimizer(
+    syn: SyntheticSet, objective: Objective, config: DistillConfig
+) -> torch.optim.SGD:
     """SGD over S (labels at ``lr_labels`` when learnable) and the objective's own parameters."""
-    groups: list[dict[str, Any]] = [{"params": [p for n, p in syn.named_parameters() if n != "label_logits"]}]
+    groups: list[dict[str, Any]] = [
+        {"params": [p for n, p in syn.named_parameters() if n != "label_logits"]}
+    ]
     if syn.label_logits is not None:
         groups.append({"params": [syn.label_logits], "lr": config.lr_labels})
     groups += objective.parameter_groups()
@@ -239,7 +250,9 @@ def distill(
     objective.setup(ctx, syn)
     optimizer = make_optimizer(syn, objective, config)
     params = [p for g in optimizer.param_groups for p in g["params"]]  # S and objective parameters
-    state = DistillState(iteration=0, syn=syn, objective=objective, ctx=ctx, config=config, optimizer=optimizer)
+    state = DistillState(
+        iteration=0, syn=syn, objective=objective, ctx=ctx, config=config, optimizer=optimizer
+    )
     for cb in callbacks:
         cb.on_prepare(state)
     for cb in callbacks:
@@ -257,11 +270,17 @@ def distill(
             break
     for cb in callbacks:
         cb.on_end(state)
-    return DistillResult(state.losses, state.seconds, state.iteration, state.metrics, objective.report())
+    return DistillResult(
+        state.losses, state.seconds, state.iteration, state.metrics, objective.report()
+    )
 
 
 def _iteration(
-    it: int, syn: SyntheticSet, objective: Objective, ctx: MatchingContext, optimizer: torch.optim.Optimizer,
+    it: int,
+    syn: SyntheticSet,
+    objective: Objective,
+    ctx: MatchingContext,
+    optimizer: torch.optim.Optimizer,
     params: list[torch.Tensor],
 ) -> float:
     """One iteration: a network, then the objective's outer steps on S; returns the mean loss."""
@@ -279,9 +298,11 @@ def _iteration(
         optimizer.step()
         if not _finite(params):
             with torch.no_grad():
-                for p, g in zip(params, good):
+                for p, g in zip(params, good, strict=True):
                     p.copy_(g)
-            raise DistillationDiverged(_diverged_message(it, "synthetic set or a learned parameter", lr))
+            raise DistillationDiverged(
+                _diverged_message(it, "synthetic set or a learned parameter", lr)
+            )
         total += float(loss.detach())
         if outer < steps - 1:
             objective.update_network(ctx, net, syn)

@@ -25,7 +25,7 @@ from .data import DatasetSpec
 from .models import make_model
 from .synthetic import SyntheticSet
 
-__all__ = ["EvalResult", "train_epochs", "train_model", "accuracy", "evaluate"]
+__all__ = ["EvalResult", "accuracy", "evaluate", "train_epochs", "train_model"]
 
 
 @dataclass
@@ -162,6 +162,8 @@ def evaluate(
         gen = torch.Generator().manual_seed(seed + k)
         net = make_model(model, spec.channels, spec.num_classes, spec.image_size, gen, device)
         aug = DSA(spec.dsa_strategy, generator=gen) if augment else None
-        train_model(net, images, targets, epochs, lr=lr, batch_size=batch_size, augment=aug, generator=gen)
+        train_model(
+            net, images, targets, epochs, lr=lr, batch_size=batch_size, augment=aug, generator=gen
+        )
         accs.append(accuracy(net, test_x, test_y))
     return EvalResult(accs, model, epochs, time.perf_counter() - start)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 __all__ = ["atomic_write", "temp_sibling", "write_json"]
 

@@ -14,12 +14,12 @@ that a fresh network is reproducible without touching the global RNG.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-__all__ = ["ConvNet", "MLP", "ResNet18", "MODELS", "make_model", "init_parameters"]
+__all__ = ["MLP", "MODELS", "ConvNet", "ResNet18", "init_parameters", "make_model"]
 
 
 def init_parameters(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
@@ -138,7 +138,9 @@ class ResNet18(nn.Module):
         super().__init__()
         del image_size  # global average pooling makes the head size-independent
         self.stem = nn.Sequential(
-            nn.Conv2d(channels, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True)
+            nn.Conv2d(channels, 64, 3, padding=1, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
         )
         blocks: list[nn.Module] = []
         in_ch = 64

@@ -53,7 +53,12 @@ class Option:
         """How a flat configuration (which cannot hold None) says "unset": the type's zero, or
         -1 where zero is a valid value (e.g. MTT's ``max_start_epoch``)."""
         zero = self.type()
-        if self.type in (int, float) and self.low is not None and self.low <= 0 and not (self.low == 0 and self.open_low):
+        if (
+            self.type in (int, float)
+            and self.low is not None
+            and self.low <= 0
+            and not (self.low == 0 and self.open_low)
+        ):
             return self.type(-1)
         return zero
 
@@ -86,7 +91,9 @@ class Option:
             else:
                 out = self.type(value)
         except (TypeError, ValueError):
-            raise OptionError(f"{self.key} must be of type {self.type.__name__}, got {value!r}") from None
+            raise OptionError(
+                f"{self.key} must be of type {self.type.__name__}, got {value!r}"
+            ) from None
         if self.choices is not None and out not in self.choices:
             raise OptionError(f"{self.key}={out!r} is not one of {list(self.choices)}")
         if self.type in (int, float):
@@ -99,13 +106,25 @@ class Option:
                 raise OptionError(f"{self.key}={out} is outside {lo}{self.low}, {self.high}]")
         return out
 
-    def add_to(self, parser: argparse.ArgumentParser | argparse._ArgumentGroup, owners: str) -> None:
+    def add_to(
+        self, parser: argparse.ArgumentParser | argparse._ArgumentGroup, owners: str
+    ) -> None:
         """Add this option as a flag (default None: the method's own default) to ``parser``."""
-        text = f"{owners}: {self.help}" + ("" if self.default is None else f" (default {self.default})")
+        text = f"{owners}: {self.help}" + (
+            "" if self.default is None else f" (default {self.default})"
+        )
         if self.type is bool:
-            parser.add_argument(self.flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+            parser.add_argument(
+                self.flag, action=argparse.BooleanOptionalAction, default=None, help=text
+            )
         else:
-            parser.add_argument(self.flag, type=self._parse_arg, default=None, help=text, metavar=self.type.__name__.upper())
+            parser.add_argument(
+                self.flag,
+                type=self._parse_arg,
+                default=None,
+                help=text,
+                metavar=self.type.__name__.upper(),
+            )
 
     def _parse_arg(self, text: str) -> Any:
         # argparse shows an ArgumentTypeError's own message (a ValueError only as "invalid value").
@@ -115,7 +134,9 @@ class Option:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def parse_declared(owner: str, declared: tuple[Option, ...], values: dict[str, Any]) -> dict[str, Any]:
+def parse_declared(
+    owner: str, declared: tuple[Option, ...], values: dict[str, Any]
+) -> dict[str, Any]:
     """``values`` parsed against ``declared``; a name not declared by ``owner`` is an :class:`OptionError`.
 
     ``None`` values are dropped (they mean "the declared default").
@@ -123,5 +144,7 @@ def parse_declared(owner: str, declared: tuple[Option, ...], values: dict[str, A
     known = {o.name: o for o in declared}
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise OptionError(f"{owner} has no option {', '.join(unknown)}; its options are {sorted(known) or 'none'}")
+        raise OptionError(
+            f"{owner} has no option {', '.join(unknown)}; its options are {sorted(known) or 'none'}"
+        )
     return {k: known[k].parse(v) for k, v in values.items() if v is not None}

@@ -8,7 +8,8 @@ options (:class:`~fedcl_dd.options.Option`) and is listed by :mod:`fedcl_dd.regi
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 
@@ -17,7 +18,7 @@ from .options import Option, parse_declared
 from .sampling import ClassSampler
 from .synthetic import AddressingPlan, AddressingSet, PixelSet, SyntheticSet, pixel_ipc_for_budget
 
-__all__ = ["Parameterization", "Pixels", "Addressing", "INITS"]
+__all__ = ["INITS", "Addressing", "Parameterization", "Pixels"]
 
 INITS = ("real", "noise")
 
@@ -32,7 +33,9 @@ class Parameterization:
     name: ClassVar[str] = ""
     options: ClassVar[tuple[Option, ...]] = ()
 
-    def __init__(self, spec: DatasetSpec, dtype: torch.dtype = torch.float32, **options: Any) -> None:
+    def __init__(
+        self, spec: DatasetSpec, dtype: torch.dtype = torch.float32, **options: Any
+    ) -> None:
         self.spec, self.dtype = spec, dtype
         self.settings = {
             **{o.name: o.default for o in self.options},
@@ -83,10 +86,18 @@ class Pixels(Parameterization):
     def init(self, real, budget_bytes, classes, init, generator, info=None) -> PixelSet:
         ipc = self.ipc(budget_bytes, len(classes))
         if init == "real":
-            return PixelSet.from_real(real, ipc, classes, generator, storage_dtype=self.dtype, info=info)
+            return PixelSet.from_real(
+                real, ipc, classes, generator, storage_dtype=self.dtype, info=info
+            )
         return PixelSet.from_noise(
-            real.num_classes, self.spec.image_shape, ipc, classes, generator, real.device,
-            storage_dtype=self.dtype, info=info,
+            real.num_classes,
+            self.spec.image_shape,
+            ipc,
+            classes,
+            generator,
+            real.device,
+            storage_dtype=self.dtype,
+            info=info,
         )
 
 
@@ -95,7 +106,13 @@ class Addressing(Parameterization):
 
     name = "addressing"
     options = (
-        Option("downsample", int, None, "bases at 1/N resolution (default 2; 1 for images under 16 pixels)", low=1),
+        Option(
+            "downsample",
+            int,
+            None,
+            "bases at 1/N resolution (default 2; 1 for images under 16 pixels)",
+            low=1,
+        ),
         Option("bases", int, None, "number of shared bases (default: from the budget)", low=1),
     )
 
@@ -116,4 +133,6 @@ class Addressing(Parameterization):
         plan = self.plan(budget_bytes, len(classes))
         if init == "real":
             return AddressingSet.from_real(real, plan, classes, generator, info=info)
-        return AddressingSet.from_noise(plan, real.num_classes, classes, generator, real.device, info=info)
+        return AddressingSet.from_noise(
+            plan, real.num_classes, classes, generator, real.device, info=info
+        )

@@ -26,7 +26,7 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 
-__all__ = ["PrivacyBudgetError", "PrivacyLedger", "noise_for_target", "epsilon_for"]
+__all__ = ["PrivacyBudgetError", "PrivacyLedger", "epsilon_for", "noise_for_target"]
 
 
 class PrivacyBudgetError(ValueError):
@@ -73,7 +73,9 @@ class PrivacyLedger:
         """Record ``num_steps`` releases with noise ``noise_multiplier * C`` on Poisson rate ``sample_rate``."""
         sigma, q, n = float(noise_multiplier), float(sample_rate), int(num_steps)
         if not (sigma > 0 and math.isfinite(sigma)):
-            raise ValueError(f"noise_multiplier must be a positive finite number, got {noise_multiplier}")
+            raise ValueError(
+                f"noise_multiplier must be a positive finite number, got {noise_multiplier}"
+            )
         _check_sample_rate(q)
         if n < 0:
             raise ValueError(f"num_steps must be >= 0, got {num_steps}")
@@ -93,7 +95,9 @@ class PrivacyLedger:
         for sigma, q, n in history:
             key = (sigma, q)
             if key not in self._one_step:
-                self._one_step[key] = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=orders)
+                self._one_step[key] = rdp_analysis.compute_rdp(
+                    q=q, noise_multiplier=sigma, steps=1, orders=orders
+                )
             # compute_rdp is linear in steps (it returns the one-step curve times steps).
             total = total + self._one_step[key] * n
         return total
@@ -110,7 +114,9 @@ class PrivacyLedger:
         """Epsilon spent so far at ``delta`` (0 before any step)."""
         return self._epsilon(self.accountant.history, delta)
 
-    def projected_epsilon(self, delta: float, noise_multiplier: float, sample_rate: float, num_steps: int = 1) -> float:
+    def projected_epsilon(
+        self, delta: float, noise_multiplier: float, sample_rate: float, num_steps: int = 1
+    ) -> float:
         """Epsilon that would be spent after ``num_steps`` more steps, without recording them."""
         trial = PrivacyLedger()
         trial.accountant.history = self.history
@@ -134,13 +140,17 @@ class PrivacyLedger:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Replace the history by one saved with :meth:`state_dict` (validated)."""
         try:
-            sigmas, rates, steps = (list(state[k]) for k in ("noise_multipliers", "sample_rates", "steps"))
+            sigmas, rates, steps = (
+                list(state[k]) for k in ("noise_multipliers", "sample_rates", "steps")
+            )
         except (KeyError, TypeError) as exc:
             raise ValueError(
                 f"not a privacy ledger state: need lists 'noise_multipliers', 'sample_rates', 'steps' ({exc})"
             ) from exc
         if not len(sigmas) == len(rates) == len(steps):
-            raise ValueError(f"ledger lists differ in length: {len(sigmas)}, {len(rates)}, {len(steps)}")
+            raise ValueError(
+                f"ledger lists differ in length: {len(sigmas)}, {len(rates)}, {len(steps)}"
+            )
         if any(int(n) != n for n in steps):
             raise ValueError(f"ledger steps must be whole numbers, got {steps}")
         fresh = PrivacyLedger()
@@ -156,7 +166,9 @@ def epsilon_for(noise_multiplier: float, sample_rate: float, steps: int, delta: 
     return ledger.epsilon(delta)
 
 
-def noise_for_target(target_epsilon: float, target_delta: float, sample_rate: float, steps: int) -> float:
+def noise_for_target(
+    target_epsilon: float, target_delta: float, sample_rate: float, steps: int
+) -> float:
     """The noise multiplier that keeps ``steps`` steps at rate ``sample_rate`` within (epsilon, delta).
 
     Uses Opacus's binary search (``get_noise_multiplier``) with the RDP accountant, to within
@@ -165,7 +177,9 @@ def noise_for_target(target_epsilon: float, target_delta: float, sample_rate: fl
     delta=1e-5, the floor of the RDP-to-DP conversion over Opacus's orders, up to 63).
     """
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
-        raise PrivacyBudgetError(f"target epsilon must be a positive finite number, got {target_epsilon}")
+        raise PrivacyBudgetError(
+            f"target epsilon must be a positive finite number, got {target_epsilon}"
+        )
     _check_delta(target_delta)
     _check_sample_rate(sample_rate)
     if int(steps) != steps or steps < 1:

@@ -21,7 +21,7 @@ from .registry import get_objective, get_parameterization, split_options
 from .sampling import ClassSampler
 from .synthetic import SyntheticSet, bytes_per_image
 
-__all__ = ["Recipe", "STORAGE_DTYPES"]
+__all__ = ["STORAGE_DTYPES", "Recipe"]
 
 STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -54,7 +54,9 @@ class Recipe:
         cls = get_objective(self.method)
         get_parameterization(self.param)
         if self.storage not in STORAGE_DTYPES:
-            raise ValueError(f"unknown storage {self.storage!r}; choose one of {sorted(STORAGE_DTYPES)}")
+            raise ValueError(
+                f"unknown storage {self.storage!r}; choose one of {sorted(STORAGE_DTYPES)}"
+            )
         if self.ipc < 1:
             raise ValueError(f"images per class must be >= 1, got {self.ipc}")
         if self.iterations < 0:
@@ -72,7 +74,9 @@ class Recipe:
             )
         if self.momentum is None:
             self.momentum = cls.momentum
-        self.objective_options, self.param_options = split_options(self.method, self.param, self.options)
+        self.objective_options, self.param_options = split_options(
+            self.method, self.param, self.options
+        )
 
     @property
     def objective_class(self) -> type[Objective]:
@@ -85,7 +89,11 @@ class Recipe:
     @property
     def lr(self) -> float:
         """The image learning rate: as given, else the method's published default for ``ipc``."""
-        return self.lr_images if self.lr_images is not None else self.objective_class.default_lr(self.ipc)
+        return (
+            self.lr_images
+            if self.lr_images is not None
+            else self.objective_class.default_lr(self.ipc)
+        )
 
     def parameterization(self, spec: DatasetSpec) -> Parameterization:
         """The parameterization for ``spec`` at the storage dtype, with its options."""
@@ -124,7 +132,9 @@ class Recipe:
             syn.make_labels_learnable()
         return syn
 
-    def objective(self, planned_iterations: int | None = None, cache_dir: str | Path | None = None) -> Objective:
+    def objective(
+        self, planned_iterations: int | None = None, cache_dir: str | Path | None = None
+    ) -> Objective:
         """The matching objective with the recipe's options.
 
         ``planned_iterations`` (default ``iterations``) counts every S update of the whole

@@ -18,23 +18,30 @@ the flags, keys and checks below are computed from the registered declarations.
 from __future__ import annotations
 
 import argparse
-from typing import Any, Mapping, TypeVar
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
-from .objectives import DistributionMatching, GradientMatching, Objective, PrivateDistributionMatching, TrajectoryMatching
+from .objectives import (
+    DistributionMatching,
+    GradientMatching,
+    Objective,
+    PrivateDistributionMatching,
+    TrajectoryMatching,
+)
 from .options import Option, OptionError
 from .parameterizations import Addressing, Parameterization, Pixels
 
 __all__ = [
     "OBJECTIVES",
     "PARAMETERIZATIONS",
-    "register_objective",
-    "register_parameterization",
+    "add_option_flags",
+    "declared_options",
     "get_objective",
     "get_parameterization",
-    "declared_options",
-    "split_options",
-    "add_option_flags",
     "options_from_args",
+    "register_objective",
+    "register_parameterization",
+    "split_options",
 ]
 
 OBJECTIVES: dict[str, type[Objective]] = {}
@@ -46,9 +53,13 @@ _T = TypeVar("_T", bound=type)
 def _register(table: dict[str, Any], kind: str, cls: _T) -> _T:
     name = getattr(cls, "name", "")
     if not name:
-        raise ValueError(f"{cls.__name__} needs a class attribute 'name' to be registered as a {kind}")
+        raise ValueError(
+            f"{cls.__name__} needs a class attribute 'name' to be registered as a {kind}"
+        )
     if name in table and table[name] is not cls:
-        raise ValueError(f"a {kind} named {name!r} is registered already ({table[name].__qualname__})")
+        raise ValueError(
+            f"a {kind} named {name!r} is registered already ({table[name].__qualname__})"
+        )
     owners = declared_options()
     for opt in cls.options:
         known = owners.get(opt.name)
@@ -81,7 +92,9 @@ def get_objective(name: str) -> type[Objective]:
 def get_parameterization(name: str) -> type[Parameterization]:
     """The parameterization registered as ``name``; ``ValueError`` lists the known ones."""
     if name not in PARAMETERIZATIONS:
-        raise ValueError(f"unknown parameterization {name!r}; choose one of {sorted(PARAMETERIZATIONS)}")
+        raise ValueError(
+            f"unknown parameterization {name!r}; choose one of {sorted(PARAMETERIZATIONS)}"
+        )
     return PARAMETERIZATIONS[name]
 
 
@@ -95,7 +108,9 @@ def declared_options() -> dict[str, tuple[Option, list[str]]]:
     return out
 
 
-def split_options(method: str, param: str, options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def split_options(
+    method: str, param: str, options: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """``options`` (unset ones are ``None``) split into the objective's and the parameterization's,
     each parsed; a set option neither declares is an :class:`OptionError` naming who declares it."""
     obj, par = get_objective(method), get_parameterization(param)
@@ -118,17 +133,28 @@ def split_options(method: str, param: str, options: Mapping[str, Any]) -> tuple[
 
 def add_option_flags(parser: argparse.ArgumentParser, title: str = "method options") -> None:
     """One flag per registered option (default: unset, i.e. the method's own default)."""
-    group = parser.add_argument_group(title, "each applies to the methods/parameterizations named in its help")
+    group = parser.add_argument_group(
+        title, "each applies to the methods/parameterizations named in its help"
+    )
     for opt, owners in declared_options().values():
         opt.add_to(group, "/".join(owners))
 
 
 def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The registered options set on the command line (what :func:`add_option_flags` added)."""
-    return {name: getattr(args, name) for name in declared_options() if getattr(args, name, None) is not None}
+    return {
+        name: getattr(args, name)
+        for name in declared_options()
+        if getattr(args, name, None) is not None
+    }
 
 
-for _objective in (DistributionMatching, PrivateDistributionMatching, GradientMatching, TrajectoryMatching):
+for _objective in (
+    DistributionMatching,
+    PrivateDistributionMatching,
+    GradientMatching,
+    TrajectoryMatching,
+):
     register_objective(_objective)
 for _param in (Pixels, Addressing):
     register_parameterization(_param)

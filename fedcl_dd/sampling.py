@@ -24,7 +24,9 @@ class ClassSampler:
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"{x.shape[0]} images but {y.shape[0]} labels")
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-            raise ValueError(f"labels must lie in [0, {num_classes}); got {int(y.min())}..{int(y.max())}")
+            raise ValueError(
+                f"labels must lie in [0, {num_classes}); got {int(y.min())}..{int(y.max())}"
+            )
         device = torch.device(device) if device is not None else x.device
         self.x = x.to(device)
         self.y = y.to(device)

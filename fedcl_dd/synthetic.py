@@ -40,11 +40,11 @@ from .sampling import ClassSampler
 
 __all__ = [
     "FORMAT",
-    "InvalidSyntheticSet",
-    "SyntheticSet",
-    "PixelSet",
-    "AddressingSet",
     "AddressingPlan",
+    "AddressingSet",
+    "InvalidSyntheticSet",
+    "PixelSet",
+    "SyntheticSet",
     "bytes_per_image",
     "pixel_ipc_for_budget",
 ]
@@ -77,7 +77,10 @@ def bytes_per_image(image_shape: tuple[int, int, int], dtype: torch.dtype = torc
 
 
 def pixel_ipc_for_budget(
-    budget_bytes: int, num_classes: int, image_shape: tuple[int, int, int], dtype: torch.dtype = torch.float32
+    budget_bytes: int,
+    num_classes: int,
+    image_shape: tuple[int, int, int],
+    dtype: torch.dtype = torch.float32,
 ) -> int:
     """Images per class a :class:`PixelSet` of ``num_classes`` classes can hold within ``budget_bytes``."""
     per_class = bytes_per_image(image_shape, dtype) * num_classes
@@ -100,7 +103,7 @@ class SyntheticSet(nn.Module):
     """
 
     kind: ClassVar[str] = ""
-    _registry: ClassVar[dict[str, type["SyntheticSet"]]] = {}
+    _registry: ClassVar[dict[str, type[SyntheticSet]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -186,7 +189,9 @@ class SyntheticSet(nn.Module):
             t = t.detach().cpu()
             out[key] = (t.to(self.storage_dtype) if t.is_floating_point() else t).contiguous()
         if self.label_logits is not None:
-            out["label_logits"] = self.label_logits.detach().cpu().to(self.storage_dtype).contiguous()
+            out["label_logits"] = (
+                self.label_logits.detach().cpu().to(self.storage_dtype).contiguous()
+            )
         return out
 
     @property
@@ -220,7 +225,7 @@ class SyntheticSet(nn.Module):
         metadata: dict[str, str],
         max_bytes: int | None = None,
         max_images: int | None = None,
-    ) -> "SyntheticSet":
+    ) -> SyntheticSet:
         """Rebuild and validate a set from stored tensors and metadata.
 
         Raises :class:`InvalidSyntheticSet` naming the first problem found: unknown format
@@ -234,7 +239,9 @@ class SyntheticSet(nn.Module):
         kind = metadata.get("kind")
         cls = SyntheticSet._registry.get(kind or "")
         if cls is None:
-            raise InvalidSyntheticSet(f"unknown kind {kind!r}; known: {sorted(SyntheticSet._registry)}")
+            raise InvalidSyntheticSet(
+                f"unknown kind {kind!r}; known: {sorted(SyntheticSet._registry)}"
+            )
         try:
             num_classes = int(metadata["num_classes"])
             image_shape = tuple(int(s) for s in json.loads(metadata["image_shape"]))
@@ -242,9 +249,13 @@ class SyntheticSet(nn.Module):
             label_mode = metadata["label_mode"]
             info = json.loads(metadata.get("info", "{}"))
         except (KeyError, ValueError, TypeError) as exc:
-            raise InvalidSyntheticSet(f"malformed metadata ({exc!r}); was the file written by fedcl-dd?") from exc
+            raise InvalidSyntheticSet(
+                f"malformed metadata ({exc!r}); was the file written by fedcl-dd?"
+            ) from exc
         if num_classes < 1 or len(image_shape) != 3 or min(image_shape) < 1:
-            raise InvalidSyntheticSet(f"bad shape metadata: num_classes={num_classes}, image_shape={image_shape}")
+            raise InvalidSyntheticSet(
+                f"bad shape metadata: num_classes={num_classes}, image_shape={image_shape}"
+            )
         if label_mode not in ("hard", "soft"):
             raise InvalidSyntheticSet(f"label_mode must be 'hard' or 'soft', got {label_mode!r}")
         for key, t in tensors.items():
@@ -252,7 +263,9 @@ class SyntheticSet(nn.Module):
                 raise InvalidSyntheticSet(f"tensor {key!r} is a {type(t).__name__}, not a tensor")
             if t.is_floating_point():
                 if t.dtype not in _FLOAT_DTYPES.values():
-                    raise InvalidSyntheticSet(f"tensor {key!r} has dtype {t.dtype}; expected float32 or float16")
+                    raise InvalidSyntheticSet(
+                        f"tensor {key!r} has dtype {t.dtype}; expected float32 or float16"
+                    )
                 if not torch.isfinite(t).all():
                     raise InvalidSyntheticSet(f"tensor {key!r} holds NaN or Inf values")
         expected = set(cls._payload_keys()) | ({"label_logits"} if label_mode == "soft" else set())
@@ -261,7 +274,9 @@ class SyntheticSet(nn.Module):
             raise InvalidSyntheticSet(
                 f"{kind} set needs tensors {sorted(expected)}; missing {sorted(missing)}, unexpected {sorted(extra)}"
             )
-        extra_meta = {k: json.loads(metadata[k]) for k in cls._extra_metadata_keys() if k in metadata}
+        extra_meta = {
+            k: json.loads(metadata[k]) for k in cls._extra_metadata_keys() if k in metadata
+        }
         syn = cls._from_payload(tensors, num_classes, image_shape, storage, info, extra_meta)
         if label_mode == "soft":
             logits = tensors["label_logits"]
@@ -285,11 +300,13 @@ class SyntheticSet(nn.Module):
         return ()
 
     @classmethod
-    def _from_payload(cls, tensors, num_classes, image_shape, storage, info, extra_meta) -> "SyntheticSet":
+    def _from_payload(
+        cls, tensors, num_classes, image_shape, storage, info, extra_meta
+    ) -> SyntheticSet:
         raise NotImplementedError
 
     @staticmethod
-    def load(path: str | Path, **limits: int) -> "SyntheticSet":
+    def load(path: str | Path, **limits: int) -> SyntheticSet:
         """Load a set saved by :meth:`save` (safetensors only; nothing is unpickled)."""
         path = Path(path)
         if not path.is_file():
@@ -306,10 +323,11 @@ class SyntheticSet(nn.Module):
             raise InvalidSyntheticSet(f"{path}: {exc}") from exc
 
 
-
 def _check_labels(labels: torch.Tensor, num_classes: int, key: str) -> torch.Tensor:
     if labels.is_floating_point() or labels.dim() != 1:
-        raise InvalidSyntheticSet(f"{key!r} must be a 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}")
+        raise InvalidSyntheticSet(
+            f"{key!r} must be a 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}"
+        )
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise InvalidSyntheticSet(
             f"{key!r} holds classes {int(labels.min())}..{int(labels.max())}, outside [0, {num_classes})"
@@ -332,7 +350,9 @@ class PixelSet(SyntheticSet):
     ) -> None:
         super().__init__(num_classes, tuple(images.shape[1:]), storage_dtype, info)
         if images.dim() != 4 or images.shape[0] != labels.shape[0]:
-            raise ValueError(f"images {tuple(images.shape)} and labels {tuple(labels.shape)} do not match")
+            raise ValueError(
+                f"images {tuple(images.shape)} and labels {tuple(labels.shape)} do not match"
+            )
         labels = _check_labels(labels, num_classes, "labels")
         self.pixels = nn.Parameter(images.detach().clone().float())
         self.register_buffer("labels", labels.clone().to(images.device))
@@ -352,9 +372,15 @@ class PixelSet(SyntheticSet):
         return ("images", "labels")
 
     @classmethod
-    def _from_payload(cls, tensors, num_classes, image_shape, storage, info, extra_meta) -> "PixelSet":
+    def _from_payload(
+        cls, tensors, num_classes, image_shape, storage, info, extra_meta
+    ) -> PixelSet:
         images = tensors["images"]
-        if not images.is_floating_point() or tuple(images.shape[1:]) != image_shape or images.dim() != 4:
+        if (
+            not images.is_floating_point()
+            or tuple(images.shape[1:]) != image_shape
+            or images.dim() != 4
+        ):
             raise InvalidSyntheticSet(
                 f"'images' must be float (N, {', '.join(map(str, image_shape))}), got {images.dtype} {tuple(images.shape)}"
             )
@@ -371,12 +397,14 @@ class PixelSet(SyntheticSet):
         classes: list[int] | None = None,
         generator: torch.Generator | None = None,
         **kwargs: Any,
-    ) -> "PixelSet":
+    ) -> PixelSet:
         """Initialize from randomly chosen real images (``ipc`` per class, or a per-class dict)."""
         per_class = _per_class(ipc, classes if classes is not None else sampler.classes)
         images = [sampler.sample(c, n, generator) for c, n in per_class.items()]
         labels = [torch.full((n,), c, dtype=torch.long) for c, n in per_class.items()]
-        return cls(torch.cat(images), torch.cat(labels).to(sampler.device), sampler.num_classes, **kwargs)
+        return cls(
+            torch.cat(images), torch.cat(labels).to(sampler.device), sampler.num_classes, **kwargs
+        )
 
     @classmethod
     def from_noise(
@@ -388,7 +416,7 @@ class PixelSet(SyntheticSet):
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         **kwargs: Any,
-    ) -> "PixelSet":
+    ) -> PixelSet:
         """Initialize from standard Gaussian noise (the DC paper's start)."""
         per_class = _per_class(ipc, classes if classes is not None else list(range(num_classes)))
         total = sum(per_class.values())
@@ -423,7 +451,9 @@ class AddressingPlan:
 
     @property
     def nbytes(self) -> int:
-        floats = self.bases * math.prod(self.base_shape) + self.per_class * self.num_classes * self.bases
+        floats = (
+            self.bases * math.prod(self.base_shape) + self.per_class * self.num_classes * self.bases
+        )
         return floats * _itemsize(self.storage_dtype) + self.num_classes * _itemsize(LABEL_DTYPE)
 
     @staticmethod
@@ -435,7 +465,7 @@ class AddressingPlan:
         downsample: int = 2,
         bases: int | None = None,
         bases_fraction: float = 0.4,
-    ) -> "AddressingPlan":
+    ) -> AddressingPlan:
         """Size a memory for ``budget_bytes``: r = (floats - K*base) / (classes*K), as in the paper.
 
         With ``bases=None``, K spends about ``bases_fraction`` of the budget on bases (the
@@ -445,7 +475,9 @@ class AddressingPlan:
         """
         c, h, w = image_shape
         if downsample < 1 or h % downsample or w % downsample:
-            raise ValueError(f"downsample {downsample} must be >= 1 and divide the image size {h}x{w}")
+            raise ValueError(
+                f"downsample {downsample} must be >= 1 and divide the image size {h}x{w}"
+            )
         item = _itemsize(storage_dtype)
         base_numel = c * (h // downsample) * (w // downsample)
         floats = (int(budget_bytes) - num_classes * _itemsize(LABEL_DTYPE)) // item
@@ -453,13 +485,17 @@ class AddressingPlan:
             bases = max(1, min(base_numel // 4, int(bases_fraction * floats) // base_numel))
         per_class = (floats - bases * base_numel) // (num_classes * bases) if floats > 0 else 0
         if per_class < 1:
-            need = (bases * base_numel + num_classes * bases) * item + num_classes * _itemsize(LABEL_DTYPE)
+            need = (bases * base_numel + num_classes * bases) * item + num_classes * _itemsize(
+                LABEL_DTYPE
+            )
             raise ValueError(
                 f"a budget of {budget_bytes} bytes is too small for an addressing memory with one image "
                 f"per class: {bases} bases of {base_numel} floats for {num_classes} classes need {need} "
                 f"bytes; raise the budget, lower the number of bases or raise the downsample factor"
             )
-        return AddressingPlan(bases, int(per_class), downsample, num_classes, tuple(image_shape), storage_dtype)
+        return AddressingPlan(
+            bases, int(per_class), downsample, num_classes, tuple(image_shape), storage_dtype
+        )
 
 
 class AddressingSet(SyntheticSet):
@@ -521,7 +557,11 @@ class AddressingSet(SyntheticSet):
         return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
 
     def _payload(self) -> dict[str, torch.Tensor]:
-        return {"bases": self.bases, "addresses": self.addresses, "classes": self.held.to(LABEL_DTYPE)}
+        return {
+            "bases": self.bases,
+            "addresses": self.addresses,
+            "classes": self.held.to(LABEL_DTYPE),
+        }
 
     def _extra_metadata(self) -> dict[str, Any]:
         return {"downsample": self.downsample}
@@ -535,7 +575,9 @@ class AddressingSet(SyntheticSet):
         return ("downsample",)
 
     @classmethod
-    def _from_payload(cls, tensors, num_classes, image_shape, storage, info, extra_meta) -> "AddressingSet":
+    def _from_payload(
+        cls, tensors, num_classes, image_shape, storage, info, extra_meta
+    ) -> AddressingSet:
         classes = _check_labels(tensors["classes"], num_classes, "classes")
         bases, addresses = tensors["bases"], tensors["addresses"]
         if not (bases.is_floating_point() and addresses.is_floating_point()):
@@ -563,7 +605,7 @@ class AddressingSet(SyntheticSet):
         generator: torch.Generator | None = None,
         fit_samples: int = 2000,
         **kwargs: Any,
-    ) -> "AddressingSet":
+    ) -> AddressingSet:
         """Start from real data: bases = top-K principal directions of downsampled real images,
         and each address row = the coefficients of one random real image of its class.
 
@@ -583,8 +625,16 @@ class AddressingSet(SyntheticSet):
             rows.append(x @ project)  # (r, K)
         addresses = torch.stack(rows, dim=1)  # (r, n, K)
         held = torch.tensor(classes, dtype=torch.long, device=flat.device)
-        return cls(bases, addresses, held, sampler.num_classes, plan.image_shape, ds, plan.storage_dtype, **kwargs)
-
+        return cls(
+            bases,
+            addresses,
+            held,
+            sampler.num_classes,
+            plan.image_shape,
+            ds,
+            plan.storage_dtype,
+            **kwargs,
+        )
 
     @classmethod
     def from_noise(
@@ -595,18 +645,26 @@ class AddressingSet(SyntheticSet):
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         **kwargs: Any,
-    ) -> "AddressingSet":
+    ) -> AddressingSet:
         """Start from noise (``num_classes`` is the size of the label space): random unit bases and Gaussian addresses scaled so that images have
         about unit variance per pixel, like normalized data. Touches no real data (private use)."""
         base_numel = math.prod(plan.base_shape)
         bases = torch.randn(plan.bases, base_numel, generator=generator)
         bases = bases / bases.norm(dim=1, keepdim=True)
         scale = math.sqrt(base_numel / plan.bases)
-        addresses = torch.randn(plan.per_class, len(classes), plan.bases, generator=generator) * scale
+        addresses = (
+            torch.randn(plan.per_class, len(classes), plan.bases, generator=generator) * scale
+        )
         held = torch.tensor(classes, dtype=torch.long)
         return cls(
-            bases.to(device), addresses.to(device), held.to(device), num_classes, plan.image_shape,
-            plan.downsample, plan.storage_dtype, **kwargs,
+            bases.to(device),
+            addresses.to(device),
+            held.to(device),
+            num_classes,
+            plan.image_shape,
+            plan.downsample,
+            plan.storage_dtype,
+            **kwargs,
         )
 
 
@@ -614,7 +672,9 @@ def _downsample(x: torch.Tensor, ds: int) -> torch.Tensor:
     return F.avg_pool2d(x, ds) if ds > 1 else x
 
 
-def _principal_directions(flat: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
+def _principal_directions(
+    flat: torch.Tensor, k: int, generator: torch.Generator | None
+) -> torch.Tensor:
     """The top-``k`` right singular vectors of ``flat`` (uncentred, so the mean image is covered),
     completed with random unit directions when the data has fewer than ``k``."""
     _, _, vh = torch.linalg.svd(flat.float(), full_matrices=False)

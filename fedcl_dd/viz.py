@@ -43,6 +43,8 @@ def save_grid(syn: SyntheticSet, path: str | Path, per_class: int = 10) -> Path:
     # Tiny images (8x8 digits) are unreadable at one pixel per pixel: scale them up.
     scale = max(1, 64 // syn.image_shape[1])
     if scale > 1:
-        grid = torch.nn.functional.interpolate(grid.unsqueeze(0), scale_factor=scale, mode="nearest")[0]
+        grid = torch.nn.functional.interpolate(
+            grid.unsqueeze(0), scale_factor=scale, mode="nearest"
+        )[0]
     save_image(grid, str(path))
     return path

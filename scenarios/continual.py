@@ -35,7 +35,7 @@ from fedcl_dd.data import (
 )
 from fedcl_dd.io import atomic_write
 
-__all__ = ["BENCHMARKS", "ContinualBenchmark", "class_order", "prepare_mnist_raw", "make_benchmark"]
+__all__ = ["BENCHMARKS", "ContinualBenchmark", "class_order", "make_benchmark", "prepare_mnist_raw"]
 
 BENCHMARKS = {"split-digits": "digits", "split-mnist": "mnist", "split-cifar10": "cifar10"}
 
@@ -78,6 +78,7 @@ def prepare_mnist_raw(root: str | Path | None = None) -> Path:
         if target.is_file():
             continue
         if packed.is_file():
+
             def unpack(f, packed: Path = packed) -> None:
                 with gzip.open(packed, "rb") as src:
                     shutil.copyfileobj(src, f)
@@ -120,7 +121,10 @@ def make_benchmark(
         from torch.utils.data import TensorDataset
 
         data = load_dataset("digits")
-        train, test = TensorDataset(data.train_x, data.train_y), TensorDataset(data.test_x, data.test_y)
+        train, test = (
+            TensorDataset(data.train_x, data.train_y),
+            TensorDataset(data.test_x, data.test_y),
+        )
         train.targets, test.targets = data.train_y.tolist(), data.test_y.tolist()
         scenario = nc_benchmark(train, test, n_experiences, task_labels=False, **common)
     elif name == "split-mnist":
@@ -128,8 +132,11 @@ def make_benchmark(
 
         transform = _normalize_transform(spec, to_tensor=False)
         scenario = SplitMNIST(
-            n_experiences, dataset_root=prepare_mnist_raw(root), train_transform=transform,
-            eval_transform=transform, **common,
+            n_experiences,
+            dataset_root=prepare_mnist_raw(root),
+            train_transform=transform,
+            eval_transform=transform,
+            **common,
         )
     else:
         from torchvision.datasets import ImageFolder
@@ -142,10 +149,17 @@ def make_benchmark(
             )
         train, test = ImageFolder(str(jpg / "train")), ImageFolder(str(jpg / "test"))
         if tuple(train.classes) != spec.class_names:
-            raise ValueError(f"{jpg / 'train'} has class folders {train.classes}; expected {list(spec.class_names)}")
+            raise ValueError(
+                f"{jpg / 'train'} has class folders {train.classes}; expected {list(spec.class_names)}"
+            )
         transform = _normalize_transform(spec, to_tensor=True)
         scenario = nc_benchmark(
-            train, test, n_experiences, task_labels=False, train_transform=transform,
-            eval_transform=transform, **common,
+            train,
+            test,
+            n_experiences,
+            task_labels=False,
+            train_transform=transform,
+            eval_transform=transform,
+            **common,
         )
     return ContinualBenchmark(name, spec, scenario, order)

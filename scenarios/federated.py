@@ -23,16 +23,16 @@ import torch
 from fedcl_dd.data import SPECS, Dataset, DatasetSpec, load_dataset
 
 __all__ = [
+    "PRESETS",
+    "ClientData",
     "Partitioning",
     "Preset",
-    "ClientData",
-    "PRESETS",
-    "parse_preset",
-    "partition_indices",
-    "client_data",
     "cached_dataset",
     "class_histogram",
+    "client_data",
     "format_histogram",
+    "parse_preset",
+    "partition_indices",
     "plot_histogram",
 ]
 
@@ -61,8 +61,12 @@ class Partitioning:
             raise ValueError(f"num_partitions must be >= 1, got {self.num_partitions}")
         if self.kind == "dirichlet" and not (self.alpha and self.alpha > 0):
             raise ValueError(f"dirichlet partitioning needs alpha > 0, got {self.alpha}")
-        if self.kind == "pathological" and not (self.classes_per_client and self.classes_per_client > 0):
-            raise ValueError(f"pathological partitioning needs classes_per_client >= 1, got {self.classes_per_client}")
+        if self.kind == "pathological" and not (
+            self.classes_per_client and self.classes_per_client > 0
+        ):
+            raise ValueError(
+                f"pathological partitioning needs classes_per_client >= 1, got {self.classes_per_client}"
+            )
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,9 @@ class Preset:
         return SPECS[self.dataset]
 
 
-_PRESET_RE = re.compile(r"^(?P<ds>[a-z0-9]+)-(?P<part>iid|dir(?P<alpha>[0-9.]+)|path(?P<k>[0-9]+))-(?P<n>[0-9]+)$")
+_PRESET_RE = re.compile(
+    r"^(?P<ds>[a-z0-9]+)-(?P<part>iid|dir(?P<alpha>[0-9.]+)|path(?P<k>[0-9]+))-(?P<n>[0-9]+)$"
+)
 
 #: Presets used in the docs and benchmarks; any name of the same pattern also parses.
 PRESETS = (
@@ -116,7 +122,9 @@ def parse_preset(name: str, seed: int = 42) -> Preset:
     else:
         k = int(m["k"])
         if k > SPECS[m["ds"]].num_classes:
-            raise ValueError(f"preset {name!r}: {k} classes per client, but {m['ds']} has {SPECS[m['ds']].num_classes}")
+            raise ValueError(
+                f"preset {name!r}: {k} classes per client, but {m['ds']} has {SPECS[m['ds']].num_classes}"
+            )
         part = Partitioning("pathological", n, classes_per_client=k, seed=seed)
     return Preset(name, m["ds"], part)
 
@@ -127,7 +135,11 @@ def partition_indices(labels: torch.Tensor, scheme: Partitioning) -> list[torch.
     Runs flwr-datasets' partitioner over an in-memory ``datasets.Dataset`` of the labels.
     """
     import datasets
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+    )
 
     rows = torch.arange(len(labels))
     if scheme.kind == "iid":
@@ -141,17 +153,27 @@ def partition_indices(labels: torch.Tensor, scheme: Partitioning) -> list[torch.
         # Its default of 10 cannot be met by small datasets split many ways; scale it down.
         min_size = min(10, len(labels) // (2 * scheme.num_partitions))
         partitioner = DirichletPartitioner(
-            scheme.num_partitions, "label", scheme.alpha, min_partition_size=min_size, seed=scheme.seed
+            scheme.num_partitions,
+            "label",
+            scheme.alpha,
+            min_partition_size=min_size,
+            seed=scheme.seed,
         )
     else:
         # "first-deterministic": client i's first class is i mod C, so no class is left out
         # when there are at least as many clients as classes (pure "random" may drop some).
         partitioner = PathologicalPartitioner(
-            scheme.num_partitions, "label", scheme.classes_per_client, class_assignment_mode="first-deterministic",
+            scheme.num_partitions,
+            "label",
+            scheme.classes_per_client,
+            class_assignment_mode="first-deterministic",
             seed=scheme.seed,
         )
     partitioner.dataset = table
-    return [torch.tensor(partitioner.load_partition(i)["row"], dtype=torch.long) for i in range(scheme.num_partitions)]
+    return [
+        torch.tensor(partitioner.load_partition(i)["row"], dtype=torch.long)
+        for i in range(scheme.num_partitions)
+    ]
 
 
 @dataclass
@@ -200,9 +222,16 @@ def client_data(preset: Preset, partition_id: int, root: str | Path | None = Non
     # A seeded split of the partition: the client's local test share.
     gen = torch.Generator().manual_seed(preset.partitioning.seed * 1000 + partition_id)
     rows = rows[torch.randperm(len(rows), generator=gen)]
-    n_test = int(round(len(rows) * preset.test_fraction)) if len(rows) > 1 else 0
+    n_test = round(len(rows) * preset.test_fraction) if len(rows) > 1 else 0
     test, train = rows[:n_test], rows[n_test:]
-    return ClientData(partition_id, ds.spec, ds.train_x[train], ds.train_y[train], ds.train_x[test], ds.train_y[test])
+    return ClientData(
+        partition_id,
+        ds.spec,
+        ds.train_x[train],
+        ds.train_y[train],
+        ds.train_x[test],
+        ds.train_y[test],
+    )
 
 
 def class_histogram(preset: Preset, root: str | Path | None = None) -> torch.Tensor:
@@ -210,13 +239,19 @@ def class_histogram(preset: Preset, root: str | Path | None = None) -> torch.Ten
     key = str(root) if root is not None else None
     labels = cached_dataset(preset.dataset, key).train_y
     parts = _partitions(preset.dataset, key, preset.partitioning)
-    return torch.stack([torch.bincount(labels[p], minlength=preset.spec.num_classes) for p in parts])
+    return torch.stack(
+        [torch.bincount(labels[p], minlength=preset.spec.num_classes) for p in parts]
+    )
 
 
 def format_histogram(hist: torch.Tensor) -> str:
     """A text table: one row per client, one column per class, and the row total."""
     width = max(5, len(str(int(hist.max()))) + 1)
-    head = "client" + "".join(f"{c:>{width}}" for c in range(hist.shape[1])) + f"{'total':>{width + 2}}"
+    head = (
+        "client"
+        + "".join(f"{c:>{width}}" for c in range(hist.shape[1]))
+        + f"{'total':>{width + 2}}"
+    )
     rows = [
         f"{i:>6}" + "".join(f"{int(v):>{width}}" for v in row) + f"{int(row.sum()):>{width + 2}}"
         for i, row in enumerate(hist)
@@ -237,7 +272,13 @@ def plot_histogram(hist: torch.Tensor, path: str | Path, title: str = "") -> Pat
     bottom = torch.zeros(hist.shape[0])
     cmap = plt.get_cmap("tab10" if hist.shape[1] <= 10 else "tab20")
     for c in range(hist.shape[1]):
-        ax.bar(range(hist.shape[0]), hist[:, c].float(), bottom=bottom, color=cmap(c % cmap.N), label=str(c))
+        ax.bar(
+            range(hist.shape[0]),
+            hist[:, c].float(),
+            bottom=bottom,
+            color=cmap(c % cmap.N),
+            label=str(c),
+        )
         bottom += hist[:, c].float()
     ax.set_xlabel("client (partition id)")
     ax.set_ylabel("training samples")

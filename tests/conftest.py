@@ -23,7 +23,9 @@ from fedcl_dd.data import import_data
 if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    torch.set_num_threads(
+        max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    )
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -104,7 +106,12 @@ def digits16(digits):
         return F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
 
     spec = dataclasses.replace(digits.spec, name="digits16", image_size=16)
-    return spec, ClassSampler(up(digits.train_x), digits.train_y, 10), up(digits.test_x), digits.test_y
+    return (
+        spec,
+        ClassSampler(up(digits.train_x), digits.train_y, 10),
+        up(digits.test_x),
+        digits.test_y,
+    )
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -117,9 +124,12 @@ def pytest_collection_modifyitems(config, items) -> None:
 
     # Measured longest first (one thread each: about 320, 180 and 150 s).
     longest = ("test_gm_accuracy.py", "test_mnist_slow.py", "test_dm.py")
-    heavy = sorted((item for item in items if long(item)),
-                   key=lambda item: next((i for i, m in enumerate(longest) if item.nodeid.startswith(f"tests/{m}")),
-                                         len(longest)))
+    heavy = sorted(
+        (item for item in items if long(item)),
+        key=lambda item: next(
+            (i for i, m in enumerate(longest) if item.nodeid.startswith(f"tests/{m}")), len(longest)
+        ),
+    )
     rest = [item for item in items if not long(item)]
     ordered = []
     for item in heavy:

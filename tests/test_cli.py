@@ -10,8 +10,22 @@ from fedcl_dd.synthetic import SyntheticSet
 
 def test_distill_writes_set_results_and_grid_then_evaluate_reads_it(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["distill", "--dataset", "digits", "--ipc", "2", "--iterations", "3", "--eval-epochs", "5",
-            "--eval-models", "2", "--out", str(out), "--no-progress"]
+    args = [
+        "distill",
+        "--dataset",
+        "digits",
+        "--ipc",
+        "2",
+        "--iterations",
+        "3",
+        "--eval-epochs",
+        "5",
+        "--eval-models",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     syn = SyntheticSet.load(out / "synthetic.safetensors")
@@ -19,17 +33,46 @@ def test_distill_writes_set_results_and_grid_then_evaluate_reads_it(tmp_path, ca
     assert results["num_images"] == 20 and len(results["accuracies"]) == 2
     assert (out / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert syn.info["method"] == "dm" and syn.info["dataset"] == "digits"
-    assert main(["evaluate", str(out / "synthetic.safetensors"), "--dataset", "digits", "--eval-epochs", "5",
-                 "--eval-models", "1", "--json", str(tmp_path / "e.json")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(out / "synthetic.safetensors"),
+                "--dataset",
+                "digits",
+                "--eval-epochs",
+                "5",
+                "--eval-models",
+                "1",
+                "--json",
+                str(tmp_path / "e.json"),
+            ]
+        )
+        == 0
+    )
     assert 0 <= json.loads((tmp_path / "e.json").read_text())["accuracy_mean"] <= 1
 
 
 def test_resume_continues_a_run(tmp_path):
     out = tmp_path / "run"
-    base = ["distill", "--dataset", "digits", "--ipc", "1", "--eval-epochs", "2", "--eval-models", "1",
-            "--out", str(out), "--no-progress", "--checkpoint-every", "1"]
-    assert main(base + ["--iterations", "2"]) == 0
-    assert main(base + ["--iterations", "4", "--resume"]) == 0
+    base = [
+        "distill",
+        "--dataset",
+        "digits",
+        "--ipc",
+        "1",
+        "--eval-epochs",
+        "2",
+        "--eval-models",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--checkpoint-every",
+        "1",
+    ]
+    assert main([*base, "--iterations", "2"]) == 0
+    assert main([*base, "--iterations", "4", "--resume"]) == 0
     assert json.loads((out / "results.json").read_text())["iterations"] == 4
 
 
@@ -37,10 +80,22 @@ def test_resume_continues_a_run(tmp_path):
     "args,message",
     [
         (["distill", "--dataset", "digits", "--ipc", "0"], "images per class must be >= 1"),
-        (["distill", "--dataset", "digits", "--budget-bytes", "100"], "too small for one image per class"),
-        (["distill", "--dataset", "digits", "--param", "addressing", "--budget-bytes", "60"], "too small"),
-        (["distill", "--dataset", "digits", "--epsilon", "8"], "option epsilon does not apply to method 'dm'"),
-        (["distill", "--dataset", "digits", "--resume", "--out", "/nonexistent/x"], "no checkpoint at"),
+        (
+            ["distill", "--dataset", "digits", "--budget-bytes", "100"],
+            "too small for one image per class",
+        ),
+        (
+            ["distill", "--dataset", "digits", "--param", "addressing", "--budget-bytes", "60"],
+            "too small",
+        ),
+        (
+            ["distill", "--dataset", "digits", "--epsilon", "8"],
+            "option epsilon does not apply to method 'dm'",
+        ),
+        (
+            ["distill", "--dataset", "digits", "--resume", "--out", "/nonexistent/x"],
+            "no checkpoint at",
+        ),
         (["--data-root", "/nonexistent/root", "distill", "--dataset", "mnist"], "MNIST"),
         (["evaluate", "/nonexistent/s.safetensors", "--dataset", "digits"], "no synthetic set at"),
     ],
@@ -52,7 +107,10 @@ def test_bad_input_gets_a_clear_error(args, message, capsys):
 
 
 def test_unknown_dataset_and_method_are_refused_by_the_parser(capsys):
-    for args in (["distill", "--dataset", "svhn"], ["distill", "--dataset", "digits", "--method", "kip"]):
+    for args in (
+        ["distill", "--dataset", "svhn"],
+        ["distill", "--dataset", "digits", "--method", "kip"],
+    ):
         with pytest.raises(SystemExit) as exc:
             main(args)
         assert exc.value.code == 2
@@ -67,7 +125,23 @@ def test_method_options_are_checked_by_the_parser(capsys):
 
 def test_evaluate_refuses_a_set_of_another_dataset(tmp_path, capsys):
     out = tmp_path / "run"
-    main(["distill", "--dataset", "digits", "--ipc", "1", "--iterations", "1", "--eval-epochs", "1",
-          "--eval-models", "1", "--out", str(out), "--no-progress"])
+    main(
+        [
+            "distill",
+            "--dataset",
+            "digits",
+            "--ipc",
+            "1",
+            "--iterations",
+            "1",
+            "--eval-epochs",
+            "1",
+            "--eval-models",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert main(["evaluate", str(out / "synthetic.safetensors"), "--dataset", "cifar10"]) == 2
     assert "but cifar10 has" in capsys.readouterr().err

@@ -13,12 +13,13 @@ import torch
 
 pytest.importorskip("avalanche")
 
-from fedcl_dd.data import SPECS  # noqa: E402
-from fedcl_dd.strategies.avalanche.buffers import AddressingBuffer, CondensedPixelBuffer  # noqa: E402
-from fedcl_dd.strategies.avalanche.checkpoint import memories, resume, save  # noqa: E402
-from fedcl_dd.strategies.avalanche.plugin import CondensedReplayPlugin  # noqa: E402
-from fedcl_dd.strategies.avalanche.runner import RunConfig, make_strategy, run_stream  # noqa: E402
-from fedcl_dd.synthetic import bytes_per_image  # noqa: E402
+from fedcl_dd.strategies.avalanche.buffers import AddressingBuffer, CondensedPixelBuffer
+from fedcl_dd.strategies.avalanche.checkpoint import memories, resume, save
+from fedcl_dd.strategies.avalanche.plugin import CondensedReplayPlugin
+from fedcl_dd.strategies.avalanche.runner import RunConfig, make_strategy, run_stream
+
+from fedcl_dd.data import SPECS
+from fedcl_dd.synthetic import bytes_per_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,7 +42,11 @@ def _by_class(digits, classes):
 
 
 def _state(buffer):
-    return {k: v.clone() for k, v in buffer.syn.state_tensors().items()} if buffer.syn is not None else {}
+    return (
+        {k: v.clone() for k, v in buffer.syn.state_tensors().items()}
+        if buffer.syn is not None
+        else {}
+    )
 
 
 def _same(a, b):
@@ -50,13 +55,18 @@ def _same(a, b):
 
 def test_condensed_beats_reservoir_at_equal_bytes(streams):
     """Mean final accuracy over two seeds, both memories at the bytes of 20 images, same learner and mix."""
-    common = dict(benchmark="split-digits", budget_images=20, epochs=3, train_mb_size=10, batch_size_mem=10)
+    common = dict(
+        benchmark="split-digits", budget_images=20, epochs=3, train_mb_size=10, batch_size_mem=10
+    )
     acc = {"replay": [], "condensed-pixels": []}
     for seed, bench in streams.items():
         for buffer in acc:
             result = run_stream(RunConfig(buffer=buffer, seed=seed, **common, **FAST), bench)
             acc[buffer].append(result.final_accuracy)
-    condensed, reservoir = statistics.fmean(acc["condensed-pixels"]), statistics.fmean(acc["replay"])
+    condensed, reservoir = (
+        statistics.fmean(acc["condensed-pixels"]),
+        statistics.fmean(acc["replay"]),
+    )
     assert condensed > reservoir + 0.03, acc
 
 
@@ -71,7 +81,9 @@ def test_bytes_never_exceed_the_budget_across_the_stream(digits, kind):
         assert buffer.classes == held
         assert 0 < buffer.nbytes <= budget
         # What a file of the memory holds: the honest size, labels included.
-        assert buffer.nbytes == sum(t.numel() * t.element_size() for t in buffer.syn.state_tensors().values())
+        assert buffer.nbytes == sum(
+            t.numel() * t.element_size() for t in buffer.syn.state_tensors().values()
+        )
         assert len(buffer.buffer) <= buffer.max_size
     assert len(buffer.distill_seconds) == 5
 
@@ -89,8 +101,16 @@ def test_addressing_replays_more_distinct_samples_than_pixels(digits):
 
 def test_plugin_composes_with_ewc_and_the_evaluation_plugin(streams):
     result = run_stream(
-        RunConfig(benchmark="split-digits", buffer="condensed-pixels", strategy="ewc", budget_images=50, epochs=3, train_mb_size=10,
-                  batch_size_mem=10, **FAST),
+        RunConfig(
+            benchmark="split-digits",
+            buffer="condensed-pixels",
+            strategy="ewc",
+            budget_images=50,
+            epochs=3,
+            train_mb_size=10,
+            batch_size_mem=10,
+            **FAST,
+        ),
         streams[0],
     )
     assert len(result.accuracy_after) == 5
@@ -116,11 +136,14 @@ def test_storage_policy_works_inside_avalanches_replay_plugin(streams):
 def test_checkpoint_round_trip_is_bit_exact_and_continues(streams, tmp_path):
     bench = streams[0]
     path = tmp_path / "ckpt.pkl"
-    cfg = RunConfig(benchmark="split-digits", buffer="condensed-addressing", budget_images=20, **FAST)
+    cfg = RunConfig(
+        benchmark="split-digits", buffer="condensed-addressing", budget_images=20, **FAST
+    )
 
     def fresh_strategy(config):
-        from fedcl_dd.models import make_model
         from fedcl_dd.strategies.avalanche.runner import make_memory
+
+        from fedcl_dd.models import make_model
 
         model = make_model("mlp", 1, 10, 8, torch.Generator().manual_seed(0))
         plugin, _ = make_memory(config, bench, model)
@@ -141,7 +164,9 @@ def test_checkpoint_round_trip_is_bit_exact_and_continues(streams, tmp_path):
     restarted.train(bench.train_stream[start])
     assert _same(_state(memories(restarted)[0]), uninterrupted)
 
-    other = fresh_strategy(RunConfig(benchmark="split-digits", buffer="condensed-addressing", budget_images=30, **FAST))
+    other = fresh_strategy(
+        RunConfig(benchmark="split-digits", buffer="condensed-addressing", budget_images=30, **FAST)
+    )
     before = dict(other.__dict__)
     with pytest.raises(ValueError, match="another configuration.*budget_bytes"):
         resume(other, path)
@@ -168,11 +193,19 @@ def _refused(buffer, match, *args, **kwargs):
     before, dataset = _state(buffer), buffer.buffer
     with pytest.raises(ValueError, match=match):
         buffer.add(*args, **kwargs)
-    assert _same(_state(buffer), before) and buffer.buffer is dataset and len(buffer.distill_seconds) == 1
+    assert (
+        _same(_state(buffer), before)
+        and buffer.buffer is dataset
+        and len(buffer.distill_seconds) == 1
+    )
 
 
 def test_class_outside_the_output_space_is_refused(filled, digits):
-    _refused(filled, r"classes \[7\] are outside the model's output space \[0, 6\)", *_by_class(digits, [2, 7]))
+    _refused(
+        filled,
+        r"classes \[7\] are outside the model's output space \[0, 6\)",
+        *_by_class(digits, [2, 7]),
+    )
 
 
 def test_experience_without_data_for_a_class_is_refused(filled, digits):

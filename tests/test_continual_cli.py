@@ -9,20 +9,38 @@ import pytest
 
 pytest.importorskip("avalanche")
 
-from fedcl_dd.cli import main  # noqa: E402
-from fedcl_dd.data import MNIST_FILES, DatasetNotFoundError  # noqa: E402
-from fedcl_dd.scenarios.continual import class_order, make_benchmark, prepare_mnist_raw  # noqa: E402
+from fedcl_dd.scenarios.continual import class_order, make_benchmark, prepare_mnist_raw
+
+from fedcl_dd.cli import main
+from fedcl_dd.data import MNIST_FILES, DatasetNotFoundError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_continual_command_runs_a_stream_and_writes_results(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main([
-        "continual", "--benchmark", "split-digits", "--buffer", "condensed-pixels", "--budget-images", "20",
-        "--iterations", "2", "--real-per-class", "16", "--train-mb-size", "10", "--batch-size-mem", "10",
-        "--no-progress", "--out", str(out),
-    ])
+    code = main(
+        [
+            "continual",
+            "--benchmark",
+            "split-digits",
+            "--buffer",
+            "condensed-pixels",
+            "--budget-images",
+            "20",
+            "--iterations",
+            "2",
+            "--real-per-class",
+            "16",
+            "--train-mb-size",
+            "10",
+            "--batch-size-mem",
+            "10",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     result = json.loads((out / "result.json").read_text())
     assert len(result["accuracy_after"]) == 5 and result["buffer_bytes"] <= 20 * 258
@@ -31,7 +49,17 @@ def test_continual_command_runs_a_stream_and_writes_results(tmp_path, capsys):
 
 
 def test_continual_command_refuses_a_budget_below_one_image_per_class(tmp_path, capsys):
-    code = main(["continual", "--benchmark", "split-digits", "--budget-bytes", "1000", "--out", str(tmp_path)])
+    code = main(
+        [
+            "continual",
+            "--benchmark",
+            "split-digits",
+            "--budget-bytes",
+            "1000",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 2
     assert "too small for one image per class" in capsys.readouterr().err
 

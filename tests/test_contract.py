@@ -49,15 +49,35 @@ def toy():
 
 def test_a_toy_objective_registered_here_runs_through_the_cli(toy, tmp_path):
     out = tmp_path / "run"
-    args = ["distill", "--dataset", "digits", "--method", toy.name, "--toy-weight", "3", "--ipc", "1",
-            "--iterations", "3", "--eval-epochs", "2", "--eval-models", "1", "--out", str(out), "--no-progress"]
+    args = [
+        "distill",
+        "--dataset",
+        "digits",
+        "--method",
+        toy.name,
+        "--toy-weight",
+        "3",
+        "--ipc",
+        "1",
+        "--iterations",
+        "3",
+        "--eval-epochs",
+        "2",
+        "--eval-models",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["method"] == toy.name and results["iterations"] == 3
     assert results["loss_last"] < results["loss_first"]
 
 
-def test_a_toy_objective_runs_in_a_federated_recipe_and_a_continual_buffer(toy, digits, digits_sampler):
+def test_a_toy_objective_runs_in_a_federated_recipe_and_a_continual_buffer(
+    toy, digits, digits_sampler
+):
     pytest.importorskip("avalanche")
     from fedcl_dd.strategies.avalanche.buffers import CondensedPixelBuffer
     from fedcl_dd.strategies.flower.config import FedConfig
@@ -78,7 +98,14 @@ def _run(method, param, digits, sampler, tmp_path, iterations, callbacks=()):
     cls = OBJECTIVES[method]
     # From noise, where matching has the most to close (from real images, one fresh network's
     # loss says little about the next one's).
-    recipe = Recipe(method=method, param=param, ipc=2, iterations=iterations, init="noise", options=dict(cls.quick))
+    recipe = Recipe(
+        method=method,
+        param=param,
+        ipc=2,
+        iterations=iterations,
+        init="noise",
+        options=dict(cls.quick),
+    )
     run = Distillation(recipe, sampler, digits.spec, seed=0, cache_dir=tmp_path)
     return run, run.run(list(callbacks))
 
@@ -92,16 +119,26 @@ _SLOW = {("dm", "pixels"), ("dm-dp", "addressing"), ("gm", "addressing"), ("tm",
 
 @pytest.mark.parametrize(
     "method,param",
-    [pytest.param(m, p, marks=pytest.mark.xfail(strict=False, reason="known: see _SLOW")) if (m, p) in _SLOW
-     else (m, p) for m, p in _pairs()],
+    [
+        pytest.param(m, p, marks=pytest.mark.xfail(strict=False, reason="known: see _SLOW"))
+        if (m, p) in _SLOW
+        else (m, p)
+        for m, p in _pairs()
+    ],
 )
-def test_every_method_and_parameterization_lowers_its_loss(method, param, digits, digits_sampler, tmp_path):
+def test_every_method_and_parameterization_lowers_its_loss(
+    method, param, digits, digits_sampler, tmp_path
+):
     _, result = _run(method, param, digits, digits_sampler, tmp_path, 12)
-    assert sum(result.losses[-4:]) < sum(result.losses[:4]), f"{method}/{param}: loss {result.losses}"
+    assert sum(result.losses[-4:]) < sum(result.losses[:4]), (
+        f"{method}/{param}: loss {result.losses}"
+    )
 
 
 @pytest.mark.parametrize("method,param", _pairs())
-def test_every_method_and_parameterization_saves_reloads_and_resumes(method, param, digits, digits_sampler, tmp_path):
+def test_every_method_and_parameterization_saves_reloads_and_resumes(
+    method, param, digits, digits_sampler, tmp_path
+):
     run, result = _run(method, param, digits, digits_sampler, tmp_path, 6)
     path = run.syn.save(tmp_path / "s.safetensors")
     again = SyntheticSet.load(path)
@@ -109,6 +146,8 @@ def test_every_method_and_parameterization_saves_reloads_and_resumes(method, par
 
     ckpt = tmp_path / "ckpt.pt"
     _run(method, param, digits, digits_sampler, tmp_path, 3, [Checkpointer(ckpt, 0)])
-    resumed, rest = _run(method, param, digits, digits_sampler, tmp_path, 6, [Checkpointer(ckpt, 0, resume=True)])
+    resumed, rest = _run(
+        method, param, digits, digits_sampler, tmp_path, 6, [Checkpointer(ckpt, 0, resume=True)]
+    )
     assert rest.losses == pytest.approx(result.losses, rel=1e-5)
     assert torch.allclose(resumed.syn.images(), run.syn.images(), atol=1e-5)

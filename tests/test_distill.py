@@ -18,7 +18,9 @@ from fedcl_dd.synthetic import PixelSet
 
 def _setup(digits, sampler, seed=0):
     ctx = MatchingContext(
-        sampler, digits.spec, augment=DSA(digits.spec.dsa_strategy, torch.Generator().manual_seed(seed + 1)),
+        sampler,
+        digits.spec,
+        augment=DSA(digits.spec.dsa_strategy, torch.Generator().manual_seed(seed + 1)),
         generator=torch.Generator().manual_seed(seed),
     )
     syn = PixelSet.from_real(sampler, 2, generator=torch.Generator().manual_seed(seed))
@@ -31,9 +33,19 @@ def test_resume_continues_exactly_where_the_run_stopped(digits, digits_sampler, 
 
     ctx2, syn2 = _setup(digits, digits_sampler)
     ckpt = tmp_path / "ckpt.pt"
-    distill(syn2, DistributionMatching(32), ctx2, DistillConfig(iterations=3), [Checkpointer(ckpt, 1)])
-    ctx3, syn3 = _setup(digits, digits_sampler, seed=99)  # fresh objects, other seeds: state comes from the file
-    resumed = distill(syn3, DistributionMatching(32), ctx3, DistillConfig(iterations=6), [Checkpointer(ckpt, 0, resume=True)])
+    distill(
+        syn2, DistributionMatching(32), ctx2, DistillConfig(iterations=3), [Checkpointer(ckpt, 1)]
+    )
+    ctx3, syn3 = _setup(
+        digits, digits_sampler, seed=99
+    )  # fresh objects, other seeds: state comes from the file
+    resumed = distill(
+        syn3,
+        DistributionMatching(32),
+        ctx3,
+        DistillConfig(iterations=6),
+        [Checkpointer(ckpt, 0, resume=True)],
+    )
 
     assert resumed.losses == pytest.approx(straight.losses, rel=1e-6)
     assert torch.allclose(syn3.images(), syn.images(), atol=1e-6)
@@ -42,7 +54,9 @@ def test_resume_continues_exactly_where_the_run_stopped(digits, digits_sampler, 
 def test_divergence_names_the_iteration_and_restores_the_set(digits, digits_sampler, tmp_path):
     ctx, syn = _setup(digits, digits_sampler)
     ckpt = tmp_path / "ckpt.pt"
-    distill(syn, DistributionMatching(16), ctx, DistillConfig(iterations=2), [Checkpointer(ckpt, 1)])
+    distill(
+        syn, DistributionMatching(16), ctx, DistillConfig(iterations=2), [Checkpointer(ckpt, 1)]
+    )
     saved = ckpt.read_bytes()
     before = syn.images().detach().clone()
 
@@ -55,11 +69,19 @@ def test_divergence_names_the_iteration_and_restores_the_set(digits, digits_samp
             return out * float("inf") if PoisonAfter.calls == 2 else out
 
     with pytest.raises(DistillationDiverged, match="iteration 4.*smaller learning rate"):
-        distill(syn, PoisonAfter(16), ctx, DistillConfig(iterations=5), [Checkpointer(ckpt, 1, resume=True)])
+        distill(
+            syn,
+            PoisonAfter(16),
+            ctx,
+            DistillConfig(iterations=5),
+            [Checkpointer(ckpt, 1, resume=True)],
+        )
     assert torch.isfinite(syn.images()).all()
     assert not torch.equal(syn.images(), before)  # iteration 3 ran and was kept
     assert ckpt.read_bytes() != saved  # checkpoint of iteration 3 written ...
-    assert torch.load(ckpt, weights_only=True)["iteration"] == 3  # ... and nothing after the failure
+    assert (
+        torch.load(ckpt, weights_only=True)["iteration"] == 3
+    )  # ... and nothing after the failure
 
 
 def test_huge_learning_rate_diverges_cleanly(digits, digits_sampler):
@@ -78,7 +100,9 @@ def test_callbacks_see_every_iteration_and_periodic_evaluation_logs(digits, digi
             seen.append((state.iteration, state.loss))
 
     evals = PeriodicEvaluation(2, lambda s: {"n": float(s.num_images)})
-    result = distill(syn, DistributionMatching(16), ctx, DistillConfig(iterations=5), [Record(), evals])
+    result = distill(
+        syn, DistributionMatching(16), ctx, DistillConfig(iterations=5), [Record(), evals]
+    )
     assert [it for it, _ in seen] == [1, 2, 3, 4, 5]
     assert result.metrics["n"] == [(2, 20.0), (4, 20.0), (5, 20.0)]
 
@@ -93,19 +117,33 @@ def test_bad_config_is_refused():
 def test_resuming_from_a_missing_checkpoint_names_the_file(digits, digits_sampler, tmp_path):
     ctx, syn = _setup(digits, digits_sampler)
     with pytest.raises(FileNotFoundError, match="no checkpoint at .*missing.pt"):
-        distill(syn, DistributionMatching(16), ctx, DistillConfig(iterations=2), [Checkpointer(tmp_path / "missing.pt", 1, resume=True)])
+        distill(
+            syn,
+            DistributionMatching(16),
+            ctx,
+            DistillConfig(iterations=2),
+            [Checkpointer(tmp_path / "missing.pt", 1, resume=True)],
+        )
 
 
 def test_every_callback_is_prepared_before_any_starts(digits, digits_sampler, tmp_path):
     """A restored checkpoint is seen by the callbacks that start after it (e.g. a progress bar's start)."""
     ctx, syn = _setup(digits, digits_sampler)
     ckpt = tmp_path / "ckpt.pt"
-    distill(syn, DistributionMatching(16), ctx, DistillConfig(iterations=2), [Checkpointer(ckpt, 1)])
+    distill(
+        syn, DistributionMatching(16), ctx, DistillConfig(iterations=2), [Checkpointer(ckpt, 1)]
+    )
     started = []
 
     class Start(Callback):
         def on_start(self, state, total):
             started.append(state.iteration)
 
-    distill(syn, DistributionMatching(16), ctx, DistillConfig(iterations=3), [Start(), Checkpointer(ckpt, 1, resume=True)])
+    distill(
+        syn,
+        DistributionMatching(16),
+        ctx,
+        DistillConfig(iterations=3),
+        [Start(), Checkpointer(ckpt, 1, resume=True)],
+    )
     assert started == [2]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from fedcl_dd.scenarios.federated import (
     Partitioning,
     class_histogram,
@@ -23,7 +22,11 @@ def labels(digits):
 
 @pytest.mark.parametrize(
     "scheme",
-    [Partitioning("iid", 4), Partitioning("dirichlet", 5, alpha=0.3), Partitioning("pathological", 10, classes_per_client=2)],
+    [
+        Partitioning("iid", 4),
+        Partitioning("dirichlet", 5, alpha=0.3),
+        Partitioning("pathological", 10, classes_per_client=2),
+    ],
     ids=["iid", "dirichlet", "pathological"],
 )
 def test_partitions_are_disjoint_cover_and_repeat(labels, scheme):
@@ -33,11 +36,15 @@ def test_partitions_are_disjoint_cover_and_repeat(labels, scheme):
     assert rows.unique().numel() == rows.numel(), "a row was given to two clients"
     assert rows.numel() == labels.numel(), "rows were left out"
     again = partition_indices(labels, scheme)
-    assert all(torch.equal(a, b) for a, b in zip(parts, again)), "same seed, different partition"
+    assert all(torch.equal(a, b) for a, b in zip(parts, again, strict=True)), (
+        "same seed, different partition"
+    )
 
 
 def test_pathological_clients_hold_k_classes(labels):
-    parts = partition_indices(labels, Partitioning("pathological", 10, classes_per_client=2, seed=3))
+    parts = partition_indices(
+        labels, Partitioning("pathological", 10, classes_per_client=2, seed=3)
+    )
     assert all(labels[p].unique().numel() <= 2 for p in parts)
 
 
@@ -45,7 +52,10 @@ def test_smaller_alpha_is_more_skewed(labels):
     def mean_classes(alpha: float) -> float:
         parts = partition_indices(labels, Partitioning("dirichlet", 5, alpha=alpha, seed=1))
         # classes holding at least 5% of a client's rows
-        return sum(int((torch.bincount(labels[p], minlength=10) > 0.05 * len(p)).sum()) for p in parts) / 5
+        return (
+            sum(int((torch.bincount(labels[p], minlength=10) > 0.05 * len(p)).sum()) for p in parts)
+            / 5
+        )
 
     assert mean_classes(0.1) < mean_classes(100.0) - 3
 
@@ -58,7 +68,12 @@ def test_iid_depends_on_seed(labels):
 
 def test_presets_parse_and_bad_names_are_refused():
     p = parse_preset("mnist-dir0.1-10")
-    assert (p.dataset, p.partitioning.kind, p.partitioning.alpha, p.num_clients) == ("mnist", "dirichlet", 0.1, 10)
+    assert (p.dataset, p.partitioning.kind, p.partitioning.alpha, p.num_clients) == (
+        "mnist",
+        "dirichlet",
+        0.1,
+        10,
+    )
     assert parse_preset("cifar10-path2-10").partitioning.classes_per_client == 2
     for bad in ("mnist-dir-10", "imagenet-iid-4", "digits-iid", "digits-path11-4", "digits-dir0-4"):
         with pytest.raises(ValueError):
@@ -71,7 +86,9 @@ def test_client_data_split_histogram_and_plot(tmp_path):
     assert len(data.classes) <= 2 and data.test_y.numel() > 0
     assert set(data.test_y.tolist()) <= set(data.classes)
     hist = class_histogram(preset)
-    assert hist.shape == (10, 10) and int(hist[3].sum()) == data.train_y.numel() + data.test_y.numel()
+    assert (
+        hist.shape == (10, 10) and int(hist[3].sum()) == data.train_y.numel() + data.test_y.numel()
+    )
     assert format_histogram(hist).splitlines()[0].startswith("client")
     assert plot_histogram(hist, tmp_path / "h.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="partition-id 10"):

@@ -11,6 +11,7 @@ ClientApps) is killed in the fixtures' ``finally`` blocks, even when a test fail
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -26,7 +27,10 @@ import pytest
 pytest.importorskip("flwr")
 pytest.importorskip("sklearn")  # the digits dataset
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower")]  # Flower/Ray tests share one xdist worker
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.xdist_group("flower"),
+]  # Flower/Ray tests share one xdist worker
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -85,20 +89,14 @@ def _kill_all(pids: list[int]) -> list[int]:
     pids = sorted({*pids, *(d for pid in pids for d in _descendants(pid))})
     groups = set()
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             groups.add(os.getpgid(pid))
-        except ProcessLookupError:
-            pass
     for pgid in groups - {os.getpgid(0)}:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     return pids
 
 
@@ -113,12 +111,19 @@ def _alive(pid: int) -> bool:
 class Proc:
     """A process started in its own session, its output in a log file."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], logdir: Path, cwd: Path) -> None:
+    def __init__(
+        self, name: str, args: list[str], env: dict[str, str], logdir: Path, cwd: Path
+    ) -> None:
         self.name = name
         self.log = logdir / f"{name}.log"
         with self.log.open("wb") as out:
             self.popen = subprocess.Popen(
-                args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                args,
+                env=env,
+                cwd=cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
 
@@ -127,7 +132,11 @@ class Proc:
 
     def wait_for(self, pattern: str | re.Pattern, timeout: float) -> re.Match:
         """Wait until the log matches ``pattern``; fail with the log's tail otherwise."""
-        regex = re.compile(pattern) if isinstance(pattern, re.Pattern) else re.compile(re.escape(pattern))
+        regex = (
+            re.compile(pattern)
+            if isinstance(pattern, re.Pattern)
+            else re.compile(re.escape(pattern))
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if m := regex.search(self.text()):
@@ -135,16 +144,16 @@ class Proc:
             if self.popen.poll() is not None:
                 break
             time.sleep(0.3)
-        pytest.fail(f"{self.name}: no {regex.pattern!r} within {timeout:.0f} s "
-                    f"(exit code {self.popen.poll()}); log tail:\n{self.text()[-3000:]}")
+        pytest.fail(
+            f"{self.name}: no {regex.pattern!r} within {timeout:.0f} s "
+            f"(exit code {self.popen.poll()}); log tail:\n{self.text()[-3000:]}"
+        )
 
     def kill(self) -> list[int]:
         """SIGKILL the process, its process group and every descendant; return the pids hit."""
         pids = _kill_all([self.popen.pid])
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
         return pids
 
 
@@ -175,7 +184,9 @@ class Deployment:
 
     def superlink(self) -> Proc:
         self.port = _free_port()
-        return self.start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--port", str(self.port)])
+        return self.start(
+            "superlink", [str(BIN / "flower-superlink"), "--insecure", "--port", str(self.port)]
+        )
 
     def wait_ready(self, link: Proc) -> None:
         """Wait for the SuperLink; write the Flower config with a connection to it."""
@@ -187,15 +198,29 @@ class Deployment:
         )
 
     def supernode(self, partition: int, partitions: int) -> Proc:
-        return self.start(f"supernode{partition}", [
-            str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-            "--node-config", f"partition-id={partition} num-partitions={partitions}",
-            "--port", str(_free_port()),
-        ])
+        return self.start(
+            f"supernode{partition}",
+            [
+                str(BIN / "flower-supernode"),
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{self.port}",
+                "--node-config",
+                f"partition-id={partition} num-partitions={partitions}",
+                "--port",
+                str(_free_port()),
+            ],
+        )
 
     def flwr(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.root, capture_output=True,
-                              text=True, timeout=timeout)
+        return subprocess.run(
+            [str(BIN / "flwr"), *args],
+            env=self.env,
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def stop(self) -> None:
         pids: list[int] = []
@@ -221,7 +246,9 @@ def deployment(tmp_path: Path):
 
 
 # ------------------------------------------------------------------------------- tests
-def test_run_survives_a_supernode_killed_while_distilling(deployment: Deployment, tmp_path: Path) -> None:
+def test_run_survives_a_supernode_killed_while_distilling(
+    deployment: Deployment, tmp_path: Path
+) -> None:
     started = time.monotonic()
     out_dir = tmp_path / "out"  # absolute: the ServerApp runs in the SuperLink's working directory
     # Everything starts at once (SuperNodes retry until the SuperLink is up; the ServerApp
@@ -229,17 +256,31 @@ def test_run_survives_a_supernode_killed_while_distilling(deployment: Deployment
     link = deployment.superlink()
     victim, survivor = deployment.supernode(0, 2), deployment.supernode(1, 2)
     deployment.wait_ready(link)
-    run_config = (f"preset='digits-iid-2' rounds=1 iterations=40 real-per-class=32 server-epochs=20 fraction-evaluate=0.0 "
-                  f"out-dir='{out_dir}'")
+    run_config = (
+        f"preset='digits-iid-2' rounds=1 iterations=40 real-per-class=32 server-epochs=20 fraction-evaluate=0.0 "
+        f"out-dir='{out_dir}'"
+    )
     # --stream: `flwr run` prints the ServerApp's logs and returns when the run has ended.
-    run = deployment.start("flwr-run", [str(BIN / "flwr"), "run", str(REPO), deployment.connection,
-                                        "--run-config", run_config, "--stream"])
+    run = deployment.start(
+        "flwr-run",
+        [
+            str(BIN / "flwr"),
+            "run",
+            str(REPO),
+            deployment.connection,
+            "--run-config",
+            run_config,
+            "--stream",
+        ],
+    )
     try:
         victim_id = int(victim.wait_for(NODE_ID, timeout=60).group(1))
         survivor_id = int(survivor.wait_for(NODE_ID, timeout=60).group(1))
         run_id = run.wait_for(RUN_ID, timeout=60).group(1)
         # The victim has the train message and has started its ClientApp: kill the whole node.
-        victim.wait_for(re.compile(r"Receiving: train message[\s\S]*Start `flwr-clientapp` process"), timeout=90)
+        victim.wait_for(
+            re.compile(r"Receiving: train message[\s\S]*Start `flwr-clientapp` process"), timeout=90
+        )
         time.sleep(2)
         assert victim.popen.poll() is None, "the victim SuperNode ended on its own"
         victim.kill()
@@ -250,8 +291,11 @@ def test_run_survives_a_supernode_killed_while_distilling(deployment: Deployment
         pytest.fail(f"the run did not complete: {exc}\n{deployment.dump_logs()}")
     log = run.text()
 
-    status = json.loads(deployment.flwr("list", deployment.connection, "--run-id", run_id, "--format", "json",
-                                        timeout=60).stdout)
+    status = json.loads(
+        deployment.flwr(
+            "list", deployment.connection, "--run-id", run_id, "--format", "json", timeout=60
+        ).stdout
+    )
     assert status["runs"][0]["status"] == "finished:completed", f"{status}\n{log[-4000:]}"
     results_file = out_dir / "results.json"
     assert results_file.is_file(), f"no {results_file}; ServerApp log:\n{log[-4000:]}"
@@ -269,7 +313,9 @@ def test_run_survives_a_supernode_killed_while_distilling(deployment: Deployment
     print(f"deployment run: {time.monotonic() - started:.0f} s; failure: {failure['reason']}")
 
 
-def test_flwr_run_dot_simulates_with_the_local_superlink(deployment: Deployment, tmp_path: Path) -> None:
+def test_flwr_run_dot_simulates_with_the_local_superlink(
+    deployment: Deployment, tmp_path: Path
+) -> None:
     """``flwr run . --stream`` from the project root with the default ``local`` connection:
     Flower starts a local SuperLink (simulation runtime, Ray), runs our apps on 2 simulated
     SuperNodes and leaves that SuperLink running; the fixture stops it."""
@@ -278,19 +324,36 @@ def test_flwr_run_dot_simulates_with_the_local_superlink(deployment: Deployment,
     # Our own ports for the local SuperLink (defaults 39091 / 39093) and a fresh FLWR_HOME, whose
     # default config.toml (created by `flwr`) has the `local` connection.
     http_port, control_port = _free_port(), _free_port()
-    deployment.env.update(FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port),
-                          FLWR_LOCAL_CONTROL_API_PORT=str(control_port))
-    args = [str(BIN / "flwr"), "run", ".", "--stream", "--federation-config", "num-supernodes=2",
-            "--run-config", f"preset='digits-iid-2' rounds=1 iterations=20 server-epochs=20 fraction-evaluate=0.0 out-dir='{out_dir}'"]
-    run = subprocess.run(args, env=deployment.env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    deployment.env.update(
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port),
+        FLWR_LOCAL_CONTROL_API_PORT=str(control_port),
+    )
+    args = [
+        str(BIN / "flwr"),
+        "run",
+        ".",
+        "--stream",
+        "--federation-config",
+        "num-supernodes=2",
+        "--run-config",
+        f"preset='digits-iid-2' rounds=1 iterations=20 server-epochs=20 fraction-evaluate=0.0 out-dir='{out_dir}'",
+    ]
+    run = subprocess.run(
+        args, env=deployment.env, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-4000:]
     assert f"Starting local SuperLink on 127.0.0.1:{http_port}" in log, log[-4000:]
-    links = [pid for pid in _tagged("FLWR_HOME", str(deployment.home))
-             if b"flower-superlink" in Path(f"/proc/{pid}/cmdline").read_bytes() and _alive(pid)]
+    links = [
+        pid
+        for pid in _tagged("FLWR_HOME", str(deployment.home))
+        if b"flower-superlink" in Path(f"/proc/{pid}/cmdline").read_bytes() and _alive(pid)
+    ]
     assert links, "the local SuperLink should still be running after the run"
 
-    rounds = {row["round"]: row for row in json.loads((out_dir / "results.json").read_text())["rounds"]}
+    rounds = {
+        row["round"]: row for row in json.loads((out_dir / "results.json").read_text())["rounds"]
+    }
     assert sorted(rounds[1]["accepted"]) == [0, 1] and rounds[1]["failed"] == [], rounds[1]
     assert rounds[1]["accuracy"] > rounds[0]["accuracy"] + 0.2, rounds
     print(f"flwr run . (simulation): {time.monotonic() - started:.0f} s")

@@ -17,22 +17,43 @@ from pathlib import Path
 
 import pytest
 import torch
-from opacus.accountants import RDPAccountant
-
 from fedcl_dd.strategies.flower.config import FedConfig
 from fedcl_dd.strategies.flower.strategy import CheckpointMismatch, SyntheticSetStrategy
+from opacus.accountants import RDPAccountant
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower")]
 
-ARGS = ["--preset", "digits-iid-3", "--rounds", "4", "--method", "dm-dp", "--epsilon", "8", "--ipc", "2",
-        "--iterations", "5", "--server-epochs", "5", "--set", "real-per-class=32"]
+ARGS = [
+    "--preset",
+    "digits-iid-3",
+    "--rounds",
+    "4",
+    "--method",
+    "dm-dp",
+    "--epsilon",
+    "8",
+    "--ipc",
+    "2",
+    "--iterations",
+    "5",
+    "--server-epochs",
+    "5",
+    "--set",
+    "real-per-class=32",
+]
 
 
 def _simulate(out: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "fedcl_dd.cli", "simulate", *ARGS, "--out", str(out), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _completed_round(checkpoint: Path) -> int:

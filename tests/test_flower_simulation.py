@@ -13,16 +13,18 @@ import sys
 import cloudpickle
 import pytest
 import torch
-from flwr.app import Array, Context, Message
-from flwr.clientapp import ClientApp
-
 from fedcl_dd.strategies.flower import client_app as honest
 from fedcl_dd.strategies.flower.config import FedConfig
 from fedcl_dd.strategies.flower.payload import SYNTHETIC
 from fedcl_dd.strategies.flower.simulation import simulate
+from flwr.app import Array, Context, Message
+from flwr.clientapp import ClientApp
 
 # One xdist worker runs every Ray/Flower-process test, one after the other (see conftest.py).
-pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.xdist_group("flower")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.xdist_group("flower"),
+]
 
 # Ray workers cannot import this test module: ship its functions by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -62,7 +64,14 @@ def _evaluate(msg: Message, context: Context) -> Message:
 
 
 def test_faulty_clients_are_refused_and_rounds_go_on(tmp_path):
-    cfg = FedConfig(preset="digits-iid-6", rounds=2, ipc=5, iterations=10, server_epochs=30, options={"real_per_class": 32})
+    cfg = FedConfig(
+        preset="digits-iid-6",
+        rounds=2,
+        ipc=5,
+        iterations=10,
+        server_epochs=30,
+        options={"real_per_class": 32},
+    )
     results = simulate(cfg, tmp_path, device=torch.device("cpu"), client_app=faulty)
     rounds = {row["round"]: row for row in results["rounds"]}
     assert sorted(rounds) == [0, 1, 2]
@@ -70,13 +79,27 @@ def test_faulty_clients_are_refused_and_rounds_go_on(tmp_path):
     assert first["accepted"] == [0, 1]
     reasons = " | ".join(item["reason"] for item in first["rejected"])
     assert len(first["rejected"]) == 3
-    assert "NaN" in reasons and "outside [0, 10)" in reasons and "exceed the limit of 50" in reasons, reasons
-    assert len(first["failed"]) == 1 and "simulated crash of client 5" in first["failed"][0]["reason"]
-    assert first["upload_bytes"] == 2 * 5 * 10 * (8 * 8 * 4 + 2)  # two honest pixel sets, int16 labels
-    assert first["accuracy"] > rounds[0]["accuracy"] + 0.3, "training on the honest uploads did not help"
+    assert (
+        "NaN" in reasons and "outside [0, 10)" in reasons and "exceed the limit of 50" in reasons
+    ), reasons
+    assert (
+        len(first["failed"]) == 1 and "simulated crash of client 5" in first["failed"][0]["reason"]
+    )
+    assert first["upload_bytes"] == 2 * 5 * 10 * (
+        8 * 8 * 4 + 2
+    )  # two honest pixel sets, int16 labels
+    assert first["accuracy"] > rounds[0]["accuracy"] + 0.3, (
+        "training on the honest uploads did not help"
+    )
     last = rounds[2]
     assert last["kept_previous_model"] and len(last["failed"]) == 6 and not last["accepted"]
     assert last["accuracy"] == first["accuracy"], "a round with no valid upload changed the model"
     assert last["upload_bytes_total"] == first["upload_bytes"]
-    for name in ("results.json", "accuracy.png", "partitions.png", "upload-client0.png", "checkpoint.pt"):
+    for name in (
+        "results.json",
+        "accuracy.png",
+        "partitions.png",
+        "upload-client0.png",
+        "checkpoint.pt",
+    ):
         assert (tmp_path / name).is_file(), name

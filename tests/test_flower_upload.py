@@ -5,9 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-
-from fedcl_dd.recipe import Recipe
 from fedcl_dd.strategies.flower.config import FedConfig
 from fedcl_dd.strategies.flower.payload import (
     METRICS,
@@ -18,6 +15,9 @@ from fedcl_dd.strategies.flower.payload import (
     read_upload,
     synthetic_records,
 )
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedcl_dd.recipe import Recipe
 
 CFG = FedConfig(preset="digits-iid-4", ipc=5)
 METRIC_VALUES = {"num-examples": 100, "partition-id": 0, "upload-bytes": 1, "seconds": 1.0}
@@ -25,16 +25,25 @@ METRIC_VALUES = {"num-examples": 100, "partition-id": 0, "upload-bytes": 1, "sec
 
 @pytest.fixture(scope="module")
 def good(digits, digits_sampler):
-    syn = Recipe(ipc=5).init_synthetic(digits_sampler, digits.spec, torch.Generator().manual_seed(0))
+    syn = Recipe(ipc=5).init_synthetic(
+        digits_sampler, digits.spec, torch.Generator().manual_seed(0)
+    )
     return syn
 
 
 def _reply(tensors, meta, metrics=METRIC_VALUES) -> RecordDict:
-    return RecordDict({
-        SYNTHETIC: ArrayRecord({k: Array.from_numpy_ndarray(np.ascontiguousarray(v.numpy())) for k, v in tensors.items()}),
-        SYNTHETIC_META: ConfigRecord(dict(meta)),
-        METRICS: MetricRecord(dict(metrics)),
-    })
+    return RecordDict(
+        {
+            SYNTHETIC: ArrayRecord(
+                {
+                    k: Array.from_numpy_ndarray(np.ascontiguousarray(v.numpy()))
+                    for k, v in tensors.items()
+                }
+            ),
+            SYNTHETIC_META: ConfigRecord(dict(meta)),
+            METRICS: MetricRecord(dict(metrics)),
+        }
+    )
 
 
 def _read(content, digits):
@@ -43,7 +52,9 @@ def _read(content, digits):
 
 def test_a_good_upload_round_trips(good, digits):
     up = _read(synthetic_records(good, METRIC_VALUES), digits)
-    assert torch.equal(up.syn.images(), good.images()) and torch.equal(up.syn.class_ids, good.class_ids)
+    assert torch.equal(up.syn.images(), good.images()) and torch.equal(
+        up.syn.class_ids, good.class_ids
+    )
     assert up.partition_id == 0
 
 
@@ -78,7 +89,7 @@ def test_malformed_uploads_are_refused(good, digits, kind, match):
     elif kind == "dtype":
         tensors[key] = tensors[key].double()
     elif kind == "labels":
-        labels = [k for k in tensors if k != key][0]
+        labels = next(k for k in tensors if k != key)
         tensors[labels] = tensors[labels].clone()
         tensors[labels][0] = 10
     elif kind in ("images", "bytes"):
@@ -103,8 +114,13 @@ def test_malformed_uploads_are_refused(good, digits, kind, match):
         from fedcl_dd.models import make_model
 
         net = make_model("convnet", 1, 10, 8, torch.Generator().manual_seed(0), "cpu")
-        content = RecordDict({SYNTHETIC: model_arrays(net), SYNTHETIC_META: ConfigRecord({"note": "weights"}),
-                              METRICS: MetricRecord(metrics)})
+        content = RecordDict(
+            {
+                SYNTHETIC: model_arrays(net),
+                SYNTHETIC_META: ConfigRecord({"note": "weights"}),
+                METRICS: MetricRecord(metrics),
+            }
+        )
         with pytest.raises(InvalidUpload, match=match):
             _read(content, digits)
         return
@@ -135,13 +151,17 @@ def test_bad_configs_are_refused(values, match):
 
 def test_config_round_trips_through_records():
     cfg = FedConfig(preset="mnist-dir0.5-10", method="dm-dp", epsilon=8.0, rounds=5, ipc=3)
-    again = FedConfig.from_mapping({**dict(ConfigRecord(cfg.to_dict())), "server-round": 2}, strict=False)
+    again = FedConfig.from_mapping(
+        {**dict(ConfigRecord(cfg.to_dict())), "server-round": 2}, strict=False
+    )
     assert again == cfg
     assert again.planned_iterations == 5 * cfg.iterations  # sigma planned for the whole run
     tuned = FedConfig(method="gm", options={"real-per-class": 32, "distance": "mse"})
     assert FedConfig.from_mapping(tuned.to_dict()) == tuned
     assert tuned.recipe().objective().real_per_class == 32
-    zero = FedConfig(method="tm", options={"max_start_epoch": 0})  # zero is a value here, not "unset"
+    zero = FedConfig(
+        method="tm", options={"max_start_epoch": 0}
+    )  # zero is a value here, not "unset"
     assert FedConfig.from_mapping(zero.to_dict()).options == {"max_start_epoch": 0}
 
 
@@ -161,7 +181,9 @@ def test_pyproject_run_config_lists_every_setting():
 
     from fedcl_dd.strategies.flower.server_app import SERVER_KEYS
 
-    app = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    app = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"][
+        "app"
+    ]
     declared = dict(app["config"])
     assert set(declared) == set(FedConfig().to_dict()) | set(SERVER_KEYS)
     server = {k: declared.pop(k) for k in SERVER_KEYS}
@@ -169,10 +191,13 @@ def test_pyproject_run_config_lists_every_setting():
 
 
 def test_strategy_refuses_partitions_and_releases_beyond_the_privacy_budget(good):
-    from fedcl_dd.privacy import noise_for_target
     from fedcl_dd.strategies.flower.strategy import SyntheticSetStrategy
 
-    cfg = FedConfig(preset="digits-iid-4", ipc=5, method="dm-dp", epsilon=8.0, rounds=2, iterations=50)
+    from fedcl_dd.privacy import noise_for_target
+
+    cfg = FedConfig(
+        preset="digits-iid-4", ipc=5, method="dm-dp", epsilon=8.0, rounds=2, iterations=50
+    )
     strategy = SyntheticSetStrategy(cfg)
     sigma = noise_for_target(8.0, cfg.delta, 0.2, 2 * 50)  # planned for both rounds
     private = {**METRIC_VALUES, "noise-multiplier": sigma, "sample-rate": 0.2, "steps": 50}
@@ -185,4 +210,6 @@ def test_strategy_refuses_partitions_and_releases_beyond_the_privacy_budget(good
     with pytest.raises(InvalidUpload, match="account its release"):
         strategy.validate(synthetic_records(good, METRIC_VALUES))
     with pytest.raises(InvalidUpload, match=r"epsilon=\d+.* > budget 8"):
-        strategy.validate(synthetic_records(good, {**private, "steps": 3 * 50}))  # a third round's worth
+        strategy.validate(
+            synthetic_records(good, {**private, "steps": 3 * 50})
+        )  # a third round's worth

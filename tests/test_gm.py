@@ -15,7 +15,6 @@ from fedcl_dd.objectives.gm import DISTANCES, GradientMatching, loops_for_ipc
 from fedcl_dd.sampling import ClassSampler
 from fedcl_dd.synthetic import AddressingPlan, AddressingSet, PixelSet
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -31,18 +30,35 @@ def subset(data, per_class: int) -> ClassSampler:
     return ClassSampler(data.train_x[keep], data.train_y[keep], 10)
 
 
-def context(data, real: ClassSampler, seed: int = 0, augment: bool = False, **kwargs) -> MatchingContext:
-    aug = DSA(data.spec.dsa_strategy, generator=torch.Generator().manual_seed(seed)) if augment else None
+def context(
+    data, real: ClassSampler, seed: int = 0, augment: bool = False, **kwargs
+) -> MatchingContext:
+    aug = (
+        DSA(data.spec.dsa_strategy, generator=torch.Generator().manual_seed(seed))
+        if augment
+        else None
+    )
     generator = torch.Generator().manual_seed(seed)
     return MatchingContext(real, data.spec, augment=aug, generator=generator, **kwargs)
 
 
 def test_schedule_follows_the_paper_and_never_exits():
     assert [loops_for_ipc(n) for n in (1, 10, 20, 30, 40, 50)] == [
-        (1, 1), (10, 50), (20, 25), (30, 20), (40, 15), (50, 10)
+        (1, 1),
+        (10, 50),
+        (20, 25),
+        (30, 20),
+        (40, 15),
+        (50, 10),
     ]
-    assert loops_for_ipc(5) == (1, 1) and loops_for_ipc(15) == (10, 50) and loops_for_ipc(200) == (50, 10)
-    syn = PixelSet(torch.zeros(12, 1, 8, 8), torch.tensor([0] * 10 + [1] * 2), 10)  # ipc = max per class
+    assert (
+        loops_for_ipc(5) == (1, 1)
+        and loops_for_ipc(15) == (10, 50)
+        and loops_for_ipc(200) == (50, 10)
+    )
+    syn = PixelSet(
+        torch.zeros(12, 1, 8, 8), torch.tensor([0] * 10 + [1] * 2), 10
+    )  # ipc = max per class
     assert GradientMatching().outer_steps(syn) == 10
     assert GradientMatching(outer_loop=3, inner_loop=2).loops(syn) == (3, 2)
     with pytest.raises(ValueError, match="distance"):
@@ -86,7 +102,9 @@ def test_gradients_reach_addressing_bases_and_addresses(data):
     plan = AddressingPlan(
         bases=4, per_class=2, downsample=2, num_classes=10, image_shape=data.spec.image_shape
     )
-    syn = AddressingSet.from_real(real, plan, classes=[0, 1, 2], generator=torch.Generator().manual_seed(0))
+    syn = AddressingSet.from_real(
+        real, plan, classes=[0, 1, 2], generator=torch.Generator().manual_seed(0)
+    )
     ctx = context(data, real, augment=True)
     gm = GradientMatching(real_per_class=10)
     gm.loss(ctx, gm.network(ctx), syn).backward()
@@ -114,5 +132,4 @@ def test_network_trains_on_the_synthetic_set_between_outer_steps(data):
     before = [p.detach().clone() for p in net.parameters()]
     gm.loss(ctx, net, syn).backward()  # leaves second-order grads on the network, as in the loop
     gm.update_network(ctx, net, syn)
-    assert any(not torch.equal(a, p) for a, p in zip(before, net.parameters()))
-
+    assert any(not torch.equal(a, p) for a, p in zip(before, net.parameters(), strict=True))

@@ -11,9 +11,30 @@ from fedcl_dd.synthetic import SyntheticSet
 @pytest.mark.slow
 def test_distill_real_mnist_with_dm(data_root, tmp_path):
     out = tmp_path / "mnist"
-    args = ["--data-root", str(data_root), "distill", "--dataset", "mnist", "--method", "dm", "--ipc", "10",
-            "--iterations", "20", "--real-per-class", "64", "--lr-images", "10", "--eval-epochs", "100",
-            "--eval-models", "1", "--out", str(out), "--no-progress"]
+    args = [
+        "--data-root",
+        str(data_root),
+        "distill",
+        "--dataset",
+        "mnist",
+        "--method",
+        "dm",
+        "--ipc",
+        "10",
+        "--iterations",
+        "20",
+        "--real-per-class",
+        "64",
+        "--lr-images",
+        "10",
+        "--eval-epochs",
+        "100",
+        "--eval-models",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     syn = SyntheticSet.load(out / "synthetic.safetensors")

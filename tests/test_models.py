@@ -32,9 +32,11 @@ def test_initialization_follows_the_generator_not_the_global_rng():
     torch.rand(100)  # moving the global RNG must change nothing
     b = make_model("convnet", 1, 10, 28, torch.Generator().manual_seed(3))
     c = make_model("convnet", 1, 10, 28, torch.Generator().manual_seed(4))
-    for pa, pb, pc in zip(a.parameters(), b.parameters(), c.parameters()):
+    for pa, pb, _pc in zip(a.parameters(), b.parameters(), c.parameters(), strict=True):
         assert torch.equal(pa, pb)
-    assert not all(torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
+    assert not all(
+        torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters(), strict=True)
+    )
 
 
 def test_unknown_model_is_refused():

@@ -72,13 +72,36 @@ def test_wheel_installs_into_a_fresh_venv(tmp_path: Path) -> None:
         REPO,
         src,
         ignore=shutil.ignore_patterns(
-            ".git", ".venv", ".cache", "build", "dist", "*.egg-info", "__pycache__",
-            ".pytest_cache", "runs", "out", ".whl", ".gl",
+            ".git",
+            ".venv",
+            ".cache",
+            "build",
+            "dist",
+            "*.egg-info",
+            "__pycache__",
+            ".pytest_cache",
+            "runs",
+            "out",
+            ".whl",
+            ".gl",
         ),
     )
     dist = tmp_path / "dist"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-          "--wheel-dir", str(dist), str(src)], cwd=tmp_path)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--wheel-dir",
+            str(dist),
+            str(src),
+        ],
+        cwd=tmp_path,
+    )
     (wheel,) = dist.glob("fedcl_dd-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "fedcl_dd/strategies/__init__.py" in names and "fedcl_dd/scenarios/__init__.py" in names
@@ -89,11 +112,31 @@ def test_wheel_installs_into_a_fresh_venv(tmp_path: Path) -> None:
     candidates = (venv / "bin" / "python", venv / "Scripts" / "python.exe")
     python = next(p for p in candidates if p.exists())
     # pip --python installs into the fresh interpreter without pip having to live there.
-    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
-          "--no-index", str(wheel)], cwd=tmp_path)
-    paths = json.loads(_run([str(python), "-c", "import json, sysconfig; print(json.dumps("
-                             "{k: sysconfig.get_path(k) for k in ('purelib', 'scripts')}))"],
-                            cwd=tmp_path))
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--no-deps",
+            "--no-index",
+            str(wheel),
+        ],
+        cwd=tmp_path,
+    )
+    paths = json.loads(
+        _run(
+            [
+                str(python),
+                "-c",
+                "import json, sysconfig; print(json.dumps("
+                "{k: sysconfig.get_path(k) for k in ('purelib', 'scripts')}))",
+            ],
+            cwd=tmp_path,
+        )
+    )
     site_packages, scripts = Path(paths["purelib"]), Path(paths["scripts"])
     # Dependencies come from this interpreter's site-packages, appended after the fresh one
     # (a .pth line adds a folder without running its own .pth files, so the editable finder
@@ -106,6 +149,14 @@ def test_wheel_installs_into_a_fresh_venv(tmp_path: Path) -> None:
     for module, locations in found.items():
         assert [Path(p) for p in locations] == [site_packages.joinpath(*module.split("."))], module
     assert any((scripts / name).is_file() for name in ("fedcl-dd", "fedcl-dd.exe"))
-    entry = _run([str(python), "-I", "-c", "from importlib.metadata import entry_points; "
-                  "print(entry_points(group='console_scripts')['fedcl-dd'].value)"], cwd=tmp_path)
+    entry = _run(
+        [
+            str(python),
+            "-I",
+            "-c",
+            "from importlib.metadata import entry_points; "
+            "print(entry_points(group='console_scripts')['fedcl-dd'].value)",
+        ],
+        cwd=tmp_path,
+    )
     assert entry.strip() == "fedcl_dd.cli:main"

@@ -66,14 +66,16 @@ def test_ledger_matches_opacus_and_survives_round_trips(history):
     # A resumed ledger keeps counting: one more step matches Opacus with one more step.
     sigma, q, _ = history[-1]
     as_json.step(sigma, q)
-    longer = history[:-1] + [(sigma, q, history[-1][2] + 1)]
+    longer = [*history[:-1], (sigma, q, history[-1][2] + 1)]
     assert as_json.epsilon(DELTA) == pytest.approx(_opacus_epsilon(longer, DELTA), rel=1e-12)
 
 
 def test_ledger_basics():
     ledger = PrivacyLedger()
     assert ledger.epsilon(DELTA) == 0.0 and ledger.steps == 0
-    assert ledger.projected_epsilon(DELTA, 1.0, 0.1, 10) == pytest.approx(epsilon_for(1.0, 0.1, 10, DELTA))
+    assert ledger.projected_epsilon(DELTA, 1.0, 0.1, 10) == pytest.approx(
+        epsilon_for(1.0, 0.1, 10, DELTA)
+    )
     assert ledger.steps == 0  # projecting records nothing
     with pytest.raises(ValueError, match="noise_multiplier"):
         ledger.step(0.0, 0.1)
@@ -158,20 +160,28 @@ def test_clipped_sums_have_sensitivity_clip(digits, model, scale):
     ctx = _ctx(digits, model=model)
     obj = PrivateDistributionMatching(clip=clip, noise_multiplier=1.0, sample_rate=0.5)
     net = obj.network(ctx)
-    net.center = torch.randn(net.inner.embed(digits.train_x[:1]).shape[1], generator=torch.Generator().manual_seed(1))
+    net.center = torch.randn(
+        net.inner.embed(digits.train_x[:1]).shape[1], generator=torch.Generator().manual_seed(1)
+    )
     x, y = digits.train_x[:12] * scale, digits.train_y[:12]  # several records of several classes
     params = ctx.siamese()
     with torch.no_grad():
         raw = net.inner.embed(ctx.apply(x, params)) - net.center
-    assert bool((raw.norm(dim=1) > 2 * clip).all()), "records must be large enough for clipping to act"
+    assert bool((raw.norm(dim=1) > 2 * clip).all()), (
+        "records must be large enough for clipping to act"
+    )
 
     full = obj.clipped_sums(ctx, net, x, y, params)
     extra_x, extra_y = digits.train_x[100:101] * scale, digits.train_y[100:101]
-    neighbours = [(torch.cat([x[:i], x[i + 1 :]]), torch.cat([y[:i], y[i + 1 :]])) for i in range(len(x))]
+    neighbours = [
+        (torch.cat([x[:i], x[i + 1 :]]), torch.cat([y[:i], y[i + 1 :]])) for i in range(len(x))
+    ]
     neighbours.append((torch.cat([x, extra_x]), torch.cat([y, extra_y])))
     for nx, ny in neighbours:
         diff = obj.clipped_sums(ctx, net, nx, ny, params) - full
-        assert (diff.norm(dim=1) > 1e-4 * clip).sum() == 1  # one class's sum moves (the others: rounding only)
+        assert (
+            diff.norm(dim=1) > 1e-4 * clip
+        ).sum() == 1  # one class's sum moves (the others: rounding only)
         assert float(diff.norm()) <= clip * (1 + 1e-5)
         assert float(diff.norm()) == pytest.approx(clip, rel=1e-4)  # clipping is active: exactly C
 
@@ -194,7 +204,9 @@ def test_release_adds_gaussian_noise_of_std_sigma_clip(digits):
     ctx, ctx2 = _ctx(digits, augment=False), _ctx(digits, augment=False)
     net = obj.network(ctx)
     means, stats = obj.release(ctx, net, classes, None)
-    again, _ = obj.release(ctx2, obj.network(ctx2), classes, None)  # same seed: same network and noise
+    again, _ = obj.release(
+        ctx2, obj.network(ctx2), classes, None
+    )  # same seed: same network and noise
     assert torch.equal(means, again)
     assert obj.ledger.history == [(sigma, 1.0, 2)]
 
@@ -213,7 +225,9 @@ def test_empty_poisson_draw_still_releases_noise(digits):
     ctx = _ctx(digits)
     ctx.augment = DSA("crop", torch.Generator().manual_seed(0))  # affine: rejects empty batches
     means, stats = obj.release(ctx, obj.network(ctx), [0, 1], ctx.siamese())
-    assert stats["records"] == 0 and bool(torch.isfinite(means).all()) and bool((means[:2] != 0).any())
+    assert (
+        stats["records"] == 0 and bool(torch.isfinite(means).all()) and bool((means[:2] != 0).any())
+    )
 
 
 # --------------------------------------------------------------------------- distillation
@@ -234,7 +248,9 @@ def test_private_distillation_on_digits_learns(digits):
     ctx = _ctx(digits)
     spec = digits.spec
     syn = PixelSet.from_noise(10, spec.image_shape, 3, generator=torch.Generator().manual_seed(0))
-    nets = [make_model("convnet", 1, 10, 8, torch.Generator().manual_seed(100 + i)) for i in range(3)]
+    nets = [
+        make_model("convnet", 1, 10, 8, torch.Generator().manual_seed(100 + i)) for i in range(3)
+    ]
     before = _dm_distance(syn, digits, nets)
     # Centred embeddings have norm ~0.36 here: C = 0.3 clips most records; sigma = 1 at q = 0.1
     # over 30 iterations spends epsilon 4.85 (delta 1e-5).
@@ -255,7 +271,9 @@ def test_epsilon_target_is_respected_and_survives_resume(digits, tmp_path):
 
     def run(until: int, callbacks=()):
         obj = PrivateDistributionMatching(clip=0.5, epsilon=target, iterations=iterations)
-        syn = PixelSet.from_noise(10, spec.image_shape, 1, generator=torch.Generator().manual_seed(0))
+        syn = PixelSet.from_noise(
+            10, spec.image_shape, 1, generator=torch.Generator().manual_seed(0)
+        )
         ctx = _ctx(digits)
         distill(syn, obj, ctx, DistillConfig(iterations=until, lr_images=10.0), callbacks)
         return obj, syn, ctx

@@ -18,7 +18,9 @@ def test_budget_of_n_images_gives_n_pixel_images_and_more_addressed_ones(digits,
 
 
 def test_a_subset_of_classes_gets_the_budget_of_those_classes(digits, digits_sampler):
-    syn = Recipe(ipc=3).init_synthetic(digits_sampler, digits.spec, torch.Generator(), classes=[1, 7])
+    syn = Recipe(ipc=3).init_synthetic(
+        digits_sampler, digits.spec, torch.Generator(), classes=[1, 7]
+    )
     assert syn.classes == [1, 7] and syn.num_images == 6 and syn.num_classes == 10
 
 
@@ -41,7 +43,10 @@ def test_private_sets_start_from_noise_and_never_from_real_data(digits, digits_s
         ({"ipc": 0}, "images per class must be >= 1"),
         ({"storage": "int8"}, "unknown storage"),
         ({"budget_bytes": -5}, "budget_bytes must be positive"),
-        ({"options": {"epsilon": 1.0}}, "option epsilon does not apply to method 'dm'.*belongs to dm-dp"),
+        (
+            {"options": {"epsilon": 1.0}},
+            "option epsilon does not apply to method 'dm'.*belongs to dm-dp",
+        ),
         ({"options": {"bases": 4}}, "option bases does not apply.*belongs to addressing"),
         ({"options": {"warp": 4}}, "no registered method declares it"),
         ({"options": {"real_per_class": 0}}, r"real-per-class=0 is outside \[1"),

@@ -41,7 +41,9 @@ def test_addressing_memory_fits_the_budget_and_holds_more_images(shape, classes,
 
 def test_paper_example_cifar10_one_image_per_class():
     # Deng & Russakovsky: CIFAR-10 at the floats of 1 image per class, K=16, ds=2 -> r = 115.
-    plan = AddressingPlan.for_budget(4 * 3072 * 10 + 2 * 10, 10, (3, 32, 32), bases=16, downsample=2)
+    plan = AddressingPlan.for_budget(
+        4 * 3072 * 10 + 2 * 10, 10, (3, 32, 32), bases=16, downsample=2
+    )
     assert plan.per_class == 115
 
 
@@ -128,13 +130,18 @@ def _write(path, tensors, meta):
         (lambda t, m: t.update(extra=torch.zeros(1)), "unexpected \\['extra'\\]"),
         (lambda t, m: t["images"].__setitem__((0, 0, 0, 0), float("nan")), "NaN or Inf"),
         (lambda t, m: t["labels"].__setitem__(0, 12), "outside \\[0, 10\\)"),
-        (lambda t, m: t.update(images=t["images"][:, :, :4].contiguous()), "must be float \\(N, 1, 8, 8\\)"),
+        (
+            lambda t, m: t.update(images=t["images"][:, :, :4].contiguous()),
+            "must be float \\(N, 1, 8, 8\\)",
+        ),
         (lambda t, m: t.update(labels=t["labels"][:3]), "images but 3 labels"),
         (lambda t, m: t.update(images=t["images"].double()), "dtype torch.float64"),
         (lambda t, m: m.update(num_classes="ten"), "malformed metadata"),
     ],
 )
-def test_malformed_files_are_refused_with_the_reason(break_it, message, digits_sampler, gen, tmp_path):
+def test_malformed_files_are_refused_with_the_reason(
+    break_it, message, digits_sampler, gen, tmp_path
+):
     syn = _pixels(digits_sampler, gen)
     tensors, meta = syn.state_tensors(), syn.metadata()
     break_it(tensors, meta)
@@ -160,7 +167,9 @@ def test_limits_on_images_and_bytes(digits_sampler, gen):
         SyntheticSet.from_state(tensors, meta, max_images=29)
 
 
-def test_save_is_atomic_and_keeps_the_old_file_on_failure(digits_sampler, gen, tmp_path, monkeypatch):
+def test_save_is_atomic_and_keeps_the_old_file_on_failure(
+    digits_sampler, gen, tmp_path, monkeypatch
+):
     syn = _pixels(digits_sampler, gen)
     path = syn.save(tmp_path / "s.safetensors")
     before = path.read_bytes()

@@ -29,7 +29,9 @@ from fedcl_dd.synthetic import AddressingPlan, AddressingSet, PixelSet
 SIZE = 16
 # One expert, two epochs, one possible segment (start 0 -> epoch 2): every iteration chases the
 # same target, so the loss is a function of the synthetic set alone.
-EXPERTS = dict(num_experts=1, expert_train_epochs=2, expert_epochs=2, max_start_epoch=0, expert_augment=False)
+EXPERTS = dict(
+    num_experts=1, expert_train_epochs=2, expert_epochs=2, max_start_epoch=0, expert_augment=False
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -85,7 +87,9 @@ def test_experts_are_cached_once_and_reused(data, tmp_path, monkeypatch):
     assert torch.equal(a.start, b.start) and torch.equal(a.target, b.target)
     assert objective(tmp_path, expert_seed=1).expert_path(ctx) != path  # other experts, other file
     path.unlink()
-    second.setup(ctx, syn)  # the same objective again (e.g. the next federated round): kept in memory
+    second.setup(
+        ctx, syn
+    )  # the same objective again (e.g. the next federated round): kept in memory
     assert not path.exists()
 
 
@@ -104,7 +108,12 @@ def gradients(data, expert_dir, constant_memory: bool, syn, steps: int = 3, **kw
     """Loss value and gradients of one iteration from the same expert segment, batches and
     per-sample DSA draws (TESLA's second pass must replay its first pass's draws)."""
     tm = objective(
-        expert_dir, syn_steps=steps, batch_syn=10, lr_teacher=0.01, constant_memory=constant_memory, **kwargs
+        expert_dir,
+        syn_steps=steps,
+        batch_syn=10,
+        lr_teacher=0.01,
+        constant_memory=constant_memory,
+        **kwargs,
     )
     ctx = context(data, seed=3, augment=True)
     tm.setup(ctx, syn)
@@ -141,7 +150,9 @@ def test_tesla_is_close_to_the_full_unroll(data, expert_dir):
 @pytest.mark.parametrize("constant_memory", [False, True])
 def test_gradients_reach_addressing_memory_and_soft_labels(data, expert_dir, constant_memory):
     spec, real = data
-    plan = AddressingPlan(bases=4, per_class=2, downsample=2, num_classes=10, image_shape=spec.image_shape)
+    plan = AddressingPlan(
+        bases=4, per_class=2, downsample=2, num_classes=10, image_shape=spec.image_shape
+    )
     syn = AddressingSet.from_real(real, plan, generator=torch.Generator().manual_seed(0))
     syn.make_labels_learnable()
     _, grads, lr_grad = gradients(data, expert_dir, constant_memory, syn)
@@ -158,7 +169,7 @@ class SavedTensorPeak:
     """
 
     class _Box:
-        __slots__ = ("tensor", "__weakref__")
+        __slots__ = ("__weakref__", "tensor")
 
         def __init__(self, tensor: torch.Tensor) -> None:
             self.tensor = tensor
@@ -169,7 +180,7 @@ class SavedTensorPeak:
     def _release(self, nbytes: int) -> None:
         self.live -= nbytes
 
-    def pack(self, tensor: torch.Tensor) -> "_Box":
+    def pack(self, tensor: torch.Tensor) -> _Box:
         nbytes = tensor.numel() * tensor.element_size()
         self.live += nbytes
         self.peak = max(self.peak, self.live)
@@ -178,7 +189,7 @@ class SavedTensorPeak:
         return box
 
     @staticmethod
-    def unpack(box: "_Box") -> torch.Tensor:
+    def unpack(box: _Box) -> torch.Tensor:
         return box.tensor
 
 

@@ -11,5 +11,14 @@ from .dm_dp import PrivateDistributionMatching
 from .gm import GradientMatching
 from .tm import TrajectoryMatching
 
-__all__ = ["MatchingContext", "Objective", "Plan", "REAL_PER_CLASS", "class_means", "DistributionMatching",
-           "PrivateDistributionMatching", "GradientMatching", "TrajectoryMatching"]
+__all__ = [
+    "REAL_PER_CLASS",
+    "DistributionMatching",
+    "GradientMatching",
+    "MatchingContext",
+    "Objective",
+    "Plan",
+    "PrivateDistributionMatching",
+    "TrajectoryMatching",
+    "class_means",
+]

@@ -11,9 +11,10 @@ happens to the network between S updates (:meth:`Objective.update_network`).
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -25,7 +26,15 @@ from ..options import Option, parse_declared
 from ..sampling import ClassSampler
 from ..synthetic import SyntheticSet
 
-__all__ = ["MatchingContext", "Objective", "Plan", "DistillationDiverged", "class_means", "REAL_PER_CLASS"]
+__all__ = [
+    "REAL_PER_CLASS",
+    "DistillationDiverged",
+    "MatchingContext",
+    "Objective",
+    "Plan",
+    "class_means",
+]
+
 
 class DistillationDiverged(RuntimeError):
     """The loss, the synthetic set or an objective's parameter became NaN/Inf (or left its valid range)."""
@@ -57,7 +66,12 @@ class MatchingContext:
             return self.network_source(self)
         spec = self.spec
         return make_model(
-            self.model, spec.channels, spec.num_classes, spec.image_size, self.generator, self.device
+            self.model,
+            spec.channels,
+            spec.num_classes,
+            spec.image_size,
+            self.generator,
+            self.device,
         )
 
     def siamese(self) -> AugParams | None:
@@ -65,7 +79,11 @@ class MatchingContext:
         return self.augment.sample(1) if self.augment is not None else None
 
     def apply(self, x: torch.Tensor, params: AugParams | None) -> torch.Tensor:
-        return self.augment.apply(x, params) if (self.augment is not None and params is not None) else x
+        return (
+            self.augment.apply(x, params)
+            if (self.augment is not None and params is not None)
+            else x
+        )
 
 
 @dataclass(frozen=True)
@@ -130,7 +148,7 @@ class Objective(abc.ABC):
         return parse_declared(f"method {cls.name!r}", cls.options, dict(options))
 
     @classmethod
-    def build(cls, options: Mapping[str, Any], plan: Plan) -> "Objective":
+    def build(cls, options: Mapping[str, Any], plan: Plan) -> Objective:
         """The objective for a run: :meth:`defaults` for ``plan``, overridden by ``options``."""
         return cls(**{**cls.defaults(plan), **cls.check_options(options)})
 
@@ -168,7 +186,9 @@ class Objective(abc.ABC):
         return {}
 
 
-def class_means(emb: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def class_means(
+    emb: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class mean of ``emb`` rows in one batched op: (num_classes, D) means and (num_classes,) counts.
 
     Classes with no rows get a zero mean and count 0.

@@ -58,13 +58,13 @@ import torch
 from torch import nn
 
 from ..augment import AugParams
+from ..options import Option
 from ..privacy import PrivacyBudgetError, PrivacyLedger, noise_for_target
 from ..synthetic import SyntheticSet
-from ..options import Option
 from .base import REAL_PER_CLASS, MatchingContext, Plan
 from .dm import DistributionMatching
 
-__all__ = ["PrivateDistributionMatching", "ClippedEmbedding", "clip_rows"]
+__all__ = ["ClippedEmbedding", "PrivateDistributionMatching", "clip_rows"]
 
 
 def clip_rows(emb: torch.Tensor, clip: float) -> torch.Tensor:
@@ -123,13 +123,40 @@ class PrivateDistributionMatching(DistributionMatching):
     name = "dm-dp"
     options = (
         REAL_PER_CLASS,
-        Option("clip", float, 1.0, "per-record bound C on the centered embedding's L2 norm", low=0, open_low=True),
-        Option("epsilon", float, None, "target epsilon over the whole run (sigma is calibrated)", low=0, open_low=True),
-        Option("noise_multiplier", float, None, "sigma, instead of epsilon (epsilon is then reported)",
-               low=0, open_low=True),
+        Option(
+            "clip",
+            float,
+            1.0,
+            "per-record bound C on the centered embedding's L2 norm",
+            low=0,
+            open_low=True,
+        ),
+        Option(
+            "epsilon",
+            float,
+            None,
+            "target epsilon over the whole run (sigma is calibrated)",
+            low=0,
+            open_low=True,
+        ),
+        Option(
+            "noise_multiplier",
+            float,
+            None,
+            "sigma, instead of epsilon (epsilon is then reported)",
+            low=0,
+            open_low=True,
+        ),
         Option("delta", float, 1e-5, "target delta", low=0, high=1, open_low=True),
-        Option("sample_rate", float, None, "Poisson rate q (default: real_per_class / mean class size)",
-               low=0, high=1, open_low=True),
+        Option(
+            "sample_rate",
+            float,
+            None,
+            "Poisson rate q (default: real_per_class / mean class size)",
+            low=0,
+            high=1,
+            open_low=True,
+        ),
     )
     # Starts from noise and matches clipped embeddings, whose gradients are far smaller than
     # DM's: 100 worked on digits.
@@ -141,7 +168,10 @@ class PrivateDistributionMatching(DistributionMatching):
     @classmethod
     def defaults(cls, plan: Plan) -> dict[str, Any]:
         """The declared defaults, with an ``epsilon`` target planned for ``plan.iterations`` releases."""
-        return {**super().defaults(plan), "iterations": plan.iterations if plan.iterations >= 1 else None}
+        return {
+            **super().defaults(plan),
+            "iterations": plan.iterations if plan.iterations >= 1 else None,
+        }
 
     def __init__(
         self,
@@ -162,10 +192,16 @@ class PrivateDistributionMatching(DistributionMatching):
                 f"epsilon (with iterations; sigma is calibrated), got noise_multiplier={noise_multiplier}, "
                 f"epsilon={epsilon}"
             )
-        if noise_multiplier is not None and not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
-            raise ValueError(f"noise_multiplier must be a positive finite number, got {noise_multiplier}")
+        if noise_multiplier is not None and not (
+            noise_multiplier > 0 and math.isfinite(noise_multiplier)
+        ):
+            raise ValueError(
+                f"noise_multiplier must be a positive finite number, got {noise_multiplier}"
+            )
         if epsilon is not None and iterations is None:
-            raise ValueError("epsilon needs iterations (the number of releases to plan the budget for)")
+            raise ValueError(
+                "epsilon needs iterations (the number of releases to plan the budget for)"
+            )
         if iterations is not None and iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
         if not 0.0 < delta < 1.0:
@@ -185,14 +221,18 @@ class PrivateDistributionMatching(DistributionMatching):
 
     def _calibrate(self) -> None:
         if self.target_epsilon is not None:
-            self.noise_multiplier = noise_for_target(self.target_epsilon, self.delta, self.sample_rate, self.iterations)
+            self.noise_multiplier = noise_for_target(
+                self.target_epsilon, self.delta, self.sample_rate, self.iterations
+            )
 
     @staticmethod
     def _held_counts(ctx: MatchingContext, classes: list[int]) -> torch.Tensor:
         counts = ctx.real.counts[classes].to(torch.float64)
         empty = [c for c, n in zip(classes, counts.tolist(), strict=True) if n == 0]
         if empty:
-            raise ValueError(f"classes {empty} of the synthetic set have no real records to release a mean of")
+            raise ValueError(
+                f"classes {empty} of the synthetic set have no real records to release a mean of"
+            )
         return counts
 
     def setup(self, ctx: MatchingContext, syn: SyntheticSet) -> None:
@@ -240,11 +280,15 @@ class PrivateDistributionMatching(DistributionMatching):
         and ``noise_std`` (sigma * C on each sum).
         """
         if self.sample_rate is None or self.noise_multiplier is None:
-            raise RuntimeError("the sample rate and noise are set by setup(ctx, syn); call it first")
+            raise RuntimeError(
+                "the sample rate and noise are set by setup(ctx, syn); call it first"
+            )
         sigma, q = self.noise_multiplier, self.sample_rate
         if self.target_epsilon is not None:
             after = self.ledger.projected_epsilon(self.delta, sigma, q)
-            if after > self.target_epsilon * (1 + 1e-9):  # float slack: the plan itself is within target
+            if after > self.target_epsilon * (
+                1 + 1e-9
+            ):  # float slack: the plan itself is within target
                 raise PrivacyBudgetError(
                     f"the privacy budget epsilon={self.target_epsilon:g} (delta={self.delta:g}) is spent: "
                     f"release {self.ledger.steps + 1} would bring epsilon to {after:.4g}. The noise was "
@@ -255,7 +299,9 @@ class PrivateDistributionMatching(DistributionMatching):
         x, y = ctx.real.poisson(classes, q, ctx.generator)
         sums = self.clipped_sums(ctx, net, x, y, params)
         held = torch.tensor(classes, device=sums.device)
-        noise = torch.randn(len(classes), sums.shape[1], generator=ctx.generator, device=ctx.generator.device)
+        noise = torch.randn(
+            len(classes), sums.shape[1], generator=ctx.generator, device=ctx.generator.device
+        )
         noisy = sums.clone()
         noisy[held] += noise.to(sums) * (sigma * self.clip)
         # Dividing by the expected batch (public), not the realized one (private), keeps the
@@ -263,7 +309,11 @@ class PrivateDistributionMatching(DistributionMatching):
         scale = torch.ones(ctx.spec.num_classes, 1, dtype=sums.dtype, device=sums.device)
         scale[held] = expected.to(scale).unsqueeze(1)
         self.ledger.step(sigma, q)
-        stats = {"records": float(y.numel()), "expected_records": float(expected.sum()), "noise_std": sigma * self.clip}
+        stats = {
+            "records": float(y.numel()),
+            "expected_records": float(expected.sum()),
+            "noise_std": sigma * self.clip,
+        }
         return noisy / scale, stats
 
     def real_means(

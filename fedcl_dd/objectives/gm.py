@@ -13,18 +13,18 @@ moved along the synthetic set's own training trajectory.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..evaluate import train_epochs
-from ..synthetic import SyntheticSet
 from ..options import Option
+from ..synthetic import SyntheticSet
 from .base import REAL_PER_CLASS, MatchingContext, Objective
 
-__all__ = ["GradientMatching", "DISTANCES", "LOOPS", "loops_for_ipc", "gradient_distance"]
+__all__ = ["DISTANCES", "LOOPS", "GradientMatching", "gradient_distance", "loops_for_ipc"]
 
 DISTANCES = ("layerwise", "mse", "cosine")
 
@@ -71,10 +71,13 @@ def gradient_distance(
     """
     if kind == "layerwise":
         total = syn[0].new_zeros(())
-        for gs, gr in zip(syn, real):
+        for gs, gr in zip(syn, real, strict=True):
             if gs.dim() < 2:
                 continue
-            total = total + (1 - F.cosine_similarity(gs.flatten(1), gr.flatten(1), dim=1, eps=_EPS)).sum()
+            total = (
+                total
+                + (1 - F.cosine_similarity(gs.flatten(1), gr.flatten(1), dim=1, eps=_EPS)).sum()
+            )
         return total
     gs = torch.cat([g.flatten() for g in syn])
     gr = torch.cat([g.flatten() for g in real])
@@ -102,10 +105,31 @@ class GradientMatching(Objective):
     options = (
         REAL_PER_CLASS,
         Option("distance", str, "layerwise", "gradient distance", choices=DISTANCES),
-        Option("outer_loop", int, None, "S updates per network (default: DC's schedule by images per class)", low=1),
-        Option("inner_loop", int, None, "epochs on S between outer steps (default: DC's schedule)", low=1),
-        Option("lr_net", float, 0.01, "learning rate of the network's training on S", low=0, open_low=True),
-        Option("momentum_net", float, 0.5, "momentum of the network's training on S", low=0, high=1),
+        Option(
+            "outer_loop",
+            int,
+            None,
+            "S updates per network (default: DC's schedule by images per class)",
+            low=1,
+        ),
+        Option(
+            "inner_loop",
+            int,
+            None,
+            "epochs on S between outer steps (default: DC's schedule)",
+            low=1,
+        ),
+        Option(
+            "lr_net",
+            float,
+            0.01,
+            "learning rate of the network's training on S",
+            low=0,
+            open_low=True,
+        ),
+        Option(
+            "momentum_net", float, 0.5, "momentum of the network's training on S", low=0, high=1
+        ),
         Option("batch_net", int, 256, "batch size of the network's training on S", low=1),
     )
     lr_by_ipc = ((1, 0.1),)  # DC/DSA
@@ -187,4 +211,6 @@ class GradientMatching(Objective):
         with torch.no_grad():
             images, targets = syn.images(), syn.targets()
         epochs, aug = self.loops(syn)[1], ctx.augment
-        train_epochs(net, self._net_optimizer, images, targets, epochs, self.batch_net, aug, ctx.generator)
+        train_epochs(
+            net, self._net_optimizer, images, targets, epochs, self.batch_net, aug, ctx.generator
+        )

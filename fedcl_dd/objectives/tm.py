@@ -35,16 +35,21 @@ from tqdm.auto import tqdm
 
 from ..augment import DSA, AugParams
 from ..data import DatasetSpec
+from ..evaluate import train_epochs
 from ..io import atomic_write
 from ..models import make_model
+from ..options import Option
 from ..sampling import ClassSampler
 from ..synthetic import SyntheticSet
-from ..evaluate import train_epochs
-from ..options import Option
 from .base import DistillationDiverged, MatchingContext, Objective, Plan
 
 __all__ = [
-    "mtt_settings","TrajectoryMatching", "ExpertSegment", "train_experts", "expert_cache_key"]
+    "ExpertSegment",
+    "TrajectoryMatching",
+    "expert_cache_key",
+    "mtt_settings",
+    "train_experts",
+]
 
 Trajectory = list[dict[str, torch.Tensor]]
 _EXPERT_FORMAT = "fedcl-dd/experts/1"
@@ -77,7 +82,9 @@ def train_experts(
     experts = []
     with tqdm(total=num_experts * epochs, desc="experts", disable=not progress) as bar:
         for _ in range(num_experts):
-            net = make_model(model, spec.channels, spec.num_classes, spec.image_size, generator, device)
+            net = make_model(
+                model, spec.channels, spec.num_classes, spec.image_size, generator, device
+            )
             opt = torch.optim.SGD(net.parameters(), lr=lr)
             trajectory = [_snapshot(net)]
             for _ in range(epochs):
@@ -92,14 +99,21 @@ def _snapshot(net: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().clone() for name, p in net.named_parameters()}
 
 
-def expert_cache_key(real: ClassSampler, spec: DatasetSpec, model: str, settings: dict[str, Any]) -> str:
+def expert_cache_key(
+    real: ClassSampler, spec: DatasetSpec, model: str, settings: dict[str, Any]
+) -> str:
     """SHA-256 naming a set of experts: dataset, model, training settings and the real data itself.
 
     The data enters as its size and checksums of its labels and images, so experts trained on
     one client's partition are never reused for another's.
     """
     h = hashlib.sha256()
-    meta = {"format": _EXPERT_FORMAT, "dataset": spec.name, "model": model, "n": int(real.y.numel())}
+    meta = {
+        "format": _EXPERT_FORMAT,
+        "dataset": spec.name,
+        "model": model,
+        "n": int(real.y.numel()),
+    }
     meta.update(settings)
     h.update(json.dumps(meta, sort_keys=True).encode())
     h.update(real.y.detach().cpu().contiguous().numpy().tobytes())
@@ -134,7 +148,10 @@ def _load_experts(path: Path, key: str) -> list[Trajectory]:
     tensors = load_file(str(path))
     names = json.loads(meta["names"])
     return [
-        [{name: tensors[f"{e}/{t}/{name}"] for name in names} for t in range(int(meta["epochs"]) + 1)]
+        [
+            {name: tensors[f"{e}/{t}/{name}"] for name in names}
+            for t in range(int(meta["epochs"]) + 1)
+        ]
         for e in range(int(meta["num_experts"]))
     ]
 
@@ -161,7 +178,7 @@ class ExpertSegment(nn.Module):
 
     def forward(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         pieces = theta.split(self._sizes)
-        params = {n: t.view(s) for n, t, s in zip(self._names, pieces, self._shapes)}
+        params = {n: t.view(s) for n, t, s in zip(self._names, pieces, self._shapes, strict=True)}
         return functional_call(self.shell, params, (x,))
 
 
@@ -172,8 +189,14 @@ Step = tuple[torch.Tensor, AugParams | None]  # minibatch indices, augmentation 
 _MTT_ROWS = {
     1: dict(syn_steps=50, expert_epochs=2, max_start_epoch=2, lr_lr=1e-7, lr_teacher=0.01),
     10: dict(syn_steps=30, expert_epochs=2, max_start_epoch=20, lr_lr=1e-5, lr_teacher=0.001),
-    50: dict(syn_steps=30, expert_epochs=2, max_start_epoch=40, lr_lr=1e-5, lr_teacher=0.001,
-             expert_train_epochs=42),
+    50: dict(
+        syn_steps=30,
+        expert_epochs=2,
+        max_start_epoch=40,
+        lr_lr=1e-5,
+        lr_teacher=0.001,
+        expert_train_epochs=42,
+    ),
 }
 
 
@@ -209,9 +232,20 @@ class TrajectoryMatching(Objective):
     options = (
         Option("syn_steps", int, None, f"student steps on S per iteration {_MTT}", low=1),
         Option("expert_epochs", int, None, f"expert epochs the student must cover {_MTT}", low=1),
-        Option("max_start_epoch", int, None, f"latest expert epoch a segment starts at {_MTT}", low=0),
-        Option("lr_teacher", float, None, f"initial learnable student step size {_MTT}", low=0, open_low=True),
-        Option("lr_lr", float, None, f"learning rate of the step size {_MTT}", low=0, open_low=True),
+        Option(
+            "max_start_epoch", int, None, f"latest expert epoch a segment starts at {_MTT}", low=0
+        ),
+        Option(
+            "lr_teacher",
+            float,
+            None,
+            f"initial learnable student step size {_MTT}",
+            low=0,
+            open_low=True,
+        ),
+        Option(
+            "lr_lr", float, None, f"learning rate of the step size {_MTT}", low=0, open_low=True
+        ),
         Option("batch_syn", int, None, "synthetic images per student step (default: all)", low=1),
         Option("constant_memory", bool, False, "TESLA's constant-memory gradient"),
         Option("num_experts", int, 5, "expert trajectories to train", low=1),
@@ -223,7 +257,13 @@ class TrajectoryMatching(Objective):
     )
     lr_by_ipc = ((1, 100.0), (50, 1000.0))  # MTT's CIFAR-10 rows
     trains_networks = True
-    quick = {"num_experts": 1, "expert_train_epochs": 2, "max_start_epoch": 0, "syn_steps": 2, "expert_epochs": 1}
+    quick = {
+        "num_experts": 1,
+        "expert_train_epochs": 2,
+        "max_start_epoch": 0,
+        "syn_steps": 2,
+        "expert_epochs": 1,
+    }
     paper = "mtt"
 
     @classmethod
@@ -314,7 +354,7 @@ class TrajectoryMatching(Objective):
             try:
                 return _load_experts(path, key)
             except (SafetensorError, OSError, ValueError, KeyError) as exc:
-                warnings.warn(f"retraining experts: could not reuse {path} ({exc})")
+                warnings.warn(f"retraining experts: could not reuse {path} ({exc})", stacklevel=2)
         experts = train_experts(
             ctx.real,
             ctx.spec,
@@ -345,9 +385,13 @@ class TrajectoryMatching(Objective):
             experts = self._experts(ctx, key)
             got = {n: p.shape for n, p in experts[0][0].items()}
             if got != shapes:
-                raise ValueError(f"the experts' parameters {sorted(got)} do not fit the model {ctx.model!r}")
+                raise ValueError(
+                    f"the experts' parameters {sorted(got)} do not fit the model {ctx.model!r}"
+                )
             self._trajectories = [
-                torch.stack([torch.cat([snapshot[n].flatten() for n in names]) for snapshot in trajectory])
+                torch.stack(
+                    [torch.cat([snapshot[n].flatten() for n in names]) for snapshot in trajectory]
+                )
                 for trajectory in experts
             ]
             self._key = key
@@ -393,7 +437,9 @@ class TrajectoryMatching(Objective):
         images, targets = syn.images(), syn.targets()
         theta = net.start.clone().requires_grad_(True)
         for idx, aug in schedule:
-            g = self._student_grad(net, theta, ctx.apply(images[idx], aug), targets[idx], create_graph=True)
+            g = self._student_grad(
+                net, theta, ctx.apply(images[idx], aug), targets[idx], create_graph=True
+            )
             theta = theta - self.syn_lr * g
         return self._match(net, theta)
 
@@ -416,7 +462,6 @@ class TrajectoryMatching(Objective):
     def _check_step_size(self) -> None:
         lr = float(self.syn_lr.detach())
         if not (math.isfinite(lr) and lr > 0):
-
             raise DistillationDiverged(
                 f"trajectory matching's learnable step size is {lr:g} at iteration {self.iteration} "
                 f"(it must stay positive and finite; MTT is known to blow up this way): lower lr_lr "
@@ -442,7 +487,11 @@ class TrajectoryMatching(Objective):
 
     @staticmethod
     def _student_grad(
-        net: ExpertSegment, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, create_graph: bool
+        net: ExpertSegment,
+        theta: torch.Tensor,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        create_graph: bool,
     ) -> torch.Tensor:
         loss = F.cross_entropy(net(x, theta), y)
         return torch.autograd.grad(loss, theta, create_graph=create_graph)[0]
@@ -463,7 +512,10 @@ class TrajectoryMatching(Objective):
         # Pass 1: the student's end point, no graph beyond one step's weight gradient.
         theta = net.start
         for idx, aug in schedule:
-            theta = theta - lr * self._tesla_step(net, theta, img.detach(), tgt.detach(), idx, aug, ctx)[0]
+            theta = (
+                theta
+                - lr * self._tesla_step(net, theta, img.detach(), tgt.detach(), idx, aug, ctx)[0]
+            )
         with torch.no_grad():
             value = self._match(net, theta)
             v = 2 * (theta - net.target) / ((net.start - net.target) ** 2).sum()
@@ -501,7 +553,9 @@ class TrajectoryMatching(Objective):
         the step's graph is gone when it returns."""
         theta = theta.detach().requires_grad_(True)
         with torch.enable_grad():
-            g = self._student_grad(net, theta, ctx.apply(img[idx], aug), tgt[idx], create_graph=v is not None)
+            g = self._student_grad(
+                net, theta, ctx.apply(img[idx], aug), tgt[idx], create_graph=v is not None
+            )
             if v is None:
                 return g.detach(), None, None
             wrt = [img, tgt] if tgt.requires_grad else [img]

@@ -51,7 +51,13 @@ from fedcl_dd.synthetic import (
     pixel_ipc_for_budget,
 )
 
-__all__ = ["CondensedBuffer", "CondensedPixelBuffer", "AddressingBuffer", "experience_tensors", "BUFFERS"]
+__all__ = [
+    "BUFFERS",
+    "AddressingBuffer",
+    "CondensedBuffer",
+    "CondensedPixelBuffer",
+    "experience_tensors",
+]
 
 
 def experience_tensors(dataset: Any, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,14 +125,23 @@ class CondensedBuffer(ExemplarsBuffer):
         if iterations < 0:
             raise ValueError(f"iterations must be >= 0, got {iterations}")
         if get_objective(method).private:
-            raise ValueError(f"method {method!r} is private; a rehearsal memory uses a non-private method")
+            raise ValueError(
+                f"method {method!r} is private; a rehearsal memory uses a non-private method"
+            )
         # Each setting goes to the objective or parameterization that declares it (the others ignore it).
         given = {"real_per_class": real_per_class, "downsample": downsample, "bases": bases}
-        declared = {o.name for o in get_objective(method).options + get_parameterization(self.param).options}
+        declared = {
+            o.name for o in get_objective(method).options + get_parameterization(self.param).options
+        }
         # The recipe validates method, storage, init, options and budget; ipc is set per experience.
         self.recipe = Recipe(
-            method=method, param=self.param, budget_bytes=int(budget_bytes), storage=storage,
-            iterations=iterations, lr_images=lr_images, init="real",
+            method=method,
+            param=self.param,
+            budget_bytes=int(budget_bytes),
+            storage=storage,
+            iterations=iterations,
+            lr_images=lr_images,
+            init="real",
             options={k: v for k, v in given.items() if k in declared},
         )
         self.budget_bytes = int(budget_bytes)
@@ -187,17 +202,29 @@ class CondensedBuffer(ExemplarsBuffer):
             "storage": self.recipe.storage,
         }
 
-    def _distill(self, recipe: Recipe, real: ClassSampler, classes: list[int], label: str) -> tuple[SyntheticSet, float]:
+    def _distill(
+        self, recipe: Recipe, real: ClassSampler, classes: list[int], label: str
+    ) -> tuple[SyntheticSet, float]:
         """A new set for ``classes`` from ``real``, run through the core's pipeline (all draws from
         the buffer's generator); returns it with the seconds its iterations took."""
-        run = Distillation(recipe, real, self.spec, generator=self.generator, augment=self.augment,
-                           device=self.device, classes=classes, model=self.model)
+        run = Distillation(
+            recipe,
+            real,
+            self.spec,
+            generator=self.generator,
+            augment=self.augment,
+            device=self.device,
+            classes=classes,
+            model=self.model,
+        )
         seconds = run.run([ProgressBar(f"distill {label}", disable=not self.progress)]).seconds
         return run.syn, seconds
 
     def _stored(self, syn: SyntheticSet) -> SyntheticSet:
         """``syn`` as it is stored (at the storage dtype), checked against the budget by the core's validator."""
-        return SyntheticSet.from_state(syn.state_tensors(), syn.metadata(), max_bytes=self.budget_bytes)
+        return SyntheticSet.from_state(
+            syn.state_tensors(), syn.metadata(), max_bytes=self.budget_bytes
+        )
 
     def _check_experience(self, y: torch.Tensor, expected: list[int] | None) -> list[int]:
         """The new classes of an experience; ``ValueError`` naming the problem if it cannot be added."""
@@ -231,9 +258,13 @@ class CondensedBuffer(ExemplarsBuffer):
         On any error the memory is unchanged.
         """
         if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
-            raise ValueError(f"need as many labels as images, and at least one: got {x.shape[0]} and {y.shape[0]}")
+            raise ValueError(
+                f"need as many labels as images, and at least one: got {x.shape[0]} and {y.shape[0]}"
+            )
         if tuple(x.shape[1:]) != self.spec.image_shape:
-            raise ValueError(f"images of shape {tuple(x.shape[1:])}, expected {self.spec.image_shape} ({self.spec.name})")
+            raise ValueError(
+                f"images of shape {tuple(x.shape[1:])}, expected {self.spec.image_shape} ({self.spec.name})"
+            )
         new = self._check_experience(y, expected)
         real = ClassSampler(x.detach().float(), y.detach().long(), self.num_classes, self.device)
         syn, seconds = self._build(real, new)
@@ -262,7 +293,9 @@ class CondensedPixelBuffer(CondensedBuffer):
         return self.budget_bytes // bytes_per_image(self.spec.image_shape, self.dtype)
 
     def _build(self, real: ClassSampler, new: list[int]) -> tuple[PixelSet, float]:
-        ipc = pixel_ipc_for_budget(self.budget_bytes, len(self.classes) + len(new), self.spec.image_shape, self.dtype)
+        ipc = pixel_ipc_for_budget(
+            self.budget_bytes, len(self.classes) + len(new), self.spec.image_shape, self.dtype
+        )
         recipe = dataclasses.replace(self.recipe, budget_bytes=None, ipc=ipc)
         fresh, seconds = self._distill(recipe, real, new, f"classes {new}")
         parts = [self._shrunk(ipc)] if self.syn is not None else []
@@ -278,8 +311,13 @@ class CondensedPixelBuffer(CondensedBuffer):
         assert self.syn is not None
         with torch.no_grad():
             images, ids = self.syn.images().detach().cpu(), self.syn.class_ids.cpu()
-            ctx = MatchingContext(ClassSampler(images, ids, self.num_classes), self.spec, self.model,
-                                  generator=self.generator, device=self.device)
+            ctx = MatchingContext(
+                ClassSampler(images, ids, self.num_classes),
+                self.spec,
+                self.model,
+                generator=self.generator,
+                device=self.device,
+            )
             net = ctx.fresh_network().eval()
             herding = HerdingSelectionStrategy(net, next(iter(net._modules)))
             keep = []
@@ -296,13 +334,19 @@ class CondensedPixelBuffer(CondensedBuffer):
         """Change the memory to ``new_size`` images' worth of bytes, shrinking it now if needed."""
         budget = int(new_size) * bytes_per_image(self.spec.image_shape, self.dtype)
         n = max(1, len(self.classes))
-        pixel_ipc_for_budget(budget, n, self.spec.image_shape, self.dtype)  # refuses before any change
+        pixel_ipc_for_budget(
+            budget, n, self.spec.image_shape, self.dtype
+        )  # refuses before any change
         old = self.budget_bytes
         self.budget_bytes = self.recipe.budget_bytes = budget
         try:
             if self.syn is not None and self.syn.nbytes > budget:
-                images, labels = self._shrunk(pixel_ipc_for_budget(budget, n, self.spec.image_shape, self.dtype))
-                syn = self._stored(PixelSet(images, labels, self.num_classes, self.dtype, self.syn.info))
+                images, labels = self._shrunk(
+                    pixel_ipc_for_budget(budget, n, self.spec.image_shape, self.dtype)
+                )
+                syn = self._stored(
+                    PixelSet(images, labels, self.num_classes, self.dtype, self.syn.info)
+                )
                 self.syn, self.buffer = syn, _dataset(syn)
         except BaseException:
             self.budget_bytes = self.recipe.budget_bytes = old
@@ -340,8 +384,10 @@ class AddressingBuffer(CondensedBuffer):
             with torch.no_grad():
                 old_x, old_y = self.syn.images().detach().cpu(), self.syn.class_ids.cpu()
             real = ClassSampler(
-                torch.cat([old_x.to(self.device), real.x]), torch.cat([old_y.to(self.device), real.y]),
-                self.num_classes, self.device,
+                torch.cat([old_x.to(self.device), real.x]),
+                torch.cat([old_y.to(self.device), real.y]),
+                self.num_classes,
+                self.device,
             )
         syn, seconds = self._distill(self.recipe, real, seen, f"classes {seen}")
         return syn, seconds
@@ -351,12 +397,20 @@ class AddressingBuffer(CondensedBuffer):
         n = max(1, len(self.classes))
         per_class = int(new_size) // n
         if per_class < 1:
-            raise ValueError(f"new_size {new_size} is below one image for each of the {n} classes held")
+            raise ValueError(
+                f"new_size {new_size} is below one image for each of the {n} classes held"
+            )
         if self.syn is not None and per_class < self.syn.per_class:
             s = self.syn
             syn = AddressingSet(
-                s.bases.detach(), s.addresses.detach()[:per_class], s.held, s.num_classes, s.image_shape,
-                s.downsample, s.storage_dtype, s.info,
+                s.bases.detach(),
+                s.addresses.detach()[:per_class],
+                s.held,
+                s.num_classes,
+                s.image_shape,
+                s.downsample,
+                s.storage_dtype,
+                s.info,
             )
             self.budget_bytes = self.recipe.budget_bytes = syn.nbytes
             self.syn, self.buffer = syn, _dataset(syn)

@@ -17,12 +17,14 @@ from fedcl_dd.io import atomic_write
 
 from .buffers import CondensedBuffer
 
-__all__ = ["memories", "save", "resume"]
+__all__ = ["memories", "resume", "save"]
 
 
 def memories(strategy: Any) -> list[Any]:
     """The storage policies of the strategy's replay plugins (ours and Avalanche's), in plugin order."""
-    return [p.storage_policy for p in getattr(strategy, "plugins", []) if hasattr(p, "storage_policy")]
+    return [
+        p.storage_policy for p in getattr(strategy, "plugins", []) if hasattr(p, "storage_policy")
+    ]
 
 
 def _signature(strategy: Any) -> list[dict[str, Any]]:
@@ -71,7 +73,7 @@ def resume(strategy: Any, path: str | Path, map_location: Any = None) -> tuple[A
         strategy.__dict__.update(before)
         diffs = [
             f"{k}: checkpoint {f.get(k)!r}, this run {e.get(k)!r}"
-            for e, f in zip(expected, found)
+            for e, f in zip(expected, found, strict=False)
             for k in sorted(set(e) | set(f))
             if e.get(k) != f.get(k)
         ] or [f"{len(found)} memories in the checkpoint, {len(expected)} in this run"]

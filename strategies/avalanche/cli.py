@@ -20,36 +20,88 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Run a class-incremental stream with a replay memory of fixed bytes and print "
         "accuracy after each experience, forgetting, buffer bytes and distillation seconds.",
     )
-    c.add_argument("--benchmark", default="split-mnist", choices=("split-digits", "split-mnist", "split-cifar10"))
-    c.add_argument("--buffer", default="condensed-pixels",
-                   choices=("condensed-pixels", "condensed-addressing", "replay", "class-balanced", "herding", "gdumb"))
+    c.add_argument(
+        "--benchmark",
+        default="split-mnist",
+        choices=("split-digits", "split-mnist", "split-cifar10"),
+    )
+    c.add_argument(
+        "--buffer",
+        default="condensed-pixels",
+        choices=(
+            "condensed-pixels",
+            "condensed-addressing",
+            "replay",
+            "class-balanced",
+            "herding",
+            "gdumb",
+        ),
+    )
     budget = c.add_mutually_exclusive_group()
-    budget.add_argument("--budget-bytes", type=positive_int, default=None, help="memory budget in bytes")
-    budget.add_argument("--budget-images", type=positive_int, default=100,
-                        help="budget as the bytes of N labelled fp32 images (default 100)")
-    c.add_argument("--seed", type=int, default=0, help="class order, model init, distillation draws")
+    budget.add_argument(
+        "--budget-bytes", type=positive_int, default=None, help="memory budget in bytes"
+    )
+    budget.add_argument(
+        "--budget-images",
+        type=positive_int,
+        default=100,
+        help="budget as the bytes of N labelled fp32 images (default 100)",
+    )
+    c.add_argument(
+        "--seed", type=int, default=0, help="class order, model init, distillation draws"
+    )
     c.add_argument("--strategy", default="naive", choices=("naive", "ewc"))
     c.add_argument("--ewc-lambda", type=float, default=0.4)
     c.add_argument("--model", default="mlp", help="learner: mlp, convnet, ... (herding needs mlp)")
     c.add_argument("--epochs", type=positive_int, default=1, help="epochs over each experience")
     c.add_argument("--lr", type=float, default=0.01)
-    c.add_argument("--train-mb-size", type=positive_int, default=32, help="new samples per minibatch")
-    c.add_argument("--batch-size-mem", type=positive_int, default=None, help="memory samples per minibatch")
-    c.add_argument("--fresh", action="store_true",
-                   help="condensed buffers: train a fresh model on the buffer alone after each experience")
-    c.add_argument("--buffer-epochs", type=positive_int, default=50, help="epochs on the buffer (--fresh, gdumb)")
+    c.add_argument(
+        "--train-mb-size", type=positive_int, default=32, help="new samples per minibatch"
+    )
+    c.add_argument(
+        "--batch-size-mem", type=positive_int, default=None, help="memory samples per minibatch"
+    )
+    c.add_argument(
+        "--fresh",
+        action="store_true",
+        help="condensed buffers: train a fresh model on the buffer alone after each experience",
+    )
+    c.add_argument(
+        "--buffer-epochs",
+        type=positive_int,
+        default=50,
+        help="epochs on the buffer (--fresh, gdumb)",
+    )
     from fedcl_dd.registry import OBJECTIVES
 
     rehearsal = sorted(name for name, cls in OBJECTIVES.items() if not cls.private)
     c.add_argument("--method", default="dm", choices=rehearsal, help="distillation objective")
-    c.add_argument("--iterations", type=int, default=None, help="distillation iterations per experience")
-    c.add_argument("--real-per-class", type=positive_int, default=None, help="real images per class and iteration")
-    c.add_argument("--downsample", type=positive_int, default=None,
-                   help="addressing bases at 1/N resolution (default 2; 1 below 16 pixels)")
-    c.add_argument("--bases", type=positive_int, default=None, help="addressing bases (default: from the budget)")
+    c.add_argument(
+        "--iterations", type=int, default=None, help="distillation iterations per experience"
+    )
+    c.add_argument(
+        "--real-per-class",
+        type=positive_int,
+        default=None,
+        help="real images per class and iteration",
+    )
+    c.add_argument(
+        "--downsample",
+        type=positive_int,
+        default=None,
+        help="addressing bases at 1/N resolution (default 2; 1 below 16 pixels)",
+    )
+    c.add_argument(
+        "--bases",
+        type=positive_int,
+        default=None,
+        help="addressing bases (default: from the budget)",
+    )
     c.add_argument("--storage", default="fp32", choices=("fp32", "fp16"))
     c.add_argument("--out", default=None, help="output folder (default runs/continual-...)")
-    c.add_argument("--checkpoint", action="store_true", help="save after each experience; resume if present")
+    c.add_argument(
+        "--checkpoint", action="store_true", help="save after each experience; resume if present"
+    )
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(handler=_run)
 
@@ -73,11 +125,24 @@ def _run(args: argparse.Namespace) -> int:
         "bases": args.bases,
     }
     cfg = RunConfig(
-        benchmark=args.benchmark, buffer=args.buffer, budget_bytes=args.budget_bytes,
-        budget_images=args.budget_images, seed=args.seed, strategy=args.strategy, ewc_lambda=args.ewc_lambda,
-        model=args.model, epochs=args.epochs, lr=args.lr, train_mb_size=args.train_mb_size, fresh=args.fresh,
-        buffer_epochs=args.buffer_epochs, method=args.method, storage=args.storage, data_root=args.data_root,
-        device=str(resolve_device(args.device)), progress=not args.no_progress,
+        benchmark=args.benchmark,
+        buffer=args.buffer,
+        budget_bytes=args.budget_bytes,
+        budget_images=args.budget_images,
+        seed=args.seed,
+        strategy=args.strategy,
+        ewc_lambda=args.ewc_lambda,
+        model=args.model,
+        epochs=args.epochs,
+        lr=args.lr,
+        train_mb_size=args.train_mb_size,
+        fresh=args.fresh,
+        buffer_epochs=args.buffer_epochs,
+        method=args.method,
+        storage=args.storage,
+        data_root=args.data_root,
+        device=str(resolve_device(args.device)),
+        progress=not args.no_progress,
     )
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     out = Path(args.out) if args.out else default_out(cfg)
@@ -94,7 +159,9 @@ def _run(args: argparse.Namespace) -> int:
         if isinstance(memory, CondensedBuffer) and memory.syn is not None:
             save_grid(memory.syn, out / "buffer.png")
 
-    result = run_stream(cfg, on_experience=report, checkpoint=out / "checkpoint.pkl" if args.checkpoint else None)
+    result = run_stream(
+        cfg, on_experience=report, checkpoint=out / "checkpoint.pkl" if args.checkpoint else None
+    )
     write_json(result.as_dict(), out / "result.json")
     print(f"final average accuracy {result.final_accuracy:.4f}; results in {out}")
     return 0

@@ -31,7 +31,7 @@ from fedcl_dd.evaluate import train_model
 
 from .buffers import CondensedBuffer
 
-__all__ = ["CondensedReplayPlugin", "DEFAULT_BATCH_SIZE_MEM"]
+__all__ = ["DEFAULT_BATCH_SIZE_MEM", "CondensedReplayPlugin"]
 
 # Memory samples per minibatch (with the strategy's train_mb_size new ones), measured on SplitMNIST
 # (MLP, 1 epoch, 32 new samples, seed 0, benchmarks/results/continual_split_mnist_mix.json): with
@@ -92,7 +92,12 @@ class CondensedReplayPlugin(SupervisedPlugin):
             self.initial_state = copy.deepcopy(strategy.model.state_dict())
 
     def before_training_exp(
-        self, strategy: Any, num_workers: int = 0, shuffle: bool = True, drop_last: bool = False, **kwargs: Any
+        self,
+        strategy: Any,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        **kwargs: Any,
     ) -> None:
         """Mix memory samples into every minibatch (replay protocol, once the buffer holds data)."""
         if self.fresh_epochs or len(self.buffer.buffer) == 0:
@@ -124,6 +129,12 @@ class CondensedReplayPlugin(SupervisedPlugin):
             images, targets = syn.images().detach(), syn.class_ids
         augment = DSA(spec.dsa_strategy, generator=self.generator) if self.fresh_augment else None
         train_model(
-            model, images, targets, self.fresh_epochs, lr=self.fresh_lr, batch_size=strategy.train_mb_size,
-            augment=augment, generator=self.generator,
+            model,
+            images,
+            targets,
+            self.fresh_epochs,
+            lr=self.fresh_lr,
+            batch_size=strategy.train_mb_size,
+            augment=augment,
+            generator=self.generator,
         )

@@ -13,25 +13,40 @@ counted like the condensed ones (fp32 pixels plus a 2-byte label).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from fedcl_dd.scenarios.continual import BENCHMARKS, ContinualBenchmark, make_benchmark
 from torch import nn
 
 from fedcl_dd.data import SPECS
 from fedcl_dd.models import make_model
 from fedcl_dd.synthetic import bytes_per_image
-from fedcl_dd.scenarios.continual import BENCHMARKS, ContinualBenchmark, make_benchmark
 
 from .buffers import BUFFERS, CondensedBuffer
 from .checkpoint import memories, resume, save
 from .plugin import DEFAULT_BATCH_SIZE_MEM, CondensedReplayPlugin
 
-__all__ = ["BUFFER_CHOICES", "STRATEGIES", "RunConfig", "RunResult", "run_stream", "real_samples_for_budget"]
+__all__ = [
+    "BUFFER_CHOICES",
+    "STRATEGIES",
+    "RunConfig",
+    "RunResult",
+    "real_samples_for_budget",
+    "run_stream",
+]
 
-BUFFER_CHOICES = ("condensed-pixels", "condensed-addressing", "replay", "class-balanced", "herding", "gdumb")
+BUFFER_CHOICES = (
+    "condensed-pixels",
+    "condensed-addressing",
+    "replay",
+    "class-balanced",
+    "herding",
+    "gdumb",
+)
 STRATEGIES = ("naive", "ewc")
 _STREAM_ACC = "Top1_Acc_Stream/eval_phase/test_stream/Task000"
 _STREAM_FORGETTING = "StreamForgetting/eval_phase/test_stream"
@@ -46,7 +61,9 @@ class RunConfig:
     benchmark: str = "split-digits"
     buffer: str = "condensed-pixels"
     budget_bytes: int | None = None
-    budget_images: int = 100  # used when budget_bytes is None: the bytes of this many labelled images
+    budget_images: int = (
+        100  # used when budget_bytes is None: the bytes of this many labelled images
+    )
     seed: int = 0
     strategy: str = "naive"
     ewc_lambda: float = 0.4
@@ -70,11 +87,17 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if self.benchmark not in BENCHMARKS:
-            raise ValueError(f"unknown benchmark {self.benchmark!r}; choose one of {sorted(BENCHMARKS)}")
+            raise ValueError(
+                f"unknown benchmark {self.benchmark!r}; choose one of {sorted(BENCHMARKS)}"
+            )
         if self.buffer not in BUFFER_CHOICES:
-            raise ValueError(f"unknown buffer {self.buffer!r}; choose one of {list(BUFFER_CHOICES)}")
+            raise ValueError(
+                f"unknown buffer {self.buffer!r}; choose one of {list(BUFFER_CHOICES)}"
+            )
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {list(STRATEGIES)}")
+            raise ValueError(
+                f"unknown strategy {self.strategy!r}; choose one of {list(STRATEGIES)}"
+            )
         for name in ("epochs", "train_mb_size", "batch_size_mem", "buffer_epochs", "budget_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -93,7 +116,9 @@ class RunResult:
     """What a run measured, per experience and at the end."""
 
     config: dict[str, Any]
-    accuracy_after: list[float] = field(default_factory=list)  # stream accuracy after each experience
+    accuracy_after: list[float] = field(
+        default_factory=list
+    )  # stream accuracy after each experience
     forgetting: float = float("nan")  # Avalanche's stream forgetting after the last experience
     buffer_bytes: int = 0
     buffer_samples: int = 0
@@ -113,7 +138,9 @@ def real_samples_for_budget(budget_bytes: int, image_shape: tuple[int, int, int]
     """Real fp32 images (with 2-byte labels) that fit in ``budget_bytes``."""
     n = budget_bytes // bytes_per_image(image_shape)
     if n < 1:
-        raise ValueError(f"a budget of {budget_bytes} bytes holds no {image_shape} image; raise the budget")
+        raise ValueError(
+            f"a budget of {budget_bytes} bytes holds no {image_shape} image; raise the budget"
+        )
     return n
 
 
@@ -130,12 +157,22 @@ def make_memory(cfg: RunConfig, bench: ContinualBenchmark, model: nn.Module) -> 
     spec = bench.spec
     if cfg.buffer in BUFFERS:
         buffer: CondensedBuffer = BUFFERS[cfg.buffer](
-            cfg.budget, spec, method=cfg.method, iterations=cfg.iterations, real_per_class=cfg.real_per_class,
-            storage=cfg.storage, downsample=cfg.downsample, bases=cfg.bases, seed=cfg.seed, device=cfg.device,
+            cfg.budget,
+            spec,
+            method=cfg.method,
+            iterations=cfg.iterations,
+            real_per_class=cfg.real_per_class,
+            storage=cfg.storage,
+            downsample=cfg.downsample,
+            bases=cfg.bases,
+            seed=cfg.seed,
+            device=cfg.device,
             progress=cfg.progress,
         )
         plugin = CondensedReplayPlugin(
-            buffer, batch_size_mem=cfg.batch_size_mem, fresh_epochs=cfg.buffer_epochs if cfg.fresh else 0,
+            buffer,
+            batch_size_mem=cfg.batch_size_mem,
+            fresh_epochs=cfg.buffer_epochs if cfg.fresh else 0,
             seed=cfg.seed,
         )
         return plugin, buffer
@@ -153,9 +190,14 @@ def make_memory(cfg: RunConfig, bench: ContinualBenchmark, model: nn.Module) -> 
                 f"herding selects in a flat embedding; the {cfg.model!r} model has none: use --model "
                 f"{' or '.join(_EMBEDDING_LAYER)}"
             )
-        policy = ParametricBuffer(n, groupby="class", selection_strategy=HerdingSelectionStrategy(
-            model, _EMBEDDING_LAYER[cfg.model]))
-    return ReplayPlugin(mem_size=n, batch_size_mem=cfg.batch_size_mem, storage_policy=policy), policy
+        policy = ParametricBuffer(
+            n,
+            groupby="class",
+            selection_strategy=HerdingSelectionStrategy(model, _EMBEDDING_LAYER[cfg.model]),
+        )
+    return ReplayPlugin(
+        mem_size=n, batch_size_mem=cfg.batch_size_mem, storage_policy=policy
+    ), policy
 
 
 def make_strategy(cfg: RunConfig, model: nn.Module, plugins: list[Any]) -> Any:
@@ -165,12 +207,18 @@ def make_strategy(cfg: RunConfig, model: nn.Module, plugins: list[Any]) -> Any:
     from avalanche.training.supervised import EWC, Naive
 
     evaluator = EvaluationPlugin(
-        accuracy_metrics(experience=True, stream=True), forgetting_metrics(experience=True, stream=True), loggers=[]
+        accuracy_metrics(experience=True, stream=True),
+        forgetting_metrics(experience=True, stream=True),
+        loggers=[],
     )
     epochs = cfg.buffer_epochs if cfg.buffer == "gdumb" else cfg.epochs
     kwargs = dict(
-        train_mb_size=cfg.train_mb_size, train_epochs=epochs, eval_mb_size=1000, device=cfg.device,
-        evaluator=evaluator, plugins=plugins,
+        train_mb_size=cfg.train_mb_size,
+        train_epochs=epochs,
+        eval_mb_size=1000,
+        device=cfg.device,
+        evaluator=evaluator,
+        plugins=plugins,
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     criterion = nn.CrossEntropyLoss()
@@ -196,8 +244,13 @@ def run_stream(
     bench = bench or make_benchmark(cfg.benchmark, seed=cfg.seed, root=cfg.data_root)
     torch.manual_seed(cfg.seed)  # Avalanche's data loaders shuffle with the global RNG
     spec = bench.spec
-    model = make_model(cfg.model, spec.channels, spec.num_classes, spec.image_size,
-                       torch.Generator().manual_seed(cfg.seed))
+    model = make_model(
+        cfg.model,
+        spec.channels,
+        spec.num_classes,
+        spec.image_size,
+        torch.Generator().manual_seed(cfg.seed),
+    )
     plugin, _ = make_memory(cfg, bench, model)
     strategy = make_strategy(cfg, model, [plugin])
     strategy.fedcl_result = RunResult(config=asdict(cfg))  # travels inside the checkpoint

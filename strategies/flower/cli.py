@@ -18,29 +18,56 @@ __all__ = ["register", "simulate"]
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``simulate`` to the ``fedcl-dd`` command."""
     p = sub.add_parser("simulate", help="simulate federated rounds on Flower (Ray backend)")
-    p.add_argument("--preset", default="digits-iid-4", help="<dataset>-<iid|dir<alpha>|path<k>>-<clients>")
-    p.add_argument("--strategy", dest="algorithm", default="synthetic", choices=("synthetic", "fedavg", "fedprox"))
+    p.add_argument(
+        "--preset", default="digits-iid-4", help="<dataset>-<iid|dir<alpha>|path<k>>-<clients>"
+    )
+    p.add_argument(
+        "--strategy",
+        dest="algorithm",
+        default="synthetic",
+        choices=("synthetic", "fedavg", "fedprox"),
+    )
     p.add_argument("--rounds", type=int, default=None, help="default: 1 for one-shot, 3 otherwise")
     p.add_argument("--mode", default="iterative", choices=("one-shot", "iterative"))
     p.add_argument("--method", default="dm", choices=sorted(OBJECTIVES))
     p.add_argument("--param", default="pixels", choices=sorted(PARAMETERIZATIONS))
     p.add_argument("--ipc", type=int, default=10)
-    p.add_argument("--budget-bytes", type=int, default=0, help="per-client upload budget (default: from --ipc)")
+    p.add_argument(
+        "--budget-bytes", type=int, default=0, help="per-client upload budget (default: from --ipc)"
+    )
     p.add_argument("--storage", default="fp32", choices=sorted(STORAGE_DTYPES))
-    p.add_argument("--iterations", type=int, default=200, help="distillation iterations per client and round")
-    p.add_argument("--epsilon", type=float, default=0.0, help="per-client epsilon over the run (private distillation, or DP-SGD for fedavg)")
+    p.add_argument(
+        "--iterations", type=int, default=200, help="distillation iterations per client and round"
+    )
+    p.add_argument(
+        "--epsilon",
+        type=float,
+        default=0.0,
+        help="per-client epsilon over the run (private distillation, or DP-SGD for fedavg)",
+    )
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--server-epochs", type=int, default=0)
-    p.add_argument("--local-epochs", type=int, default=1, help="fedavg/fedprox local epochs per round")
+    p.add_argument(
+        "--local-epochs", type=int, default=1, help="fedavg/fedprox local epochs per round"
+    )
     p.add_argument("--proximal-mu", type=float, default=0.01)
     p.add_argument("--fraction-train", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other run-config key (see FedConfig), e.g. --set perturb=0.1")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other run-config key (see FedConfig), e.g. --set perturb=0.1",
+    )
     p.add_argument("--out", default=None, help="output folder (default runs/<preset>-<strategy>)")
-    p.add_argument("--resume", action="store_true", help="continue after the checkpoint's last round")
-    p.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray resources per simulated client")
+    p.add_argument(
+        "--resume", action="store_true", help="continue after the checkpoint's last round"
+    )
+    p.add_argument(
+        "--cpus-per-client", type=float, default=1.0, help="Ray resources per simulated client"
+    )
     p.set_defaults(handler=simulate)
 
 
@@ -48,12 +75,25 @@ def _config(args: argparse.Namespace):
     from .config import FedConfig
 
     values = {
-        "preset": args.preset, "algorithm": args.algorithm, "mode": args.mode, "method": args.method,
-        "param": args.param, "ipc": args.ipc, "budget-bytes": args.budget_bytes, "storage": args.storage,
-        "iterations": args.iterations, "epsilon": args.epsilon, "delta": args.delta, "clip": args.clip,
-        "server-epochs": args.server_epochs, "local-epochs": args.local_epochs, "proximal-mu": args.proximal_mu,
-        "fraction-train": args.fraction_train, "seed": args.seed,
-        "rounds": args.rounds or (1 if args.mode == "one-shot" and args.algorithm == "synthetic" else 3),
+        "preset": args.preset,
+        "algorithm": args.algorithm,
+        "mode": args.mode,
+        "method": args.method,
+        "param": args.param,
+        "ipc": args.ipc,
+        "budget-bytes": args.budget_bytes,
+        "storage": args.storage,
+        "iterations": args.iterations,
+        "epsilon": args.epsilon,
+        "delta": args.delta,
+        "clip": args.clip,
+        "server-epochs": args.server_epochs,
+        "local-epochs": args.local_epochs,
+        "proximal-mu": args.proximal_mu,
+        "fraction-train": args.fraction_train,
+        "seed": args.seed,
+        "rounds": args.rounds
+        or (1 if args.mode == "one-shot" and args.algorithm == "synthetic" else 3),
     }
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -61,7 +101,9 @@ def _config(args: argparse.Namespace):
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         values[key] = value
     if args.epsilon > 0 and args.algorithm == "synthetic":
-        values["method"] = private_variant(str(values["method"]))  # --epsilon asks for a private objective
+        values["method"] = private_variant(
+            str(values["method"])
+        )  # --epsilon asks for a private objective
     return FedConfig.from_mapping(values)
 
 
@@ -74,7 +116,11 @@ def private_variant(method: str) -> str:
     if len(found) != 1:
         raise ValueError(
             f"--epsilon needs a private method; {method!r} is not one and has "
-            + (f"several private variants {found}: pick one with --method" if found else "no private variant")
+            + (
+                f"several private variants {found}: pick one with --method"
+                if found
+                else "no private variant"
+            )
         )
     return found[0]
 
@@ -90,8 +136,14 @@ def simulate(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     out = Path(args.out or f"runs/{cfg.preset}-{cfg.algorithm}")
-    results = run(cfg, out, resume=args.resume, data_root=args.data_root, device=resolve_device(args.device),
-                  cpus_per_client=args.cpus_per_client)
+    results = run(
+        cfg,
+        out,
+        resume=args.resume,
+        data_root=args.data_root,
+        device=resolve_device(args.device),
+        cpus_per_client=args.cpus_per_client,
+    )
     print(format_table({cfg.algorithm: results["rounds"]}))
     print(f"wrote {out}/results.json and {out}/accuracy.png")
     return 0

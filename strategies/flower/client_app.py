@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from fedcl_dd.scenarios.federated import ClientData, client_data
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
@@ -32,7 +33,6 @@ from fedcl_dd.objectives import MatchingContext
 from fedcl_dd.pipeline import Distillation
 from fedcl_dd.privacy import PrivacyLedger, noise_for_target
 from fedcl_dd.sampling import ClassSampler
-from fedcl_dd.scenarios.federated import ClientData, client_data
 from fedcl_dd.synthetic import SyntheticSet
 
 from .config import FedConfig
@@ -56,15 +56,21 @@ def _setup(msg: Message, context: Context) -> tuple[FedConfig, int, ClientData, 
     pid = int(context.node_config["partition-id"])
     n = int(context.node_config.get("num-partitions", cfg.preset_obj.num_clients))
     if n != cfg.preset_obj.num_clients:
-        raise ValueError(f"num-partitions={n} on this node, but preset {cfg.preset} has {cfg.preset_obj.num_clients}")
+        raise ValueError(
+            f"num-partitions={n} on this node, but preset {cfg.preset} has {cfg.preset_obj.num_clients}"
+        )
     root = context.node_config.get("data-root")
     torch.set_num_threads(max(1, int(context.node_config.get("threads", 1))))
     return cfg, pid, client_data(cfg.preset_obj, pid, str(root) if root else None), resolve_device()
 
 
-def _global_model(cfg: FedConfig, data: ClientData, arrays: ArrayRecord, device: torch.device) -> nn.Module:
+def _global_model(
+    cfg: FedConfig, data: ClientData, arrays: ArrayRecord, device: torch.device
+) -> nn.Module:
     spec = data.spec
-    net = make_model(cfg.model, spec.channels, spec.num_classes, spec.image_size, torch.Generator(), device)
+    net = make_model(
+        cfg.model, spec.channels, spec.num_classes, spec.image_size, torch.Generator(), device
+    )
     return load_model_arrays(net, arrays)
 
 
@@ -96,7 +102,12 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _distill(
-    msg: Message, context: Context, cfg: FedConfig, pid: int, server_round: int, data: ClientData,
+    msg: Message,
+    context: Context,
+    cfg: FedConfig,
+    pid: int,
+    server_round: int,
+    data: ClientData,
     device: torch.device,
 ) -> RecordDict:
     start = time.perf_counter()
@@ -108,10 +119,20 @@ def _distill(
         syn = SyntheticSet.from_state(dict(prev), dict(context.state[_STATE_META]))
     source = None
     if cfg.mode == "iterative" and server_round > 1 and cfg.perturb >= 0:
-        source = perturbed_global(_global_model(cfg, data, msg.content[ARRAYS], device), cfg.perturb)
+        source = perturbed_global(
+            _global_model(cfg, data, msg.content[ARRAYS], device), cfg.perturb
+        )
     run = Distillation(
-        cfg.recipe(), real, spec, seed=client_seed(cfg.seed, server_round, pid), device=device, syn=syn,
-        classes=data.classes, model=cfg.model, network_source=source, planned_iterations=cfg.planned_iterations,
+        cfg.recipe(),
+        real,
+        spec,
+        seed=client_seed(cfg.seed, server_round, pid),
+        device=device,
+        syn=syn,
+        classes=data.classes,
+        model=cfg.model,
+        network_source=source,
+        planned_iterations=cfg.planned_iterations,
         info={"partition-id": pid},
     )
     syn, objective = run.syn, run.objective
@@ -133,8 +154,16 @@ def _distill(
         "loss-last": result.losses[-1] if result.losses else float("nan"),
     }
     if cfg.private:
-        metrics.update(_privacy_metrics(context, ledger_before, objective.ledger, cfg.delta,
-                                        float(objective.noise_multiplier), float(objective.sample_rate)))
+        metrics.update(
+            _privacy_metrics(
+                context,
+                ledger_before,
+                objective.ledger,
+                cfg.delta,
+                float(objective.noise_multiplier),
+                float(objective.sample_rate),
+            )
+        )
     else:
         metrics.update({"epsilon-round": 0.0, "epsilon-total": 0.0, "delta": 0.0})
     return synthetic_records(syn.cpu(), metrics)
@@ -149,19 +178,35 @@ def _stored_ledger(context: Context) -> PrivacyLedger:
 
 
 def _privacy_metrics(
-    context: Context, before: PrivacyLedger, after: PrivacyLedger, delta: float, sigma: float, sample_rate: float
+    context: Context,
+    before: PrivacyLedger,
+    after: PrivacyLedger,
+    delta: float,
+    sigma: float,
+    sample_rate: float,
 ) -> dict[str, float]:
     """Keep ``after`` in ``context.state``; report epsilon this round and in total, and the
     (sigma, q, steps) the server needs to account the release itself."""
     context.state[_STATE_LEDGER] = ConfigRecord(dict(after.state_dict()))
     spent = before.epsilon(delta) if before.steps else 0.0
     total = after.epsilon(delta)
-    return {"epsilon-round": total - spent, "epsilon-total": total, "delta": delta, "noise-multiplier": sigma,
-            "sample-rate": sample_rate, "steps": after.steps - before.steps}
+    return {
+        "epsilon-round": total - spent,
+        "epsilon-total": total,
+        "delta": delta,
+        "noise-multiplier": sigma,
+        "sample-rate": sample_rate,
+        "steps": after.steps - before.steps,
+    }
 
 
 def _local_sgd(
-    msg: Message, context: Context, cfg: FedConfig, pid: int, server_round: int, data: ClientData,
+    msg: Message,
+    context: Context,
+    cfg: FedConfig,
+    pid: int,
+    server_round: int,
+    data: ClientData,
     device: torch.device,
 ) -> RecordDict:
     """The baselines' client: SGD on the partition from the global weights (FedProx adds the
@@ -184,7 +229,9 @@ def _local_sgd(
     )
     if cfg.private:
         if mu > 0:
-            raise ValueError("DP-SGD clips per-sample gradients of the data loss only: use fedavg, not fedprox")
+            raise ValueError(
+                "DP-SGD clips per-sample gradients of the data loss only: use fedavg, not fedprox"
+            )
         from opacus import PrivacyEngine
 
         q = min(1.0, cfg.batch_size / n)
@@ -195,7 +242,11 @@ def _local_sgd(
                 module.inplace = False
         engine = PrivacyEngine(accountant="rdp")
         trained, opt, loader = engine.make_private(
-            module=net, optimizer=opt, data_loader=loader, noise_multiplier=sigma, max_grad_norm=cfg.clip,
+            module=net,
+            optimizer=opt,
+            data_loader=loader,
+            noise_multiplier=sigma,
+            max_grad_norm=cfg.clip,
             poisson_sampling=True,
         )
         before = _stored_ledger(context)
@@ -209,7 +260,9 @@ def _local_sgd(
                 continue
             loss = F.cross_entropy(trained(xb), yb)
             if mu > 0:
-                loss = loss + mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(net.parameters(), anchor))
+                loss = loss + mu / 2 * sum(
+                    (p - a).pow(2).sum() for p, a in zip(net.parameters(), anchor, strict=True)
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -221,8 +274,10 @@ def _local_sgd(
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """The global model's accuracy on this client's held-out share."""
-    cfg, pid, data, device = _setup(msg, context)
+    cfg, _, data, device = _setup(msg, context)
     net = _global_model(cfg, data, msg.content[ARRAYS], device)
     n = int(data.test_y.numel())
     acc = accuracy(net, data.test_x, data.test_y) if n else 0.0
-    return Message(RecordDict({METRICS: MetricRecord({"accuracy": acc, "num-examples": n})}), reply_to=msg)
+    return Message(
+        RecordDict({METRICS: MetricRecord({"accuracy": acc, "num-examples": n})}), reply_to=msg
+    )

@@ -14,14 +14,16 @@ also DP-SGD's), the field is its value.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
+
+from fedcl_dd.scenarios.federated import Preset, parse_preset
 
 from fedcl_dd.recipe import STORAGE_DTYPES, Recipe
 from fedcl_dd.registry import OBJECTIVES, PARAMETERIZATIONS, declared_options, get_objective
-from fedcl_dd.scenarios.federated import Preset, parse_preset
 
-__all__ = ["FedConfig", "ALGORITHMS", "MODES", "POOLS"]
+__all__ = ["ALGORITHMS", "MODES", "POOLS", "FedConfig"]
 
 ALGORITHMS = ("synthetic", "fedavg", "fedprox")
 MODES = ("one-shot", "iterative")
@@ -41,9 +43,13 @@ class FedConfig:
     algorithm: str = "synthetic"  # synthetic | fedavg | fedprox
     rounds: int = 3
     fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0  # of the nodes asked to evaluate the global model locally; 0 skips it
+    fraction_evaluate: float = (
+        1.0  # of the nodes asked to evaluate the global model locally; 0 skips it
+    )
     min_nodes: int = 0  # nodes to wait for before a round; 0: every client of the preset
-    round_timeout: float = 3600.0  # seconds the server waits for replies; late replies count as failed
+    round_timeout: float = (
+        3600.0  # seconds the server waits for replies; late replies count as failed
+    )
     model: str = "convnet"
     # --- synthetic-set clients ---
     mode: str = "iterative"  # one-shot: one round, the union trained once; iterative: FedDM
@@ -59,8 +65,12 @@ class FedConfig:
     delta: float = 1e-5
     clip: float = 1.0
     # --- server ---
-    pool: str = "latest"  # latest: train on every client's newest accepted set; none: this round's only
-    server_epochs: int = 0  # 0: 300 for one-shot (from scratch), 30 per round for iterative (fine-tuning)
+    pool: str = (
+        "latest"  # latest: train on every client's newest accepted set; none: this round's only
+    )
+    server_epochs: int = (
+        0  # 0: 300 for one-shot (from scratch), 30 per round for iterative (fine-tuning)
+    )
     server_lr: float = 0.01
     # --- FedAvg / FedProx clients ---
     local_epochs: int = 1
@@ -85,20 +95,26 @@ class FedConfig:
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if self.algorithm == "synthetic" and self.mode == "one-shot" and self.rounds != 1:
-            raise ValueError(f"one-shot mode runs exactly one round, got rounds={self.rounds}; use mode=iterative")
+            raise ValueError(
+                f"one-shot mode runs exactly one round, got rounds={self.rounds}; use mode=iterative"
+            )
         if not 0.0 <= self.fraction_evaluate <= 1.0:
             raise ValueError(f"fraction-evaluate must lie in [0, 1], got {self.fraction_evaluate}")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ValueError(f"fraction-train must lie in (0, 1], got {self.fraction_train}")
         if self.epsilon < 0 or not 0.0 < self.delta < 1.0:
-            raise ValueError(f"need epsilon >= 0 and 0 < delta < 1, got epsilon={self.epsilon}, delta={self.delta}")
+            raise ValueError(
+                f"need epsilon >= 0 and 0 < delta < 1, got epsilon={self.epsilon}, delta={self.delta}"
+            )
         private = sorted(n for n, c in OBJECTIVES.items() if c.private)
-        if self.algorithm == "synthetic" and get_objective(self.method).private != (self.epsilon > 0):
+        if self.algorithm == "synthetic" and get_objective(self.method).private != (
+            self.epsilon > 0
+        ):
             raise ValueError(
                 f"private clients need a private method ({', '.join(private)}) together with epsilon > 0, "
                 f"and epsilon > 0 needs one; got method={self.method}, epsilon={self.epsilon}"
             )
-        self.preset_obj  # a bad preset name fails here, not in a client
+        _ = self.preset_obj  # a bad preset name fails here, not in a client
         if self.algorithm == "synthetic":
             self.recipe()  # options that do not apply to the method or are out of range fail here too
 
@@ -156,14 +172,18 @@ class FedConfig:
     def to_dict(self) -> dict[str, Any]:
         """Hyphenated keys, as in the run config and the ConfigRecord: the fields, then every
         registered option (at its declared default unless set)."""
-        out = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self) if f.name != "options"}
+        out = {
+            f.name.replace("_", "-"): getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "options"
+        }
         for name, (opt, _) in declared_options().items():
             if name not in _FIELDS:
-                out[opt.key] = self.options[name] if name in self.options else opt.flat_default
+                out[opt.key] = self.options.get(name, opt.flat_default)
         return out
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], strict: bool = True) -> "FedConfig":
+    def from_mapping(cls, values: Mapping[str, Any], strict: bool = True) -> FedConfig:
         """From hyphenated (or underscored) keys; unknown keys are an error when ``strict``."""
         known = {f.name: f for f in fields(cls) if f.name != "options"}
         registered = declared_options()
@@ -180,11 +200,13 @@ class FedConfig:
                 if parsed is not None and parsed != opt.default:
                     options[name] = parsed
             elif strict:
-                every = sorted([k.replace("_", "-") for k in known] + [o.key for o, _ in registered.values()])
+                every = sorted(
+                    [k.replace("_", "-") for k in known] + [o.key for o, _ in registered.values()]
+                )
                 raise ValueError(f"unknown setting {key!r}; known: {every}")
         return cls(**kwargs, options=options)
 
-    def replace(self, **changes: Any) -> "FedConfig":
+    def replace(self, **changes: Any) -> FedConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -26,16 +26,16 @@ from fedcl_dd.synthetic import InvalidSyntheticSet, SyntheticSet
 __all__ = [
     "ARRAYS",
     "CONFIG",
-    "SYNTHETIC",
-    "SYNTHETIC_META",
     "METRICS",
     "REQUIRED_METRICS",
+    "SYNTHETIC",
+    "SYNTHETIC_META",
     "InvalidUpload",
     "Upload",
-    "synthetic_records",
-    "read_upload",
-    "model_arrays",
     "load_model_arrays",
+    "model_arrays",
+    "read_upload",
+    "synthetic_records",
 ]
 
 ARRAYS, CONFIG = "arrays", "config"  # the keys Flower's own strategies use for the global model
@@ -53,7 +53,9 @@ class Upload:
     def __init__(self, syn: SyntheticSet, metrics: dict[str, float]) -> None:
         self.syn = syn
         self.metrics = metrics
-        self.ledger: PrivacyLedger | None = None  # private runs: the client's ledger with this release
+        self.ledger: PrivacyLedger | None = (
+            None  # private runs: the client's ledger with this release
+        )
 
     @property
     def partition_id(self) -> int:
@@ -71,13 +73,21 @@ def synthetic_records(syn: SyntheticSet, metrics: dict[str, float]) -> RecordDic
     )
 
 
-def read_upload(content: RecordDict, spec: DatasetSpec, max_bytes: int, max_images: int | None = None) -> Upload:
+def read_upload(
+    content: RecordDict, spec: DatasetSpec, max_bytes: int, max_images: int | None = None
+) -> Upload:
     """Validate a train reply against the run's dataset and budget; raise :class:`InvalidUpload`."""
     missing = [k for k in (SYNTHETIC, SYNTHETIC_META, METRICS) if k not in content]
     if missing:
-        raise InvalidUpload(f"reply lacks record(s) {missing}; expected {SYNTHETIC!r}, {SYNTHETIC_META!r}, {METRICS!r}")
+        raise InvalidUpload(
+            f"reply lacks record(s) {missing}; expected {SYNTHETIC!r}, {SYNTHETIC_META!r}, {METRICS!r}"
+        )
     arrays, meta, metrics = content[SYNTHETIC], content[SYNTHETIC_META], content[METRICS]
-    if not isinstance(arrays, ArrayRecord) or not isinstance(meta, ConfigRecord) or not isinstance(metrics, MetricRecord):
+    if (
+        not isinstance(arrays, ArrayRecord)
+        or not isinstance(meta, ConfigRecord)
+        or not isinstance(metrics, MetricRecord)
+    ):
         raise InvalidUpload(
             f"records have the wrong types: {SYNTHETIC!r} {type(arrays).__name__}, {SYNTHETIC_META!r} "
             f"{type(meta).__name__}, {METRICS!r} {type(metrics).__name__}"
@@ -93,15 +103,18 @@ def read_upload(content: RecordDict, spec: DatasetSpec, max_bytes: int, max_imag
         raise InvalidUpload(f"arrays do not decode: {exc}") from exc
     declared = (meta.get("num_classes"), meta.get("image_shape"))
     expected = (str(spec.num_classes), json.dumps(list(spec.image_shape)))
-    if all(isinstance(v, str) for v in declared) and (declared[0], declared[1].replace(" ", "")) != (
-        expected[0], expected[1].replace(" ", "")
-    ):
+    if all(isinstance(v, str) for v in declared) and (
+        declared[0],
+        declared[1].replace(" ", ""),
+    ) != (expected[0], expected[1].replace(" ", "")):
         raise InvalidUpload(
             f"set of {declared[0]} classes of {declared[1]} images, but the run uses {spec.name}: "
             f"{spec.num_classes} classes of {list(spec.image_shape)}"
         )
     try:
-        syn = SyntheticSet.from_state(tensors, dict(meta), max_bytes=max_bytes, max_images=max_images)
+        syn = SyntheticSet.from_state(
+            tensors, dict(meta), max_bytes=max_bytes, max_images=max_images
+        )
     except InvalidSyntheticSet as exc:
         raise InvalidUpload(str(exc)) from exc
     return Upload(syn, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-__all__ = ["plot_runs", "format_table"]
+__all__ = ["format_table", "plot_runs"]
 
 
-def plot_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, title: str = "") -> Path:
+def plot_runs(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, title: str = ""
+) -> Path:
     """Two panels, one line per run: accuracy by round, and by cumulative upload (MB)."""
     import matplotlib
 
@@ -39,7 +42,9 @@ def plot_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path,
 
 def format_table(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     """A text table: per run and round, accuracy, uploaded MB and epsilon."""
-    lines = [f"{'run':<12}{'round':>6}{'accuracy':>10}{'MB round':>10}{'MB total':>10}{'eps max':>9}"]
+    lines = [
+        f"{'run':<12}{'round':>6}{'accuracy':>10}{'MB round':>10}{'MB total':>10}{'eps max':>9}"
+    ]
     for label, rows in runs.items():
         for r in rows:
             acc = "-" if r.get("accuracy") is None else f"{r['accuracy']:.4f}"

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import zlib
 
-__all__ = ["client_seed", "SERVER_ID"]
+__all__ = ["SERVER_ID", "client_seed"]
 
-SERVER_ID = -1  # the partition slot of the server's own draws (node sampling, initial model, training)
+SERVER_ID = (
+    -1
+)  # the partition slot of the server's own draws (node sampling, initial model, training)
 
 
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:

@@ -44,8 +44,16 @@ def simulate(
 
     @server_app.main()
     def _main(grid, context) -> None:
-        results.update(run_server(grid, cfg, out, resume=resume,
-                                  data_root=str(data_root) if data_root else None, device=device))
+        results.update(
+            run_server(
+                grid,
+                cfg,
+                out,
+                resume=resume,
+                data_root=str(data_root) if data_root else None,
+                device=device,
+            )
+        )
 
     gpus = 0.0 if device.type == "cpu" else min(1.0, cpus_per_client / (os.cpu_count() or 1))
     run_simulation(

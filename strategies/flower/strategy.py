@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -37,9 +38,17 @@ from fedcl_dd.synthetic import SyntheticSet, pixel_ipc_for_budget
 
 from .client_app import client_seed
 from .config import FedConfig
-from .payload import ARRAYS, CONFIG, InvalidUpload, Upload, load_model_arrays, model_arrays, read_upload
+from .payload import (
+    ARRAYS,
+    CONFIG,
+    InvalidUpload,
+    Upload,
+    load_model_arrays,
+    model_arrays,
+    read_upload,
+)
 
-__all__ = ["SyntheticSetStrategy", "RoundReport", "CheckpointMismatch"]
+__all__ = ["CheckpointMismatch", "RoundReport", "SyntheticSetStrategy"]
 
 SERVER_ID = -1  # client_seed's partition slot for the server's own training
 
@@ -112,7 +121,9 @@ class SyntheticSetStrategy(FedAvg):
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.max_bytes = cfg.budget_limit()
         self.max_images = (
-            pixel_ipc_for_budget(self.max_bytes, self.spec.num_classes, self.spec.image_shape, cfg.recipe().dtype)
+            pixel_ipc_for_budget(
+                self.max_bytes, self.spec.num_classes, self.spec.image_shape, cfg.recipe().dtype
+            )
             * self.spec.num_classes
             if cfg.param == "pixels"
             else None
@@ -126,9 +137,21 @@ class SyntheticSetStrategy(FedAvg):
 
     # ----------------------------------------------------------------------------- rounds
     def summary(self) -> None:
-        log(INFO, "\t├──> SyntheticSetStrategy: %s, %s/%s, %s ipc, pool %s", self.cfg.mode, self.cfg.method,
-            self.cfg.param, self.cfg.ipc, self.cfg.pool)
-        log(INFO, "\t└──> upload limit %d bytes per client, checkpoint %s", self.max_bytes, self.checkpoint)
+        log(
+            INFO,
+            "\t├──> SyntheticSetStrategy: %s, %s/%s, %s ipc, pool %s",
+            self.cfg.mode,
+            self.cfg.method,
+            self.cfg.param,
+            self.cfg.ipc,
+            self.cfg.pool,
+        )
+        log(
+            INFO,
+            "\t└──> upload limit %d bytes per client, checkpoint %s",
+            self.max_bytes,
+            self.checkpoint,
+        )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -140,22 +163,42 @@ class SyntheticSetStrategy(FedAvg):
         # Wait for the federation to assemble before the first round only: later, a node that
         # died must not stall the run -- the round goes on with the nodes still connected.
         while len(nodes) < self.min_available_nodes and not self.reports:
-            log(INFO, "waiting for nodes: %d connected, %d required", len(nodes), self.min_available_nodes)
+            log(
+                INFO,
+                "waiting for nodes: %d connected, %d required",
+                len(nodes),
+                self.min_available_nodes,
+            )
             time.sleep(1)
             nodes = sorted(grid.get_node_ids())
         if len(nodes) < self.min_available_nodes:
-            log(WARNING, "round %d: only %d of %d nodes connected; going on with them", r, len(nodes),
-                self.min_available_nodes)
+            log(
+                WARNING,
+                "round %d: only %d of %d nodes connected; going on with them",
+                r,
+                len(nodes),
+                self.min_available_nodes,
+            )
         if not nodes:
             return []
         k = max(1, round(len(nodes) * self.cfg.fraction_train))
         chosen = random.Random(client_seed(self.cfg.seed, r, SERVER_ID)).sample(nodes, k)
         content = ConfigRecord({**dict(config), **self.cfg.to_dict(), "server-round": r})
         self._outgoing = [
-            Message(RecordDict({ARRAYS: arrays, CONFIG: content}), dst_node_id=node, message_type=MessageType.TRAIN)
+            Message(
+                RecordDict({ARRAYS: arrays, CONFIG: content}),
+                dst_node_id=node,
+                message_type=MessageType.TRAIN,
+            )
             for node in chosen
         ]
-        log(INFO, "round %d: sent the global model and config to %d of %d nodes", r, len(chosen), len(nodes))
+        log(
+            INFO,
+            "round %d: sent the global model and config to %d of %d nodes",
+            r,
+            len(chosen),
+            len(nodes),
+        )
         return self._outgoing
 
     def configure_evaluate(
@@ -188,7 +231,9 @@ class SyntheticSetStrategy(FedAvg):
             answered.add(origin)
             node = sent.get(origin, msg.metadata.src_node_id)
             if msg.has_error():
-                report.failed.append({"node": node, "reason": f"error {msg.error.code}: {msg.error.reason}"})
+                report.failed.append(
+                    {"node": node, "reason": f"error {msg.error.code}: {msg.error.reason}"}
+                )
                 continue
             try:
                 upload = self.validate(msg.content, {u.partition_id for u in uploads})
@@ -201,7 +246,14 @@ class SyntheticSetStrategy(FedAvg):
                 report.failed.append({"node": node, "reason": "no reply before the round timeout"})
         for kind in ("rejected", "failed"):
             for item in getattr(report, kind):
-                log(WARNING, "round %d: %s reply from node %s: %s", r, kind, item["node"], item["reason"])
+                log(
+                    WARNING,
+                    "round %d: %s reply from node %s: %s",
+                    r,
+                    kind,
+                    item["node"],
+                    item["reason"],
+                )
 
         for up in uploads:
             report.accepted.append(up.partition_id)
@@ -210,7 +262,9 @@ class SyntheticSetStrategy(FedAvg):
             if up.ledger is not None:
                 self.ledgers[up.partition_id] = up.ledger
         report.accepted.sort()
-        report.upload_bytes_total = report.upload_bytes + (self.reports[-1].upload_bytes_total if self.reports else 0)
+        report.upload_bytes_total = report.upload_bytes + (
+            self.reports[-1].upload_bytes_total if self.reports else 0
+        )
         report.epsilon = {pid: led.epsilon(self.cfg.delta) for pid, led in self.ledgers.items()}
 
         arrays: ArrayRecord | None = None
@@ -227,9 +281,16 @@ class SyntheticSetStrategy(FedAvg):
             log(WARNING, "round %d: no valid upload; the global model stays as it was", r)
         report.pool_images = sum(s.num_images for s in self.pool.values())
         self.reports.append(report)
-        log(INFO, "round %d: accepted %d, rejected %d, failed %d; %d bytes uploaded (%d in total)", r,
-            len(report.accepted), len(report.rejected), len(report.failed), report.upload_bytes,
-            report.upload_bytes_total)
+        log(
+            INFO,
+            "round %d: accepted %d, rejected %d, failed %d; %d bytes uploaded (%d in total)",
+            r,
+            len(report.accepted),
+            len(report.rejected),
+            len(report.failed),
+            report.upload_bytes,
+            report.upload_bytes_total,
+        )
         self.save_checkpoint()
         return arrays, report.metrics()
 
@@ -240,23 +301,35 @@ class SyntheticSetStrategy(FedAvg):
         up = read_upload(content, self.spec, self.max_bytes, self.max_images)
         pid = up.partition_id
         if not 0 <= pid < self.cfg.preset_obj.num_clients:
-            raise InvalidUpload(f"partition-id {pid} is outside 0..{self.cfg.preset_obj.num_clients - 1}")
+            raise InvalidUpload(
+                f"partition-id {pid} is outside 0..{self.cfg.preset_obj.num_clients - 1}"
+            )
         if pid in set(seen):
-            raise InvalidUpload(f"partition {pid} already uploaded this round (two nodes share one partition-id)")
+            raise InvalidUpload(
+                f"partition {pid} already uploaded this round (two nodes share one partition-id)"
+            )
         if self.cfg.private:
             needed = ("noise-multiplier", "sample-rate", "steps")
             if any(k not in up.metrics for k in needed):
-                raise InvalidUpload(f"a private run needs the client's {list(needed)} to account its release")
+                raise InvalidUpload(
+                    f"a private run needs the client's {list(needed)} to account its release"
+                )
             trial = PrivacyLedger()
             if pid in self.ledgers:
                 trial.load_state_dict(self.ledgers[pid].state_dict())
             try:
-                trial.step(up.metrics["noise-multiplier"], up.metrics["sample-rate"], int(up.metrics["steps"]))
+                trial.step(
+                    up.metrics["noise-multiplier"],
+                    up.metrics["sample-rate"],
+                    int(up.metrics["steps"]),
+                )
             except ValueError as exc:
                 raise InvalidUpload(f"unaccountable release: {exc}") from exc
             spent = trial.epsilon(self.cfg.delta)
             if spent > self.cfg.epsilon * (1 + 1e-6):
-                raise InvalidUpload(f"the upload brings client {pid} to epsilon={spent:.4g} > budget {self.cfg.epsilon:g}")
+                raise InvalidUpload(
+                    f"the upload brings client {pid} to epsilon={spent:.4g} > budget {self.cfg.epsilon:g}"
+                )
             up.ledger = trial
         return up
 
@@ -269,22 +342,40 @@ class SyntheticSetStrategy(FedAvg):
                 targets = torch.cat([s.targets().long() for s in sets])
             else:
                 n = self.spec.num_classes
-                targets = torch.cat([
-                    s.targets().float() if s.label_mode == "soft" else nn.functional.one_hot(s.targets().long(), n).float()
-                    for s in sets
-                ])
+                targets = torch.cat(
+                    [
+                        s.targets().float()
+                        if s.label_mode == "soft"
+                        else nn.functional.one_hot(s.targets().long(), n).float()
+                        for s in sets
+                    ]
+                )
         return images, targets
 
     def _train_global(self, r: int) -> nn.Module:
         gen = torch.Generator().manual_seed(client_seed(self.cfg.seed, r, SERVER_ID))
-        net = make_model(self.cfg.model, self.spec.channels, self.spec.num_classes, self.spec.image_size, gen, self.device)
+        net = make_model(
+            self.cfg.model,
+            self.spec.channels,
+            self.spec.num_classes,
+            self.spec.image_size,
+            gen,
+            self.device,
+        )
         if self.cfg.mode == "iterative" and self._global is not None:
             load_model_arrays(net, self._global)
         images, targets = self.union()
-        augment = DSA(self.spec.dsa_strategy, torch.Generator().manual_seed(int(gen.initial_seed()) + 1))
+        augment = DSA(
+            self.spec.dsa_strategy, torch.Generator().manual_seed(int(gen.initial_seed()) + 1)
+        )
         return train_model(
-            net, images.to(self.device), targets.to(self.device), self.cfg.epochs_on_server, lr=self.cfg.server_lr,
-            augment=augment, generator=gen,
+            net,
+            images.to(self.device),
+            targets.to(self.device),
+            self.cfg.epochs_on_server,
+            lr=self.cfg.server_lr,
+            augment=augment,
+            generator=gen,
         )
 
     def record_evaluation(self, server_round: int, metrics: dict[str, float]) -> None:
@@ -304,7 +395,10 @@ class SyntheticSetStrategy(FedAvg):
             "config": self.cfg.to_dict(),
             "round": self.reports[-1].round if self.reports else self.round_offset,
             "model": dict(self._global.to_torch_state_dict()),
-            "pool": {pid: {"tensors": s.state_tensors(), "metadata": s.metadata()} for pid, s in self.pool.items()},
+            "pool": {
+                pid: {"tensors": s.state_tensors(), "metadata": s.metadata()}
+                for pid, s in self.pool.items()
+            },
             "ledgers": {pid: led.state_dict() for pid, led in self.ledgers.items()},
             "reports": [asdict(rep) for rep in self.reports],
         }
@@ -327,14 +421,16 @@ class SyntheticSetStrategy(FedAvg):
                 + "); resume with the same settings or start a new run"
             )
         self.pool = {
-            int(pid): SyntheticSet.from_state(entry["tensors"], entry["metadata"]) for pid, entry in state["pool"].items()
+            int(pid): SyntheticSet.from_state(entry["tensors"], entry["metadata"])
+            for pid, entry in state["pool"].items()
         }
         self.ledgers = {}
         for pid, led_state in state["ledgers"].items():
             self.ledgers[int(pid)] = led = PrivacyLedger()
             led.load_state_dict(led_state)
         self.reports = [
-            RoundReport(**{**rep, "epsilon": {int(k): v for k, v in rep["epsilon"].items()}}) for rep in state["reports"]
+            RoundReport(**{**rep, "epsilon": {int(k): v for k, v in rep["epsilon"].items()}})
+            for rep in state["reports"]
         ]
         self.round_offset = int(state["round"])
         self._global = ArrayRecord(state["model"])
