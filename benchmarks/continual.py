@@ -205,9 +205,11 @@ def main() -> None:
             {"settings": settings, "sweep_batch_size_mem": sweep}, RESULTS / f"{stem}_mix.json"
         )
         return
-    rows = [r for r in ROWS if args.rows is None or r[0] + ("+fresh" if r[1] else "") in args.rows]
+    chosen = [
+        r for r in ROWS if args.rows is None or r[0] + ("+fresh" if r[1] else "") in args.rows
+    ]
     print(HEADER)
-    table = run_rows(base, args.seeds, rows, stem)
+    table = run_rows(base, args.seeds, chosen, stem)
     write_json(
         {"settings": settings, "references": REFERENCES, "rows": table}, RESULTS / f"{stem}.json"
     )

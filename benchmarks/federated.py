@@ -57,12 +57,12 @@ class PeakTreeMemory:
         self._thread.join()
 
 
-def reach(rows: list[dict], target: float) -> tuple[int | None, int | None]:
+def reach(rows: list[dict], target: float) -> tuple[int, int] | None:
     """First round whose accuracy reaches ``target``, and the cumulative bytes up to it."""
     for row in rows:
         if row["round"] > 0 and row["accuracy"] is not None and row["accuracy"] >= target:
             return row["round"], row["upload_bytes_total"]
-    return None, None
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,15 +149,17 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(runs))
     if "fedavg" in runs and "synthetic" in runs:
         fedavg = runs["fedavg"][-1]
-        r, b = reach(runs["synthetic"], fedavg["accuracy"])
+        hit = reach(runs["synthetic"], fedavg["accuracy"])
+        r, b = hit if hit is not None else (None, None)
+        how = (
+            "never"
+            if b is None
+            else f"in {r} rounds with {b / 1e6:.2f} MB = {b / fedavg['upload_bytes_total']:.3f} of "
+            f"FedAvg's {fedavg['upload_bytes_total'] / 1e6:.2f} MB (targets: <= 5 rounds, <= 0.25)"
+        )
         verdict = (
-            f"synthetic reaches FedAvg's {len(runs['fedavg']) - 1}-round accuracy {fedavg['accuracy']:.4f} "
-            + (
-                f"in {r} rounds with {b / 1e6:.2f} MB = {b / fedavg['upload_bytes_total']:.3f} of FedAvg's "
-                f"{fedavg['upload_bytes_total'] / 1e6:.2f} MB (targets: <= 5 rounds, <= 0.25)"
-                if r
-                else "never"
-            )
+            f"synthetic reaches FedAvg's {len(runs['fedavg']) - 1}-round accuracy "
+            f"{fedavg['accuracy']:.4f} {how}"
         )
         print(verdict)
         summary.append(
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                 "comparison": verdict,
                 "rounds_to_fedavg": r,
                 "bytes_to_fedavg": b,
-                "bytes_ratio": (b / fedavg["upload_bytes_total"]) if b else None,
+                "bytes_ratio": (b / fedavg["upload_bytes_total"]) if b is not None else None,
             }
         )
     print(

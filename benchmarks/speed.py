@@ -110,7 +110,8 @@ class _Clock(Callback):
     """Records the wall time of every iteration of one run."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.times, self.last = device, [], 0.0
+        self.device, self.last = device, 0.0
+        self.times: list[float] = []
 
     def on_start(self, state, total) -> None:
         _sync(self.device)

@@ -43,7 +43,7 @@ class DSA:
     """Differentiable siamese augmentation with the DSA paper's ranges."""
 
     strategy: str = DEFAULT_STRATEGY
-    generator: torch.Generator | None = None
+    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
     brightness: float = 1.0
     saturation: float = 2.0
     contrast: float = 0.5
@@ -60,8 +60,6 @@ class DSA:
                 f"unknown augmentation {unknown} in strategy {self.strategy!r}; "
                 f"use '_'-joined names from {FAMILIES}"
             )
-        if self.generator is None:
-            self.generator = torch.Generator().manual_seed(0)
 
     # -- sampling -----------------------------------------------------------------------------
     def _rand(self, *shape: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ it from an offline copy laid out like the project's ``shared/data`` folder:
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import math
@@ -74,12 +75,6 @@ class DatasetSpec:
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
-
-    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`normalize` (for pictures of synthetic images)."""
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        return x * std + mean
 
 
 _DIGIT_NAMES = tuple(str(i) for i in range(10))
@@ -318,7 +313,7 @@ def _load_jpeg_split(
     try:
         for path, array in ((x_path, x), (y_path, y)):
             path.parent.mkdir(exist_ok=True)
-            atomic_write(path, lambda f, a=array: np.save(f, a, allow_pickle=False))
+            atomic_write(path, functools.partial(np.save, arr=array, allow_pickle=False))
     except OSError as err:  # a read-only data root still loads, just slowly every time
         warnings.warn(f"could not cache decoded CIFAR-10 in {x_path.parent}: {err}", stacklevel=2)
     return x, y, False
@@ -436,7 +431,10 @@ def _extract_tar(archive: Path, out: Path) -> None:
                 path.mkdir(parents=True, exist_ok=True)
             elif member.isfile():
                 path.parent.mkdir(parents=True, exist_ok=True)
-                with tar.extractfile(member) as fin, open(path, "wb") as fout:
+                fin = tar.extractfile(member)
+                if fin is None:  # tarfile returns no stream only for non-regular members
+                    raise ValueError(f"{archive}: cannot read member {member.name!r}")
+                with fin, open(path, "wb") as fout:
                     shutil.copyfileobj(fin, fout)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from .io import atomic_write
 from .objectives.base import DistillationDiverged, MatchingContext, Objective
@@ -109,21 +110,22 @@ class ProgressBar(Callback):
     """A tqdm progress bar showing the loss and the objective's report (e.g. epsilon)."""
 
     def __init__(self, desc: str = "distill", disable: bool | None = None) -> None:
-        self.desc, self.disable, self.bar = desc, disable, None
+        self.desc, self.disable = desc, disable
+        self.bar: tqdm | None = None
 
     def on_start(self, state: DistillState, total: int) -> None:
-        from tqdm.auto import tqdm
-
         self.bar = tqdm(total=total, initial=state.iteration, desc=self.desc, disable=self.disable)
 
     def on_iteration(self, state: DistillState) -> None:
         post = {"loss": f"{state.loss:.4g}"}
         post.update({k: f"{v:.3g}" for k, v in state.objective.report().items()})
-        self.bar.set_postfix(post, refresh=False)
-        self.bar.update(1)
+        if self.bar is not None:
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(1)
 
     def on_end(self, state: DistillState) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 class PeriodicEvaluation(Callback):

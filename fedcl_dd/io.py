@@ -21,7 +21,7 @@ def temp_sibling(target: Path) -> Path:
 
 def atomic_write(
     target: str | Path,
-    write: Callable[[BinaryIO], None],
+    write: Callable[[BinaryIO], object],
     check: Callable[[Path], bool] | None = None,
 ) -> Path:
     """Write ``target`` through a temporary file in the same folder and rename it into place,

@@ -19,7 +19,19 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["MLP", "MODELS", "ConvNet", "ResNet18", "init_parameters", "make_model"]
+__all__ = ["MLP", "MODELS", "ConvNet", "ResNet18", "embed", "init_parameters", "make_model"]
+
+
+def embed(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``net.embed(x)``: the penultimate features that distribution matching compares."""
+    method = getattr(net, "embed", None)
+    if not callable(method):
+        raise TypeError(
+            f"{type(net).__name__} has no embed(x) method; distribution matching compares "
+            "penultimate features: give the model an embed(x) returning them, as fedcl_dd.models' do"
+        )
+    out: torch.Tensor = method(x)
+    return out
 
 
 def init_parameters(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:

@@ -61,7 +61,7 @@ def _register(table: dict[str, Any], kind: str, cls: _T) -> _T:
             f"a {kind} named {name!r} is registered already ({table[name].__qualname__})"
         )
     owners = declared_options()
-    for opt in cls.options:
+    for opt in getattr(cls, "options", ()):
         known = owners.get(opt.name)
         if known is not None and known[0] != opt:
             raise ValueError(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -69,6 +70,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
         if d == dtype:
             return name
     raise ValueError(f"storage dtype must be float32 or float16, got {dtype}")
+
+
+def image_shape3(shape: Sequence[int]) -> tuple[int, int, int]:
+    """``shape`` as a (channels, height, width) triple of positive ints; anything else is a ValueError."""
+    dims = tuple(int(s) for s in shape)
+    if len(dims) != 3 or min(dims) < 1:
+        raise ValueError(f"an image shape is (channels, height, width) >= 1, got {tuple(shape)}")
+    return dims[0], dims[1], dims[2]
 
 
 def bytes_per_image(image_shape: tuple[int, int, int], dtype: torch.dtype = torch.float32) -> int:
@@ -121,7 +130,7 @@ class SyntheticSet(nn.Module):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = int(num_classes)
-        self.image_shape = tuple(int(s) for s in image_shape)
+        self.image_shape = image_shape3(image_shape)
         _dtype_name(storage_dtype)
         self.storage_dtype = storage_dtype
         # Free-form, JSON-able facts carried into the file: method, dataset, mean, std, class names.
@@ -228,13 +237,21 @@ class SyntheticSet(nn.Module):
     ) -> SyntheticSet:
         """Rebuild and validate a set from stored tensors and metadata.
 
-        Raises :class:`InvalidSyntheticSet` naming the first problem found: unknown format
-        or kind, missing or extra tensors, wrong dtype or shape, NaN/Inf, labels outside
+        Raises :class:`InvalidSyntheticSet` naming the first problem found: unknown format,
+        a newer format version or an unknown kind, missing or extra tensors, wrong dtype or shape, NaN/Inf, labels outside
         the label space, or more bytes/images than ``max_bytes``/``max_images``.
         """
         if metadata.get("format") != FORMAT:
             raise InvalidSyntheticSet(
                 f"not a synthetic set: metadata 'format' is {metadata.get('format')!r}, expected {FORMAT!r}"
+            )
+        version = metadata.get("version", FORMAT_VERSION)
+        if not (isinstance(version, str) and version.isdigit()):
+            raise InvalidSyntheticSet(f"malformed format version {version!r}")
+        if int(version) > int(FORMAT_VERSION):
+            raise InvalidSyntheticSet(
+                f"written in format version {version}, newer than this fedcl-dd reads "
+                f"({FORMAT_VERSION}); upgrade fedcl-dd to load it"
             )
         kind = metadata.get("kind")
         cls = SyntheticSet._registry.get(kind or "")
@@ -244,7 +261,7 @@ class SyntheticSet(nn.Module):
             )
         try:
             num_classes = int(metadata["num_classes"])
-            image_shape = tuple(int(s) for s in json.loads(metadata["image_shape"]))
+            image_shape = image_shape3(json.loads(metadata["image_shape"]))
             storage = _FLOAT_DTYPES[metadata["storage_dtype"]]
             label_mode = metadata["label_mode"]
             info = json.loads(metadata.get("info", "{}"))
@@ -252,7 +269,7 @@ class SyntheticSet(nn.Module):
             raise InvalidSyntheticSet(
                 f"malformed metadata ({exc!r}); was the file written by fedcl-dd?"
             ) from exc
-        if num_classes < 1 or len(image_shape) != 3 or min(image_shape) < 1:
+        if num_classes < 1:
             raise InvalidSyntheticSet(
                 f"bad shape metadata: num_classes={num_classes}, image_shape={image_shape}"
             )
@@ -339,6 +356,7 @@ class PixelSet(SyntheticSet):
     """A synthetic set stored pixel by pixel, with one hard class per image."""
 
     kind = "pixels"
+    labels: torch.Tensor  # buffer: one hard label per image
 
     def __init__(
         self,
@@ -348,11 +366,11 @@ class PixelSet(SyntheticSet):
         storage_dtype: torch.dtype = torch.float32,
         info: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(num_classes, tuple(images.shape[1:]), storage_dtype, info)
         if images.dim() != 4 or images.shape[0] != labels.shape[0]:
             raise ValueError(
                 f"images {tuple(images.shape)} and labels {tuple(labels.shape)} do not match"
             )
+        super().__init__(num_classes, image_shape3(images.shape[1:]), storage_dtype, info)
         labels = _check_labels(labels, num_classes, "labels")
         self.pixels = nn.Parameter(images.detach().clone().float())
         self.register_buffer("labels", labels.clone().to(images.device))
@@ -494,7 +512,7 @@ class AddressingPlan:
                 f"bytes; raise the budget, lower the number of bases or raise the downsample factor"
             )
         return AddressingPlan(
-            bases, int(per_class), downsample, num_classes, tuple(image_shape), storage_dtype
+            bases, int(per_class), downsample, num_classes, image_shape3(image_shape), storage_dtype
         )
 
 
@@ -508,6 +526,7 @@ class AddressingSet(SyntheticSet):
     """
 
     kind = "addressing"
+    held: torch.Tensor  # buffer: the class ids held, in the order of ``addresses``' rows
 
     def __init__(
         self,

@@ -21,13 +21,12 @@ def class_grid(
     ids = syn.class_ids.cpu()
     classes = syn.classes
     cols = min(per_class, max(int((ids == c).sum()) for c in classes))
-    tiles = []
+    tiles: list[torch.Tensor] = []
     blank = torch.zeros_like(images[0])
     m = torch.tensor(mean).view(-1, 1, 1)
     s = torch.tensor(std).view(-1, 1, 1)
     for c in classes:
-        row = images[ids == c][:cols]
-        row = list((row * s + m).clamp(0, 1))
+        row = list((images[ids == c][:cols] * s + m).clamp(0, 1))
         tiles += row + [blank] * (cols - len(row))
     return make_grid(torch.stack(tiles), nrow=cols, padding=1, pad_value=1.0)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import TensorDataset
 
 from fedcl_dd.data import (
     CIFAR_JPG,
@@ -56,6 +57,14 @@ class ContinualBenchmark:
     @property
     def test_stream(self) -> Any:
         return self.scenario.test_stream
+
+
+class _LabelledTensors(TensorDataset):
+    """Images and labels with the ``targets`` list that Avalanche's ``nc_benchmark`` reads."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        super().__init__(x, y)
+        self.targets = y.tolist()
 
 
 def class_order(seed: int, num_classes: int = 10) -> list[int]:
@@ -118,14 +127,9 @@ def make_benchmark(
 
     common = dict(seed=seed, fixed_class_order=order)
     if name == "split-digits":
-        from torch.utils.data import TensorDataset
-
         data = load_dataset("digits")
-        train, test = (
-            TensorDataset(data.train_x, data.train_y),
-            TensorDataset(data.test_x, data.test_y),
-        )
-        train.targets, test.targets = data.train_y.tolist(), data.test_y.tolist()
+        train = _LabelledTensors(data.train_x, data.train_y)
+        test = _LabelledTensors(data.test_x, data.test_y)
         scenario = nc_benchmark(train, test, n_experiences, task_labels=False, **common)
     elif name == "split-mnist":
         from avalanche.benchmarks.classic import SplitMNIST

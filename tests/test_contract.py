@@ -90,6 +90,46 @@ def test_a_toy_objective_runs_in_a_federated_recipe_and_a_continual_buffer(
     assert buf.classes == [0, 1] and buf.nbytes <= 20 * 260
 
 
+def test_a_toy_objective_runs_through_a_flower_client_round(toy, digits):
+    """The real ClientApp, called in process as a SuperNode would: its upload passes the
+    server's admission and carries the toy method's set."""
+    pytest.importorskip("flwr")
+    from fedcl_dd.strategies.flower.client_app import app
+    from fedcl_dd.strategies.flower.config import FedConfig
+    from fedcl_dd.strategies.flower.payload import ARRAYS, CONFIG, METRICS, model_arrays
+    from fedcl_dd.strategies.flower.strategy import SyntheticSetStrategy
+    from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+
+    from fedcl_dd.models import make_model
+
+    cfg = FedConfig.from_mapping({"method": toy.name, "toy-weight": 2.0, "ipc": 2, "iterations": 3})
+    spec = digits.spec
+    net = make_model(cfg.model, spec.channels, spec.num_classes, spec.image_size, torch.Generator())
+    config = ConfigRecord({**cfg.to_dict(), "server-round": 1})
+    # As a SuperNode hands it over: a delivered message carries the whole of its metadata.
+    meta = Metadata(
+        run_id=1,
+        message_id="m1",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=0.0,
+        ttl=60.0,
+        message_type="train",
+    )
+    msg = Message(metadata=meta, content=RecordDict({ARRAYS: model_arrays(net), CONFIG: config}))
+    node = {"partition-id": 2, "num-partitions": cfg.preset_obj.num_clients}
+    reply = app(
+        msg, Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    )
+    assert not reply.has_error(), reply.error
+    metrics = reply.content[METRICS]
+    assert metrics["loss-last"] < metrics["loss-first"]
+    up = SyntheticSetStrategy(cfg).admit(reply.content)
+    assert up.partition_id == 2 and up.syn.num_images == 2 * len(up.syn.classes)
+
+
 def _pairs():
     return [(m, p) for m in sorted(OBJECTIVES) for p in sorted(PARAMETERIZATIONS)]
 

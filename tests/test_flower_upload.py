@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,8 @@ from fedcl_dd.strategies.flower.payload import (
     synthetic_records,
 )
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fedcl_dd.recipe import Recipe
 
@@ -73,6 +77,7 @@ def test_a_good_upload_round_trips(good, digits):
         ("missing-metric", "metrics lack"),
         ("not-a-set", "not a synthetic set"),
         ("other-dataset", "the run uses digits"),
+        ("huge", r"pixel values reach 3e\+38"),
     ],
 )
 def test_malformed_uploads_are_refused(good, digits, kind, match):
@@ -124,6 +129,9 @@ def test_malformed_uploads_are_refused(good, digits, kind, match):
         with pytest.raises(InvalidUpload, match=match):
             _read(content, digits)
         return
+    elif kind == "huge":  # finite, so it passes the NaN check, but would overflow training
+        tensors[key] = tensors[key].clone()
+        tensors[key][0, 0, 0, 0] = 3e38
     elif kind == "other-dataset":
         meta["image_shape"] = "[1, 16, 16]"
         tensors[key] = torch.nn.functional.interpolate(tensors[key], size=(16, 16))
@@ -201,15 +209,115 @@ def test_strategy_refuses_partitions_and_releases_beyond_the_privacy_budget(good
     strategy = SyntheticSetStrategy(cfg)
     sigma = noise_for_target(8.0, cfg.delta, 0.2, 2 * 50)  # planned for both rounds
     private = {**METRIC_VALUES, "noise-multiplier": sigma, "sample-rate": 0.2, "steps": 50}
-    up = strategy.validate(synthetic_records(good, private))
+    up = strategy.admit(synthetic_records(good, private))
     assert up.partition_id == 0
     with pytest.raises(InvalidUpload, match="already uploaded"):
-        strategy.validate(synthetic_records(good, private), seen=[0])
+        strategy.admit(synthetic_records(good, private), seen=[0])
     with pytest.raises(InvalidUpload, match="partition-id 7 is outside 0..3"):
-        strategy.validate(synthetic_records(good, {**private, "partition-id": 7}))
+        strategy.admit(synthetic_records(good, {**private, "partition-id": 7}))
     with pytest.raises(InvalidUpload, match="account its release"):
-        strategy.validate(synthetic_records(good, METRIC_VALUES))
+        strategy.admit(synthetic_records(good, METRIC_VALUES))
     with pytest.raises(InvalidUpload, match=r"epsilon=\d+.* > budget 8"):
-        strategy.validate(
+        strategy.admit(
             synthetic_records(good, {**private, "steps": 3 * 50})
         )  # a third round's worth
+    # Every release that decoded was booked, the refused ones too: the server received them.
+    assert strategy.ledgers[0].steps == 50 + 50 + 3 * 50
+    for bad in ({"steps": 0}, {"steps": 2.7}, {"steps": float("inf")}, {"sample-rate": 1.5}):
+        with pytest.raises(InvalidUpload, match="steps|sample_rate"):
+            strategy.admit(synthetic_records(good, {**private, "partition-id": 1, **bad}))
+    assert 1 not in strategy.ledgers  # nothing unaccountable is booked
+
+
+_NOT_AN_INDEX = st.one_of(
+    st.floats().filter(lambda v: not (math.isfinite(v) and v.is_integer() and v >= 0)),
+    st.lists(st.integers(0, 3), min_size=1, max_size=3),
+    st.integers(max_value=-1),
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(key=st.sampled_from(["partition-id", "num-examples", "seconds"]), value=_NOT_AN_INDEX)
+def test_metrics_that_are_not_counts_are_refused_with_their_name(good, digits, key, value):
+    if key == "seconds" and isinstance(value, float) and math.isfinite(value) and value >= 0:
+        return  # any finite non-negative number of seconds is fine
+    content = synthetic_records(good, {**METRIC_VALUES, key: value})
+    with pytest.raises(InvalidUpload, match=f"metric '{key}'"):
+        _read(content, digits)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(pid=st.integers(0, 3), claimed=st.one_of(st.integers(), st.floats(allow_nan=True)))
+def test_received_bytes_are_measured_not_claimed(good, digits, pid, claimed):
+    up = _read(
+        synthetic_records(good, {**METRIC_VALUES, "partition-id": pid, "upload-bytes": claimed}),
+        digits,
+    )
+    assert up.nbytes == good.nbytes and up.partition_id == pid
+
+
+def test_collect_replies_sorts_out_errors_strangers_repeats_and_silence(good):
+    from fedcl_dd.strategies.flower.strategy import RoundReport, collect_replies
+    from flwr.app import Error, Message, Metadata
+
+    def reply(to: str, node: int, error: bool = False) -> Message:
+        meta = Metadata(
+            run_id=1,
+            message_id="",
+            src_node_id=node,
+            dst_node_id=0,
+            reply_to_message_id=to,
+            group_id="1",
+            created_at=0.0,
+            ttl=60.0,
+            message_type="train",
+        )
+        if error:
+            return Message(metadata=meta, error=Error(code=7, reason="client crashed"))
+        return Message(metadata=meta, content=synthetic_records(good, METRIC_VALUES))
+
+    sent = {"a": 11, "b": 12, "c": 13, "d": 14}
+    report = RoundReport(round=1)
+    kept = collect_replies(
+        [
+            reply("a", 11),
+            reply("a", 11),
+            reply("b", 12, error=True),
+            reply("zz", 99),
+            reply("c", 13),
+        ],
+        sent,
+        report,
+    )
+    assert [node for node, _ in kept] == [11, 13]
+    assert {(r["node"], r["reason"]) for r in report.rejected} == {
+        (11, "second reply to one message"),
+        (99, "reply to a message this round did not send"),
+    }
+    assert [(f["node"], f["reason"]) for f in report.failed] == [
+        (12, "error 7: client crashed"),
+        (14, "no reply before the round timeout"),
+    ]
+
+
+def test_a_non_finite_model_is_never_adopted(good, monkeypatch):
+    from fedcl_dd.strategies.flower.payload import Upload
+    from fedcl_dd.strategies.flower.strategy import RoundReport, SyntheticSetStrategy
+
+    strategy = SyntheticSetStrategy(CFG)
+    real_train = strategy._train_global
+
+    def poisoned(r):
+        net = real_train(r)
+        with torch.no_grad():
+            next(net.parameters()).fill_(float("nan"))
+        return net
+
+    monkeypatch.setattr(strategy, "_train_global", poisoned)
+    report = RoundReport(round=1)
+    assert strategy.train_on_pool(1, [Upload(good, METRIC_VALUES)], report) is None
+    assert report.kept_previous_model and "non-finite" in report.note

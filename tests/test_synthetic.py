@@ -137,6 +137,8 @@ def _write(path, tensors, meta):
         (lambda t, m: t.update(labels=t["labels"][:3]), "images but 3 labels"),
         (lambda t, m: t.update(images=t["images"].double()), "dtype torch.float64"),
         (lambda t, m: m.update(num_classes="ten"), "malformed metadata"),
+        (lambda t, m: m.update(version="2"), "format version 2, newer .* upgrade fedcl-dd"),
+        (lambda t, m: m.update(version="1.x"), "malformed format version"),
     ],
 )
 def test_malformed_files_are_refused_with_the_reason(

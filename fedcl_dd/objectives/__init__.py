@@ -5,7 +5,7 @@ They are listed by name in :mod:`fedcl_dd.registry`.
 
 from __future__ import annotations
 
-from .base import REAL_PER_CLASS, MatchingContext, Objective, Plan, class_means
+from .base import REAL_PER_CLASS, MatchingContext, Objective, Plan, PrivateRelease, class_means
 from .dm import DistributionMatching
 from .dm_dp import PrivateDistributionMatching
 from .gm import GradientMatching
@@ -19,6 +19,7 @@ __all__ = [
     "Objective",
     "Plan",
     "PrivateDistributionMatching",
+    "PrivateRelease",
     "TrajectoryMatching",
     "class_means",
 ]

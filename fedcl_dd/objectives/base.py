@@ -14,7 +14,7 @@ import abc
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from ..augment import DSA, AugParams
 from ..data import DatasetSpec
 from ..models import make_model
 from ..options import Option, parse_declared
+from ..privacy import PrivacyLedger
 from ..sampling import ClassSampler
 from ..synthetic import SyntheticSet
 
@@ -32,6 +33,7 @@ __all__ = [
     "MatchingContext",
     "Objective",
     "Plan",
+    "PrivateRelease",
     "class_means",
 ]
 
@@ -184,6 +186,17 @@ class Objective(abc.ABC):
     def report(self) -> dict[str, float]:
         """Figures for results files and progress bars (e.g. privacy spent)."""
         return {}
+
+
+@runtime_checkable
+class PrivateRelease(Protocol):
+    """What an objective whose ``private`` is true exposes for accounting its releases: the
+    ledger of every Gaussian release so far, and the noise and sampling rate of the next
+    (None until :meth:`Objective.setup` has set them)."""
+
+    ledger: PrivacyLedger
+    noise_multiplier: float | None
+    sample_rate: float | None
 
 
 def class_means(

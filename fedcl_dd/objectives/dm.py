@@ -8,9 +8,13 @@ All classes go through the network in one batched forward pass per side.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
+from ..models import embed
+from ..options import Option
 from ..synthetic import SyntheticSet
 from .base import REAL_PER_CLASS, MatchingContext, Objective, class_means
 
@@ -30,8 +34,9 @@ class DistributionMatching(Objective):
     """DM: ``sum_c || mean_real_c(embed) - mean_syn_c(embed) ||^2`` under a random frozen network."""
 
     name = "dm"
-    options = (REAL_PER_CLASS,)
-    lr_by_ipc = ((1, 1.0), (100, 10.0))  # the DM code's image learning rates
+    options: ClassVar[tuple[Option, ...]] = (REAL_PER_CLASS,)
+    # The DM code's image learning rates.
+    lr_by_ipc: ClassVar[tuple[tuple[int, float], ...]] = ((1, 1.0), (100, 10.0))
     quick = {"real_per_class": 16}
     paper = "dm"
 
@@ -53,14 +58,14 @@ class DistributionMatching(Objective):
         """Mean embedding of a fresh real batch per class, (num_classes, D); no graph."""
         x, y = ctx.real.sample_classes(classes, self.real_per_class, ctx.generator)
         with torch.no_grad():
-            emb = torch.cat([net.embed(ctx.apply(part, params)) for part in _chunks(x)])
+            emb = torch.cat([embed(net, ctx.apply(part, params)) for part in _chunks(x)])
         return class_means(emb, y, ctx.spec.num_classes)[0]
 
     def loss(self, ctx: MatchingContext, net: nn.Module, syn: SyntheticSet) -> torch.Tensor:
         classes = syn.classes
         params = ctx.siamese()
         real = self.real_means(ctx, net, classes, params)
-        emb = net.embed(ctx.apply(syn.images(), params))
+        emb = embed(net, ctx.apply(syn.images(), params))
         fake, _ = class_means(emb, syn.class_ids, ctx.spec.num_classes)
         held = torch.tensor(classes, device=emb.device)
         return ((real[held] - fake[held]) ** 2).sum()

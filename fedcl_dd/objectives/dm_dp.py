@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from ..augment import AugParams
+from ..models import embed
 from ..options import Option
 from ..privacy import PrivacyBudgetError, PrivacyLedger, noise_for_target
 from ..synthetic import SyntheticSet
@@ -88,7 +89,7 @@ class ClippedEmbedding(nn.Module):
         self.center = center
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        emb = self.inner.embed(x)
+        emb = embed(self.inner, x)
         return clip_rows(emb - self.center if self.center is not None else emb, self.clip)
 
 
@@ -221,6 +222,8 @@ class PrivateDistributionMatching(DistributionMatching):
 
     def _calibrate(self) -> None:
         if self.target_epsilon is not None:
+            # The constructor ensures iterations with epsilon; callers set sample_rate first.
+            assert self.sample_rate is not None and self.iterations is not None
             self.noise_multiplier = noise_for_target(
                 self.target_epsilon, self.delta, self.sample_rate, self.iterations
             )
@@ -265,7 +268,7 @@ class PrivateDistributionMatching(DistributionMatching):
         if x.shape[0]:  # a Poisson draw can be empty, and DSA's affine transforms reject that
             x = ctx.apply(x, params)
         with torch.no_grad():
-            emb = net.embed(x)
+            emb = embed(net, x)
         sums = torch.zeros(ctx.spec.num_classes, emb.shape[1], dtype=emb.dtype, device=emb.device)
         return sums.index_add(0, y, emb)
 
@@ -331,7 +334,7 @@ class PrivateDistributionMatching(DistributionMatching):
         # that component by a random factor (std sqrt((1-q)/(q n_c))) that swamps the
         # class-specific signal. DM's loss is unchanged by a common shift of both sides.
         with torch.no_grad():
-            net.center = net.inner.embed(syn.images()).mean(0)
+            net.center = embed(net.inner, syn.images()).mean(0)
         return super().loss(ctx, net, syn)
 
     def report(self) -> dict[str, float]:

@@ -203,7 +203,7 @@ class GradientMatching(Objective):
         return total
 
     def update_network(self, ctx: MatchingContext, net: nn.Module, syn: SyntheticSet) -> None:
-        if self._net is not net:
+        if self._net is not net or self._net_optimizer is None:
             self._net = net
             self._net_optimizer = torch.optim.SGD(
                 net.parameters(), lr=self.lr_net, momentum=self.momentum_net

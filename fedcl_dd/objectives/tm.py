@@ -72,11 +72,14 @@ def train_experts(
 
     Plain SGD at a constant ``lr`` (no momentum, no weight decay), DSA with per-sample draws
     when ``augment``. Returns, per expert, ``epochs + 1`` CPU snapshots of the parameters
-    (index 0 = initialization, index e = after epoch e).
+    (index 0 = initialization, index e = after epoch e). Initializations, batches and
+    augmentations all draw from ``generator`` (None: one seeded with 0).
     """
     if num_experts < 1 or epochs < 1:
         raise ValueError(f"num_experts and epochs must be >= 1, got {num_experts} and {epochs}")
     device = torch.device(device) if device is not None else real.device
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
     aug = DSA(spec.dsa_strategy, generator=generator) if augment else None
     images, labels = real.x.to(device), real.y.to(device)
     experts = []
@@ -117,7 +120,7 @@ def expert_cache_key(
     meta.update(settings)
     h.update(json.dumps(meta, sort_keys=True).encode())
     h.update(real.y.detach().cpu().contiguous().numpy().tobytes())
-    h.update(real.x.detach().cpu().contiguous().numpy())
+    h.update(real.x.detach().cpu().contiguous().numpy().data)
     return h.hexdigest()
 
 
@@ -512,23 +515,21 @@ class TrajectoryMatching(Objective):
         # Pass 1: the student's end point, no graph beyond one step's weight gradient.
         theta = net.start
         for idx, aug in schedule:
-            theta = (
-                theta
-                - lr * self._tesla_step(net, theta, img.detach(), tgt.detach(), idx, aug, ctx)[0]
-            )
+            x, y = ctx.apply(img.detach()[idx], aug), tgt.detach()[idx]
+            theta = theta - lr * self._weight_grad(net, theta, x, y)
         with torch.no_grad():
             value = self._match(net, theta)
             v = 2 * (theta - net.target) / ((net.start - net.target) ** 2).sum()
 
         # Pass 2: each step's contribution, one graph at a time, from theta_0 again.
-        g_img, g_tgt = torch.zeros_like(img), torch.zeros_like(tgt) if soft else None
+        # g_tgt stays zero for hard labels (their d_tgt is zero).
+        g_img, g_tgt = torch.zeros_like(img), torch.zeros_like(tgt, dtype=img.dtype)
         g_lr = torch.zeros((), device=img.device)
         theta = net.start
         for idx, aug in schedule:
             g, d_img, d_tgt = self._tesla_step(net, theta, img, tgt, idx, aug, ctx, v)
             g_img -= lr * d_img
-            if soft:
-                g_tgt -= lr * d_tgt
+            g_tgt -= lr * d_tgt
             g_lr -= (g * v).sum()
             theta = theta - lr * g
 
@@ -536,6 +537,15 @@ class TrajectoryMatching(Objective):
         if soft:
             surrogate = surrogate + (targets * g_tgt).sum()
         return surrogate - surrogate.detach() + value
+
+    def _weight_grad(
+        self, net: ExpertSegment, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        """The student's weight gradient at ``theta`` on the batch ``(x, y)``, with no graph."""
+        theta = theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            g = self._student_grad(net, theta, x, y, create_graph=False)
+        return g.detach()
 
     def _tesla_step(
         self,
@@ -546,18 +556,19 @@ class TrajectoryMatching(Objective):
         idx: torch.Tensor,
         aug: AugParams | None,
         ctx: MatchingContext,
-        v: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """One student step at ``theta``: its weight gradient, and with ``v`` the gradients of
-        ``<g, v>`` with respect to the images (and soft targets). A function of its own so that
-        the step's graph is gone when it returns."""
+        v: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One student step at ``theta``: its weight gradient g and the gradients of ``<g, v>``
+        with respect to the images and the soft targets (zero for hard labels). A function of
+        its own so that the step's graph is gone when it returns."""
         theta = theta.detach().requires_grad_(True)
         with torch.enable_grad():
             g = self._student_grad(
-                net, theta, ctx.apply(img[idx], aug), tgt[idx], create_graph=v is not None
+                net, theta, ctx.apply(img[idx], aug), tgt[idx], create_graph=True
             )
-            if v is None:
-                return g.detach(), None, None
-            wrt = [img, tgt] if tgt.requires_grad else [img]
-            grads = torch.autograd.grad((g * v).sum(), wrt)
-        return g.detach(), grads[0], grads[1] if len(grads) > 1 else None
+            if tgt.requires_grad:
+                d_img, d_tgt = torch.autograd.grad((g * v).sum(), [img, tgt])
+            else:
+                (d_img,) = torch.autograd.grad((g * v).sum(), [img])
+                d_tgt = torch.zeros((), device=img.device)
+        return g.detach(), d_img, d_tgt

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 
 from fedcl_dd.data import DatasetSpec
 from fedcl_dd.distill import ProgressBar
+from fedcl_dd.models import embed
 from fedcl_dd.objectives import MatchingContext
 from fedcl_dd.parameterizations import Addressing
 from fedcl_dd.pipeline import Distillation
@@ -324,7 +325,7 @@ class CondensedPixelBuffer(CondensedBuffer):
             for c in self.syn.classes:
                 idx = torch.nonzero(ids == c).flatten()
                 if idx.numel() > ipc:
-                    emb = net.embed(images[idx].to(self.device)).cpu()
+                    emb = embed(net, images[idx].to(self.device)).cpu()
                     idx = idx[torch.tensor(herding.make_sorted_indices_from_features(emb)[:ipc])]
                 keep.append(idx)
             keep_t = torch.cat(keep)

@@ -29,7 +29,7 @@ from torch import nn
 from fedcl_dd.cli import resolve_device
 from fedcl_dd.evaluate import accuracy
 from fedcl_dd.models import make_model
-from fedcl_dd.objectives import MatchingContext
+from fedcl_dd.objectives import MatchingContext, PrivateRelease
 from fedcl_dd.pipeline import Distillation
 from fedcl_dd.privacy import PrivacyLedger, noise_for_target
 from fedcl_dd.sampling import ClassSampler
@@ -47,7 +47,7 @@ _STATE_SET, _STATE_META, _STATE_LEDGER = "fedcl-synthetic", "fedcl-synthetic-met
 
 
 def _setup(msg: Message, context: Context) -> tuple[FedConfig, int, ClientData, torch.device]:
-    cfg = FedConfig.from_mapping(msg.content[CONFIG], strict=False)
+    cfg = FedConfig.from_mapping(msg.content.config_records[CONFIG], strict=False)
     if "partition-id" not in context.node_config:
         raise ValueError(
             "this SuperNode has no partition-id: start it with "
@@ -62,6 +62,21 @@ def _setup(msg: Message, context: Context) -> tuple[FedConfig, int, ClientData, 
     root = context.node_config.get("data-root")
     torch.set_num_threads(max(1, int(context.node_config.get("threads", 1))))
     return cfg, pid, client_data(cfg.preset_obj, pid, str(root) if root else None), resolve_device()
+
+
+def _config_float(config: ConfigRecord, key: str) -> float:
+    """A number the server put in the config; a clear error if it is missing or not a number."""
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"the server's config has {key}={value!r}; expected a number")
+    return float(value)
+
+
+def _config_int(config: ConfigRecord, key: str) -> int:
+    value = _config_float(config, key)
+    if not value.is_integer():
+        raise ValueError(f"the server's config has {key}={value!r}; expected a whole number")
+    return int(value)
 
 
 def _global_model(
@@ -93,7 +108,7 @@ def perturbed_global(global_net: nn.Module, scale: float):
 def train(msg: Message, context: Context) -> Message:
     """Distill the local data (synthetic) or train locally (fedavg / fedprox)."""
     cfg, pid, data, device = _setup(msg, context)
-    server_round = int(msg.content[CONFIG]["server-round"])
+    server_round = _config_int(msg.content.config_records[CONFIG], "server-round")
     if cfg.algorithm == "synthetic":
         content = _distill(msg, context, cfg, pid, server_round, data, device)
     else:
@@ -115,12 +130,13 @@ def _distill(
     real = ClassSampler(data.train_x, data.train_y, spec.num_classes, device)
     syn: SyntheticSet | None = None
     if cfg.mode == "iterative" and _STATE_SET in context.state:
-        prev = context.state[_STATE_SET].to_torch_state_dict()
-        syn = SyntheticSet.from_state(dict(prev), dict(context.state[_STATE_META]))
+        prev = context.state.array_records[_STATE_SET].to_torch_state_dict()
+        meta = context.state.config_records[_STATE_META]
+        syn = SyntheticSet.from_state(dict(prev), {k: str(v) for k, v in meta.items()})
     source = None
     if cfg.mode == "iterative" and server_round > 1 and cfg.perturb >= 0:
         source = perturbed_global(
-            _global_model(cfg, data, msg.content[ARRAYS], device), cfg.perturb
+            _global_model(cfg, data, msg.content.array_records[ARRAYS], device), cfg.perturb
         )
     run = Distillation(
         cfg.recipe(),
@@ -137,8 +153,13 @@ def _distill(
     )
     syn, objective = run.syn, run.objective
     ledger_before = _stored_ledger(context)
-    if cfg.private and ledger_before.steps:
-        objective.load_state_dict({"ledger": ledger_before.state_dict()})
+    if cfg.private:
+        if not isinstance(objective, PrivateRelease):
+            raise TypeError(
+                f"method {cfg.method!r} is declared private but its objective exposes no ledger, "
+                "noise_multiplier and sample_rate (fedcl_dd.objectives.PrivateRelease)"
+            )
+        objective.ledger.load_state_dict(ledger_before.state_dict())
     result = run.run()
     if cfg.mode == "iterative":
         context.state[_STATE_SET] = ArrayRecord(syn.state_tensors())
@@ -153,16 +174,11 @@ def _distill(
         "loss-first": result.losses[0] if result.losses else float("nan"),
         "loss-last": result.losses[-1] if result.losses else float("nan"),
     }
-    if cfg.private:
+    if isinstance(objective, PrivateRelease) and cfg.private:
+        sigma, q = objective.noise_multiplier, objective.sample_rate
+        assert sigma is not None and q is not None, "set by the objective's setup, which ran"
         metrics.update(
-            _privacy_metrics(
-                context,
-                ledger_before,
-                objective.ledger,
-                cfg.delta,
-                float(objective.noise_multiplier),
-                float(objective.sample_rate),
-            )
+            _privacy_metrics(context, ledger_before, objective.ledger, cfg.delta, sigma, q)
         )
     else:
         metrics.update({"epsilon-round": 0.0, "epsilon-total": 0.0, "delta": 0.0})
@@ -173,7 +189,8 @@ def _stored_ledger(context: Context) -> PrivacyLedger:
     """This client's privacy ledger as kept in ``context.state`` (empty before its first release)."""
     ledger = PrivacyLedger()
     if _STATE_LEDGER in context.state:
-        ledger.load_state_dict({k: list(v) for k, v in context.state[_STATE_LEDGER].items()})
+        stored = context.state.config_records[_STATE_LEDGER]
+        ledger.load_state_dict({k: v for k, v in stored.items() if isinstance(v, list)})
     return ledger
 
 
@@ -215,10 +232,11 @@ def _local_sgd(
     start = time.perf_counter()
     seed = client_seed(cfg.seed, server_round, pid)
     gen = torch.Generator().manual_seed(seed)
-    net = _global_model(cfg, data, msg.content[ARRAYS], device)
+    net = _global_model(cfg, data, msg.content.array_records[ARRAYS], device)
     anchor = [p.detach().clone() for p in net.parameters()]
     # Flower's FedProx sends its mu as "proximal-mu" (our config carries the same key for it).
-    mu = float(msg.content[CONFIG]["proximal-mu"]) if cfg.algorithm == "fedprox" else 0.0
+    config = msg.content.config_records[CONFIG]
+    mu = _config_float(config, "proximal-mu") if cfg.algorithm == "fedprox" else 0.0
     x, y = data.train_x.to(device), data.train_y.to(device)
     n = int(y.numel())
     opt = torch.optim.SGD(net.parameters(), lr=cfg.local_lr, momentum=0.9)
@@ -275,7 +293,7 @@ def _local_sgd(
 def evaluate(msg: Message, context: Context) -> Message:
     """The global model's accuracy on this client's held-out share."""
     cfg, _, data, device = _setup(msg, context)
-    net = _global_model(cfg, data, msg.content[ARRAYS], device)
+    net = _global_model(cfg, data, msg.content.array_records[ARRAYS], device)
     n = int(data.test_y.numel())
     acc = accuracy(net, data.test_x, data.test_y) if n else 0.0
     return Message(

@@ -13,19 +13,22 @@ A reply to a train message carries
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
 from fedcl_dd.data import DatasetSpec
-from fedcl_dd.privacy import PrivacyLedger
 from fedcl_dd.synthetic import InvalidSyntheticSet, SyntheticSet
 
 __all__ = [
     "ARRAYS",
     "CONFIG",
+    "MAX_PIXEL",
     "METRICS",
     "REQUIRED_METRICS",
     "SYNTHETIC",
@@ -33,6 +36,8 @@ __all__ = [
     "InvalidUpload",
     "Upload",
     "load_model_arrays",
+    "metric_float",
+    "metric_int",
     "model_arrays",
     "read_upload",
     "synthetic_records",
@@ -40,7 +45,10 @@ __all__ = [
 
 ARRAYS, CONFIG = "arrays", "config"  # the keys Flower's own strategies use for the global model
 SYNTHETIC, SYNTHETIC_META, METRICS = "synthetic", "synthetic-meta", "metrics"
-REQUIRED_METRICS = ("num-examples", "partition-id", "upload-bytes", "seconds")
+#: The largest pixel magnitude an upload may hold (normalized units): far beyond any image
+#: distillation produces, far below what makes the server's training overflow.
+MAX_PIXEL = 1e3
+REQUIRED_METRICS = ("num-examples", "partition-id", "seconds")
 
 
 class InvalidUpload(ValueError):
@@ -48,18 +56,36 @@ class InvalidUpload(ValueError):
 
 
 class Upload:
-    """An accepted reply: the set and the client's metrics."""
+    """A reply that decoded into a valid set: the set and the client's numeric metrics.
+
+    ``partition_id`` is the client's claim, checked to be an integer; ``nbytes`` is what the
+    server received (the set's stored bytes), not what the client says it sent.
+    """
 
     def __init__(self, syn: SyntheticSet, metrics: dict[str, float]) -> None:
         self.syn = syn
         self.metrics = metrics
-        self.ledger: PrivacyLedger | None = (
-            None  # private runs: the client's ledger with this release
-        )
+        self.partition_id = metric_int(metrics, "partition-id")
+        self.nbytes = int(syn.nbytes)
+        self.seconds = metric_float(metrics, "seconds", low=0.0)
 
-    @property
-    def partition_id(self) -> int:
-        return int(self.metrics["partition-id"])
+
+def metric_float(metrics: Mapping[str, Any], key: str, low: float | None = None) -> float:
+    """``metrics[key]`` as a finite float (at least ``low``); :class:`InvalidUpload` otherwise."""
+    value = metrics.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidUpload(f"metric {key!r} must be a finite number, got {value!r}")
+    if low is not None and value < low:
+        raise InvalidUpload(f"metric {key!r} must be at least {low:g}, got {value!r}")
+    return float(value)
+
+
+def metric_int(metrics: Mapping[str, Any], key: str, low: int = 0) -> int:
+    """``metrics[key]`` as an integer of at least ``low`` (1.0 passes, 1.5 does not)."""
+    value = metric_float(metrics, key, low)
+    if not value.is_integer():
+        raise InvalidUpload(f"metric {key!r} must be a whole number, got {metrics[key]!r}")
+    return int(value)
 
 
 def synthetic_records(syn: SyntheticSet, metrics: dict[str, float]) -> RecordDict:
@@ -68,7 +94,7 @@ def synthetic_records(syn: SyntheticSet, metrics: dict[str, float]) -> RecordDic
         {
             SYNTHETIC: ArrayRecord(OrderedDict(syn.state_tensors())),
             SYNTHETIC_META: ConfigRecord(dict(syn.metadata())),
-            METRICS: MetricRecord(metrics),
+            METRICS: MetricRecord({**metrics}),
         }
     )
 
@@ -95,29 +121,38 @@ def read_upload(
     absent = [k for k in REQUIRED_METRICS if k not in metrics]
     if absent:
         raise InvalidUpload(f"metrics lack {absent}")
-    if not all(isinstance(v, str) for v in meta.values()):
+    text = {k: v for k, v in meta.items() if isinstance(v, str)}
+    if len(text) != len(meta):
         raise InvalidUpload(f"{SYNTHETIC_META!r} must hold strings only")
     try:
         tensors = {k: torch.from_numpy(a.numpy().copy()) for k, a in arrays.items()}
     except Exception as exc:  # a malformed Array (bad dtype string, truncated bytes) fails in numpy
         raise InvalidUpload(f"arrays do not decode: {exc}") from exc
-    declared = (meta.get("num_classes"), meta.get("image_shape"))
-    expected = (str(spec.num_classes), json.dumps(list(spec.image_shape)))
-    if all(isinstance(v, str) for v in declared) and (
-        declared[0],
-        declared[1].replace(" ", ""),
-    ) != (expected[0], expected[1].replace(" ", "")):
+    classes, shape = text.get("num_classes"), text.get("image_shape")
+    if (
+        classes is not None
+        and shape is not None
+        and (classes, shape.replace(" ", ""))
+        != (str(spec.num_classes), json.dumps(list(spec.image_shape)).replace(" ", ""))
+    ):
         raise InvalidUpload(
-            f"set of {declared[0]} classes of {declared[1]} images, but the run uses {spec.name}: "
+            f"set of {classes} classes of {shape} images, but the run uses {spec.name}: "
             f"{spec.num_classes} classes of {list(spec.image_shape)}"
         )
     try:
-        syn = SyntheticSet.from_state(
-            tensors, dict(meta), max_bytes=max_bytes, max_images=max_images
-        )
+        syn = SyntheticSet.from_state(tensors, text, max_bytes=max_bytes, max_images=max_images)
     except InvalidSyntheticSet as exc:
         raise InvalidUpload(str(exc)) from exc
-    return Upload(syn, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    with torch.no_grad():
+        peak = float(syn.images().abs().max()) if syn.num_images else 0.0
+    if not peak <= MAX_PIXEL:  # also catches an overflow to inf when a memory is materialized
+        raise InvalidUpload(
+            f"pixel values reach {peak:.3g}; images in the run's normalized space stay "
+            f"within ±{MAX_PIXEL:g} (real data lies within a few units)"
+        )
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    metric_int(numbers, "num-examples")
+    return Upload(syn, numbers)
 
 
 def model_arrays(model: nn.Module) -> ArrayRecord:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from fedcl_dd.scenarios.federated import (
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx
+from torch import nn
 
 from fedcl_dd.cli import resolve_device
 from fedcl_dd.evaluate import accuracy
@@ -31,13 +33,13 @@ from fedcl_dd.io import write_json
 from fedcl_dd.models import make_model
 from fedcl_dd.viz import save_grid
 
-from .client_app import client_seed
 from .config import FedConfig
-from .payload import METRICS, load_model_arrays, model_arrays
+from .payload import ARRAYS, METRICS, load_model_arrays, metric_float, metric_int, model_arrays
 from .report import plot_runs
-from .strategy import SERVER_ID, SyntheticSetStrategy
+from .seeding import SERVER_ID, client_seed
+from .strategy import SyntheticSetStrategy
 
-__all__ = ["SERVER_KEYS", "app", "run_server"]
+__all__ = ["SERVER_KEYS", "ServerRun", "app", "build_run", "run_server", "write_results"]
 
 app = ServerApp()
 
@@ -55,17 +57,147 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _sum_metrics(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-    """Baselines' train metrics: replies, examples and uploaded bytes summed (not averaged)."""
-    metrics = [c[METRICS] for c in contents]
-    out = {
+    """Baselines' train metrics: replies, examples and received bytes summed (not averaged)."""
+    metrics = [c.metric_records[METRICS] for c in contents]
+    out: dict[str, int | float] = {
         "accepted": len(metrics),
-        "num-examples": sum(int(m["num-examples"]) for m in metrics),
-        "upload-bytes": sum(int(m["upload-bytes"]) for m in metrics),
+        "num-examples": sum(metric_int(m, "num-examples") for m in metrics),
+        # What the server received, not what the clients say they sent.
+        "upload-bytes": sum(c.array_records[ARRAYS].count_bytes() for c in contents),
     }
-    eps = [float(m["epsilon-total"]) for m in metrics if "epsilon-total" in m]
+    eps = [metric_float(m, "epsilon-total", 0.0) for m in metrics if "epsilon-total" in m]
     if eps:
         out["epsilon-max"] = max(eps)
-    return MetricRecord(out)
+    return MetricRecord({**out})
+
+
+@dataclass
+class ServerRun:
+    """One run, built and not yet started: its strategy, initial model and history so far."""
+
+    cfg: FedConfig
+    out_dir: Path
+    strategy: FedAvg
+    initial_arrays: ArrayRecord
+    done: int  # rounds completed before this process (resume)
+    evaluator: nn.Module  # the model the global arrays are loaded into for evaluation
+    test: Any  # the dataset whose test split the server evaluates on
+    histogram: Any  # training samples per client and class
+    history: dict[int, dict[str, Any]] = field(default_factory=dict)
+    pending: dict[str, MetricRecord] = field(default_factory=dict)  # baselines' train metrics
+    started: float = field(default_factory=time.perf_counter)
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Flower's ``evaluate_fn``: test accuracy of the global model, kept in the history."""
+        r = self.done + server_round
+        net = load_model_arrays(self.evaluator, arrays)
+        acc = accuracy(net, self.test.test_x, self.test.test_y)
+        self.history[r] = {
+            "accuracy": acc,
+            "seconds": time.perf_counter() - self.started,
+            "train": self.pending.pop("train", None),
+        }
+        if isinstance(self.strategy, SyntheticSetStrategy):
+            self.strategy.record_evaluation(server_round, {"accuracy": acc})
+        if r:
+            print(
+                f"[{self.cfg.algorithm}] round {r}/{self.cfg.rounds}: accuracy {acc:.4f}",
+                file=sys.stderr,
+                flush=True,
+            )
+            # Rewritten every round, so an interrupted run still leaves its rounds so far.
+            write_results(self, complete=False)
+        return MetricRecord({"accuracy": acc})
+
+    def results(self, complete: bool) -> dict[str, Any]:
+        return {
+            "config": self.cfg.to_dict(),
+            "rounds": _round_rows(self.strategy, self.history),
+            "resumed_after": self.done,
+            "complete": complete,
+        }
+
+
+def build_run(
+    cfg: FedConfig,
+    out_dir: Path,
+    resume: bool = False,
+    data_root: str | None = None,
+    device: torch.device | None = None,
+) -> ServerRun:
+    """Everything a run needs before its first round; writes nothing."""
+    device = device or resolve_device()
+    preset = cfg.preset_obj
+    spec = preset.spec
+    evaluator = make_model(
+        cfg.model,
+        spec.channels,
+        spec.num_classes,
+        spec.image_size,
+        torch.Generator().manual_seed(client_seed(cfg.seed, 0, SERVER_ID)),
+        device,
+    )
+    arrays, done = model_arrays(evaluator), 0
+    pending: dict[str, MetricRecord] = {}
+    if cfg.algorithm == "synthetic":
+        synthetic = SyntheticSetStrategy(cfg, checkpoint=out_dir / "checkpoint.pt", device=device)
+        if resume:
+            arrays, done = synthetic.resume()
+        strategy: FedAvg = synthetic
+    elif resume:
+        raise ValueError(
+            "--resume applies to the synthetic strategy (FedAvg/FedProx runs are not checkpointed)"
+        )
+    else:
+        strategy = _baseline(cfg, pending)
+    return ServerRun(
+        cfg,
+        out_dir,
+        strategy,
+        arrays,
+        done,
+        evaluator,
+        cached_dataset(spec.name, data_root),
+        class_histogram(preset, data_root),
+        pending=pending,
+    )
+
+
+def _baseline(cfg: FedConfig, pending: dict[str, MetricRecord]) -> FedAvg:
+    """Flower's own FedAvg or FedProx; each round's summed train metrics go to ``pending``."""
+
+    def sum_train_metrics(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+        pending["train"] = _sum_metrics(contents, weighted_by_key)
+        return pending["train"]
+
+    common: dict[str, Any] = dict(
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=1,
+        min_evaluate_nodes=1 if cfg.fraction_evaluate > 0 else 0,
+        min_available_nodes=cfg.nodes_required,
+        train_metrics_aggr_fn=sum_train_metrics,
+    )
+    if cfg.algorithm == "fedprox":
+        return FedProx(proximal_mu=cfg.proximal_mu, **common)
+    return FedAvg(**common)
+
+
+def write_results(run: ServerRun, complete: bool) -> dict[str, Any]:
+    """``results.json``; once complete, also the accuracy plot and a grid of one upload."""
+    results = run.results(complete)
+    write_json(results, run.out_dir / "results.json")
+    if complete:
+        plot_runs(
+            {run.cfg.algorithm: results["rounds"]},
+            run.out_dir / "accuracy.png",
+            title=run.cfg.preset,
+        )
+        pool = run.strategy.pool if isinstance(run.strategy, SyntheticSetStrategy) else {}
+        if pool:
+            first = min(pool)
+            save_grid(pool[first], run.out_dir / f"upload-client{first}.png")
+    return results
 
 
 def run_server(
@@ -77,111 +209,28 @@ def run_server(
     device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg.rounds`` rounds on ``grid``; write and return the results."""
-    device = device or resolve_device()
     out_dir.mkdir(parents=True, exist_ok=True)
-    preset = cfg.preset_obj
-    spec = preset.spec
-    test = cached_dataset(spec.name, data_root)
-    hist = class_histogram(preset, data_root)
+    run = build_run(cfg, out_dir, resume, data_root, device)
+    name = cfg.preset_obj.name
     print(
-        f"{preset.name}: training samples per client and class\n{format_histogram(hist)}",
+        f"{name}: training samples per client and class\n{format_histogram(run.histogram)}",
         file=sys.stderr,
     )
-    plot_histogram(hist, out_dir / "partitions.png", title=preset.name)
-    net = make_model(
-        cfg.model,
-        spec.channels,
-        spec.num_classes,
-        spec.image_size,
-        torch.Generator().manual_seed(client_seed(cfg.seed, 0, SERVER_ID)),
-        device,
-    )
-    arrays = model_arrays(net)
-    done = 0
-    record = ConfigRecord(cfg.to_dict())
-    pending: dict[str, MetricRecord] = {}  # the baselines' train metrics of the round in progress
-
-    def sum_train_metrics(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-        pending["train"] = _sum_metrics(contents, weighted_by_key)
-        return pending["train"]
-
-    if cfg.algorithm == "synthetic":
-        strategy: FedAvg = SyntheticSetStrategy(
-            cfg, checkpoint=out_dir / "checkpoint.pt", device=device
-        )
-        if resume:
-            arrays, done = strategy.resume()
-    else:
-        if resume:
-            raise ValueError(
-                "--resume applies to the synthetic strategy (FedAvg/FedProx runs are not checkpointed)"
-            )
-        common = dict(
-            fraction_train=cfg.fraction_train,
-            fraction_evaluate=cfg.fraction_evaluate,
-            min_train_nodes=1,
-            min_evaluate_nodes=1 if cfg.fraction_evaluate > 0 else 0,
-            min_available_nodes=cfg.nodes_required,
-            train_metrics_aggr_fn=sum_train_metrics,
-        )
-        strategy = (
-            FedProx(proximal_mu=cfg.proximal_mu, **common)
-            if cfg.algorithm == "fedprox"
-            else FedAvg(**common)
-        )
-
-    offset = done
-    history: dict[int, dict[str, Any]] = {}
-    started = time.perf_counter()
-
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        r = offset + server_round
-        acc = accuracy(load_model_arrays(net, arrays), test.test_x, test.test_y)
-        history[r] = {
-            "accuracy": acc,
-            "seconds": time.perf_counter() - started,
-            "train": pending.pop("train", None),
-        }
-        if isinstance(strategy, SyntheticSetStrategy):
-            strategy.record_evaluation(server_round, {"accuracy": acc})
-        if r:
-            print(
-                f"[{cfg.algorithm}] round {r}/{cfg.rounds}: accuracy {acc:.4f}",
-                file=sys.stderr,
-                flush=True,
-            )
-            # Rewritten every round, so an interrupted run still leaves its rounds so far.
-            write_json(
-                {
-                    "config": cfg.to_dict(),
-                    "rounds": _round_rows(strategy, history),
-                    "resumed_after": done,
-                    "complete": False,
-                },
-                out_dir / "results.json",
-            )
-        return MetricRecord({"accuracy": acc})
-
-    if done >= cfg.rounds:
+    plot_histogram(run.histogram, out_dir / "partitions.png", title=name)
+    if run.done >= cfg.rounds:
         print(f"{out_dir}: all {cfg.rounds} rounds are done already", file=sys.stderr)
     else:
-        strategy.start(
+        record = ConfigRecord(cfg.to_dict())
+        run.strategy.start(
             grid=grid,
-            initial_arrays=arrays,
-            num_rounds=cfg.rounds - done,
+            initial_arrays=run.initial_arrays,
+            num_rounds=cfg.rounds - run.done,
             timeout=cfg.round_timeout,
             train_config=record,
             evaluate_config=record,
-            evaluate_fn=evaluate_fn,
+            evaluate_fn=run.evaluate,
         )
-    rounds = _round_rows(strategy, history)
-    results = {"config": cfg.to_dict(), "rounds": rounds, "resumed_after": done, "complete": True}
-    write_json(results, out_dir / "results.json")
-    plot_runs({cfg.algorithm: rounds}, out_dir / "accuracy.png", title=cfg.preset)
-    if isinstance(strategy, SyntheticSetStrategy) and strategy.pool:
-        first = min(strategy.pool)
-        save_grid(strategy.pool[first], out_dir / f"upload-client{first}.png")
-    return results
+    return write_results(run, complete=True)
 
 
 def _round_rows(strategy: FedAvg, history: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:

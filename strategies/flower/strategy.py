@@ -1,10 +1,20 @@
 """``SyntheticSetStrategy``: clients upload synthetic sets; the server trains on their union.
 
-A subclass of Flower's ``FedAvg`` (itself a ``flwr.serverapp.strategy.Strategy``): node
-sampling, the evaluate round and ``start()`` are Flower's; training rounds are ours.
-``aggregate_train`` validates every reply on its own (Flower's consistency check would end
-the run on one odd reply), trains the global model on the accepted sets, and never lets a
-failed, missing or malformed reply abort the round.
+A subclass of Flower's ``FedAvg``. What it changes, and what it keeps:
+
+- ``configure_train`` is ours: it samples ``fraction_train`` of the connected nodes itself,
+  with a generator seeded by the run seed and the round (a rerun or a resumed run picks
+  the same nodes), and waits for ``min_available_nodes`` before the first round only.
+- ``configure_evaluate`` is Flower's, called with ``min_available_nodes`` lowered to 1 so a
+  node lost during training cannot stall the evaluate round.
+- ``aggregate_train`` is ours, in four steps: :func:`collect_replies` (errors, timeouts,
+  replies to messages never sent), :meth:`~SyntheticSetStrategy.admit` (each reply
+  validated on its own, and in private runs accounted by :class:`ClientLedgers`),
+  :meth:`~SyntheticSetStrategy.train_on_pool` (the pool and the server's training, which
+  keeps the previous model if the result is not finite) and the :class:`RoundReport`.
+  Flower's own consistency check would end the run on one odd reply; ours never lets a
+  failed, missing or malformed reply abort the round.
+- ``aggregate_evaluate``, ``start`` and the evaluate function are Flower's.
 
 Rounds are checkpointed atomically (global model, round, pool, privacy ledgers, history);
 :meth:`SyntheticSetStrategy.resume` restores them, and the server continues with
@@ -33,11 +43,10 @@ from fedcl_dd.augment import DSA
 from fedcl_dd.evaluate import train_model
 from fedcl_dd.io import atomic_write
 from fedcl_dd.models import make_model
-from fedcl_dd.privacy import PrivacyLedger
 from fedcl_dd.synthetic import SyntheticSet, pixel_ipc_for_budget
 
-from .client_app import client_seed
 from .config import FedConfig
+from .ledgers import ClientLedgers
 from .payload import (
     ARRAYS,
     CONFIG,
@@ -47,10 +56,9 @@ from .payload import (
     model_arrays,
     read_upload,
 )
+from .seeding import SERVER_ID, client_seed
 
-__all__ = ["CheckpointMismatch", "RoundReport", "SyntheticSetStrategy"]
-
-SERVER_ID = -1  # client_seed's partition slot for the server's own training
+__all__ = ["CheckpointMismatch", "RoundReport", "SyntheticSetStrategy", "collect_replies"]
 
 
 class CheckpointMismatch(ValueError):
@@ -72,7 +80,38 @@ class RoundReport:
     server_seconds: float = 0.0
     client_seconds_max: float = 0.0
     kept_previous_model: bool = False
+    note: str = ""  # why the global model was kept, if it was
     evaluation: dict[str, float] = field(default_factory=dict)
+
+    def accept(self, up: Upload) -> None:
+        self.accepted.append(up.partition_id)
+        self.upload_bytes += up.nbytes
+        self.client_seconds_max = max(self.client_seconds_max, up.seconds)
+
+    def log(self) -> None:
+        """Every refused or failed reply, then the round in one line."""
+        for kind in ("rejected", "failed"):
+            for item in getattr(self, kind):
+                log(
+                    WARNING,
+                    "round %d: %s reply from node %s: %s",
+                    self.round,
+                    kind,
+                    item["node"],
+                    item["reason"],
+                )
+        if self.kept_previous_model:
+            log(WARNING, "round %d: the global model stays as it was: %s", self.round, self.note)
+        log(
+            INFO,
+            "round %d: accepted %d, rejected %d, failed %d; %d bytes uploaded (%d in total)",
+            self.round,
+            len(self.accepted),
+            len(self.rejected),
+            len(self.failed),
+            self.upload_bytes,
+            self.upload_bytes_total,
+        )
 
     def metrics(self) -> MetricRecord:
         out: dict[str, float | int] = {
@@ -89,7 +128,7 @@ class RoundReport:
         if self.epsilon:
             out["epsilon-max"] = max(self.epsilon.values())
             out.update({f"epsilon-client-{pid}": eps for pid, eps in sorted(self.epsilon.items())})
-        return MetricRecord(out)
+        return MetricRecord({**out})
 
 
 class SyntheticSetStrategy(FedAvg):
@@ -130,7 +169,7 @@ class SyntheticSetStrategy(FedAvg):
         )
         self.round_offset = 0  # rounds completed before this process started (resume)
         self.pool: dict[int, SyntheticSet] = {}
-        self.ledgers: dict[int, PrivacyLedger] = {}
+        self.ledgers = ClientLedgers(cfg.epsilon, cfg.delta) if cfg.private else None
         self.reports: list[RoundReport] = []
         self._global: ArrayRecord | None = None
         self._outgoing: list[Message] = []
@@ -220,118 +259,81 @@ class SyntheticSetStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate each reply, train on the accepted sets, checkpoint; never abort the round."""
+        """Collect, admit, train on the pool, report and checkpoint; never abort the round."""
         r = self.round_offset + server_round
-        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outgoing}
         report = RoundReport(round=r)
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outgoing}
         uploads: list[Upload] = []
-        answered: set[str] = set()
-        for msg in replies:
-            origin = msg.metadata.reply_to_message_id
-            answered.add(origin)
-            node = sent.get(origin, msg.metadata.src_node_id)
-            if msg.has_error():
-                report.failed.append(
-                    {"node": node, "reason": f"error {msg.error.code}: {msg.error.reason}"}
-                )
-                continue
+        for node, content in collect_replies(replies, sent, report):
             try:
-                upload = self.validate(msg.content, {u.partition_id for u in uploads})
+                up = self.admit(content, {u.partition_id for u in uploads})
             except InvalidUpload as exc:
                 report.rejected.append({"node": node, "reason": str(exc)})
                 continue
-            uploads.append(upload)
-        for origin, node in sent.items():
-            if origin not in answered:
-                report.failed.append({"node": node, "reason": "no reply before the round timeout"})
-        for kind in ("rejected", "failed"):
-            for item in getattr(report, kind):
-                log(
-                    WARNING,
-                    "round %d: %s reply from node %s: %s",
-                    r,
-                    kind,
-                    item["node"],
-                    item["reason"],
-                )
-
-        for up in uploads:
-            report.accepted.append(up.partition_id)
-            report.upload_bytes += int(up.metrics["upload-bytes"])
-            report.client_seconds_max = max(report.client_seconds_max, float(up.metrics["seconds"]))
-            if up.ledger is not None:
-                self.ledgers[up.partition_id] = up.ledger
+            except Exception as exc:  # a reply must never end the run: refuse it, say why
+                reason = f"could not be read ({type(exc).__name__}: {exc})"
+                report.rejected.append({"node": node, "reason": reason})
+                continue
+            uploads.append(up)
+            report.accept(up)
         report.accepted.sort()
-        report.upload_bytes_total = report.upload_bytes + (
-            self.reports[-1].upload_bytes_total if self.reports else 0
-        )
-        report.epsilon = {pid: led.epsilon(self.cfg.delta) for pid, led in self.ledgers.items()}
-
-        arrays: ArrayRecord | None = None
-        if uploads:
-            if self.cfg.pool == "none":
-                self.pool = {}
-            self.pool.update({up.partition_id: up.syn for up in uploads})
-            start = time.perf_counter()
-            arrays = model_arrays(self._train_global(r))
-            report.server_seconds = time.perf_counter() - start
-            self._global = arrays
-        else:
-            report.kept_previous_model = True
-            log(WARNING, "round %d: no valid upload; the global model stays as it was", r)
-        report.pool_images = sum(s.num_images for s in self.pool.values())
+        previous = self.reports[-1].upload_bytes_total if self.reports else 0
+        report.upload_bytes_total = previous + report.upload_bytes
+        report.epsilon = self.ledgers.epsilons() if self.ledgers is not None else {}
+        arrays = self.train_on_pool(r, uploads, report)
         self.reports.append(report)
-        log(
-            INFO,
-            "round %d: accepted %d, rejected %d, failed %d; %d bytes uploaded (%d in total)",
-            r,
-            len(report.accepted),
-            len(report.rejected),
-            len(report.failed),
-            report.upload_bytes,
-            report.upload_bytes_total,
-        )
+        report.log()
         self.save_checkpoint()
         return arrays, report.metrics()
 
-    def validate(self, content: RecordDict, seen: Iterable[int] = ()) -> Upload:
-        """Check one reply's content: a valid set for this run and budget, a partition in range
-        and not in ``seen``, and (private runs) a release the client's budget still covers.
-        Raises :class:`InvalidUpload` with the reason."""
+    def admit(self, content: RecordDict, seen: Iterable[int] = ()) -> Upload:
+        """Admit one reply: a valid set for this run and budget, a partition in range and not
+        in ``seen``, and (private runs) a release the client's budget still covers.
+
+        In private runs the release is booked in :attr:`ledgers` once it decodes and can be
+        accounted, whether or not it is then admitted: the server has received it. Raises
+        :class:`InvalidUpload` with the reason.
+        """
         up = read_upload(content, self.spec, self.max_bytes, self.max_images)
         pid = up.partition_id
         if not 0 <= pid < self.cfg.preset_obj.num_clients:
             raise InvalidUpload(
                 f"partition-id {pid} is outside 0..{self.cfg.preset_obj.num_clients - 1}"
             )
+        spent = self.ledgers.book(up) if self.ledgers is not None else 0.0
         if pid in set(seen):
             raise InvalidUpload(
                 f"partition {pid} already uploaded this round (two nodes share one partition-id)"
             )
-        if self.cfg.private:
-            needed = ("noise-multiplier", "sample-rate", "steps")
-            if any(k not in up.metrics for k in needed):
-                raise InvalidUpload(
-                    f"a private run needs the client's {list(needed)} to account its release"
-                )
-            trial = PrivacyLedger()
-            if pid in self.ledgers:
-                trial.load_state_dict(self.ledgers[pid].state_dict())
-            try:
-                trial.step(
-                    up.metrics["noise-multiplier"],
-                    up.metrics["sample-rate"],
-                    int(up.metrics["steps"]),
-                )
-            except ValueError as exc:
-                raise InvalidUpload(f"unaccountable release: {exc}") from exc
-            spent = trial.epsilon(self.cfg.delta)
-            if spent > self.cfg.epsilon * (1 + 1e-6):
-                raise InvalidUpload(
-                    f"the upload brings client {pid} to epsilon={spent:.4g} > budget {self.cfg.epsilon:g}"
-                )
-            up.ledger = trial
+        if self.ledgers is not None:
+            self.ledgers.check_budget(up, spent)
         return up
+
+    def train_on_pool(
+        self, r: int, uploads: list[Upload], report: RoundReport
+    ) -> ArrayRecord | None:
+        """Add this round's sets to the pool and train the global model on it.
+
+        Returns the new global model, or None (Flower keeps the current one) when no upload
+        was admitted or the trained model is not finite.
+        """
+        if uploads:
+            if self.cfg.pool == "none":
+                self.pool = {}
+            self.pool.update({up.partition_id: up.syn for up in uploads})
+        report.pool_images = sum(s.num_images for s in self.pool.values())
+        if not uploads:
+            report.kept_previous_model, report.note = True, "no valid upload"
+            return None
+        start = time.perf_counter()
+        net = self._train_global(r)
+        report.server_seconds = time.perf_counter() - start
+        if not all(torch.isfinite(t).all() for t in net.state_dict().values()):
+            report.kept_previous_model = True
+            report.note = "training on the pool gave a non-finite model"
+            return None
+        self._global = model_arrays(net)
+        return self._global
 
     def union(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The pooled images and their targets (class ids, or probabilities if any set has soft labels)."""
@@ -399,7 +401,7 @@ class SyntheticSetStrategy(FedAvg):
                 pid: {"tensors": s.state_tensors(), "metadata": s.metadata()}
                 for pid, s in self.pool.items()
             },
-            "ledgers": {pid: led.state_dict() for pid, led in self.ledgers.items()},
+            "ledgers": self.ledgers.state_dict() if self.ledgers is not None else {},
             "reports": [asdict(rep) for rep in self.reports],
         }
         atomic_write(self.checkpoint, lambda f: torch.save(state, f))
@@ -424,10 +426,8 @@ class SyntheticSetStrategy(FedAvg):
             int(pid): SyntheticSet.from_state(entry["tensors"], entry["metadata"])
             for pid, entry in state["pool"].items()
         }
-        self.ledgers = {}
-        for pid, led_state in state["ledgers"].items():
-            self.ledgers[int(pid)] = led = PrivacyLedger()
-            led.load_state_dict(led_state)
+        if self.ledgers is not None:
+            self.ledgers.load_state_dict(state["ledgers"])
         self.reports = [
             RoundReport(**{**rep, "epsilon": {int(k): v for k, v in rep["epsilon"].items()}})
             for rep in state["reports"]
@@ -436,3 +436,37 @@ class SyntheticSetStrategy(FedAvg):
         self._global = ArrayRecord(state["model"])
         log(INFO, "resumed from %s after round %d", self.checkpoint, self.round_offset)
         return self._global, self.round_offset
+
+
+def collect_replies(
+    replies: Iterable[Message], sent: dict[str, int], report: RoundReport
+) -> list[tuple[int, RecordDict]]:
+    """The (node, content) of every reply worth admitting, in arrival order.
+
+    ``sent`` maps the ids of this round's messages to their nodes. Errors and missing
+    replies go to ``report.failed``; a reply to a message this round did not send, or a
+    second reply to one message, to ``report.rejected``.
+    """
+    out: list[tuple[int, RecordDict]] = []
+    answered: set[str] = set()
+    for msg in replies:
+        origin = msg.metadata.reply_to_message_id
+        node = sent.get(origin, msg.metadata.src_node_id)
+        if origin not in sent:
+            report.rejected.append(
+                {"node": node, "reason": "reply to a message this round did not send"}
+            )
+        elif origin in answered:
+            report.rejected.append({"node": node, "reason": "second reply to one message"})
+        elif msg.has_error():
+            answered.add(origin)
+            report.failed.append(
+                {"node": node, "reason": f"error {msg.error.code}: {msg.error.reason}"}
+            )
+        else:
+            answered.add(origin)
+            out.append((node, msg.content))
+    for origin, node in sent.items():
+        if origin not in answered:
+            report.failed.append({"node": node, "reason": "no reply before the round timeout"})
+    return out
