@@ -213,7 +213,7 @@ def test_experience_without_data_for_a_class_is_refused(filled, digits):
 
 
 def test_class_seen_again_is_refused(filled, digits):
-    _refused(filled, "already in the buffer", *_by_class(digits, [1, 2]))
+    _refused(filled, "already in the memory", *_by_class(digits, [1, 2]))
 
 
 def test_diverging_distillation_leaves_the_buffer_unchanged(filled, digits):

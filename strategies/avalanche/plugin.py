@@ -23,8 +23,7 @@ import copy
 from typing import Any
 
 import torch
-from avalanche.benchmarks.utils.data_loader import ReplayDataLoader
-from avalanche.training.plugins import SupervisedPlugin
+from avalanche.training.plugins import ReplayPlugin
 
 from fedcl_dd.augment import DSA
 from fedcl_dd.evaluate import train_model
@@ -40,8 +39,13 @@ __all__ = ["DEFAULT_BATCH_SIZE_MEM", "CondensedReplayPlugin"]
 DEFAULT_BATCH_SIZE_MEM = 128
 
 
-class CondensedReplayPlugin(SupervisedPlugin):
+class CondensedReplayPlugin(ReplayPlugin):
     """Replay a :class:`~fedcl_dd.strategies.avalanche.buffers.CondensedBuffer` (pixels or addressing memory).
+
+    Avalanche's ``ReplayPlugin`` with the buffer as its storage policy: its minibatch mixing
+    is used as it is; what this class adds is the fresh-model protocol. (Avalanche's
+    ``FromScratchTrainingPlugin`` resets the model before each experience; the fresh protocol
+    resets it after the experience, to train on the memory alone, so it keeps its own copy.)
 
     :param buffer: the condensed memory, updated after every training experience.
     :param batch_size: new samples per minibatch (default: the strategy's ``train_mb_size``).
@@ -64,7 +68,6 @@ class CondensedReplayPlugin(SupervisedPlugin):
         fresh_augment: bool = False,
         seed: int = 0,
     ) -> None:
-        super().__init__()
         if not isinstance(buffer, CondensedBuffer):
             raise TypeError(f"buffer must be a CondensedBuffer, got {type(buffer).__name__}")
         for name, value in (("batch_size", batch_size), ("batch_size_mem", batch_size_mem)):
@@ -72,20 +75,19 @@ class CondensedReplayPlugin(SupervisedPlugin):
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if fresh_epochs < 0:
             raise ValueError(f"fresh_epochs must be >= 0, got {fresh_epochs}")
+        super().__init__(
+            mem_size=buffer.max_size,
+            batch_size=batch_size,
+            batch_size_mem=batch_size_mem,
+            task_balanced_dataloader=task_balanced_dataloader,
+            storage_policy=buffer,
+        )
         self.buffer = buffer
-        self.batch_size = batch_size
-        self.batch_size_mem = batch_size_mem
-        self.task_balanced_dataloader = task_balanced_dataloader
         self.fresh_epochs = fresh_epochs
         self.fresh_lr = fresh_lr
         self.fresh_augment = fresh_augment
         self.generator = torch.Generator().manual_seed(seed)
         self.initial_state: dict[str, torch.Tensor] | None = None
-
-    @property
-    def storage_policy(self) -> CondensedBuffer:
-        """The buffer, under the name Avalanche's replay plugins use."""
-        return self.buffer
 
     def before_training(self, strategy: Any, **kwargs: Any) -> None:
         if self.fresh_epochs and self.initial_state is None:
@@ -100,22 +102,14 @@ class CondensedReplayPlugin(SupervisedPlugin):
         **kwargs: Any,
     ) -> None:
         """Mix memory samples into every minibatch (replay protocol, once the buffer holds data)."""
-        if self.fresh_epochs or len(self.buffer.buffer) == 0:
-            return
-        strategy.dataloader = ReplayDataLoader(
-            strategy.adapted_dataset,
-            self.buffer.buffer,
-            oversample_small_tasks=True,
-            batch_size=self.batch_size or strategy.train_mb_size,
-            batch_size_mem=self.batch_size_mem,
-            task_balanced_dataloader=self.task_balanced_dataloader,
-            num_workers=num_workers,
-            shuffle=shuffle,
-            drop_last=drop_last,
-        )
+        if not self.fresh_epochs:
+            super().before_training_exp(
+                strategy, num_workers=num_workers, shuffle=shuffle, drop_last=drop_last, **kwargs
+            )
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         """Distill the experience into the buffer; in the fresh protocol, retrain the model on it."""
+        # post_adapt directly: ReplayPlugin's storage_policy.update() is deprecated in Avalanche 0.6.
         self.buffer.post_adapt(strategy, strategy.experience)
         if self.fresh_epochs:
             self._train_fresh(strategy)

@@ -1,0 +1,423 @@
+"""A rehearsal memory of fixed bytes, grown class by class by the core's distillation.
+
+Classes arrive in groups (a class-incremental stream's experiences, or a federated
+server's rounds); each group's real data is distilled into the memory, which keeps
+the union of every class seen within a byte budget fixed from the start:
+
+* :class:`PixelMemory` splits the budget among the classes seen so far: when new
+  classes arrive, each old class keeps the subset of its images whose mean embedding
+  stays closest to the class's (:func:`herding_order`, in the embedding space of a
+  freshly initialized network, the space distribution matching works in);
+* :class:`AddressingMemory` is the addressing-matrix memory of Deng & Russakovsky
+  (NeurIPS 2022): shared bases plus per-class addresses. New classes add addresses;
+  the old memory's images stand in for the real data of the old classes, the
+  parameterization's initialization fits the bases to them and to the new real data,
+  and the memory runs ``iterations`` matching iterations on both (default 0: the
+  initialization alone). The bytes never grow.
+
+Every update builds the new memory first and swaps it in at the end: an update that
+raises leaves the memory as it was. The module depends on torch only; the Avalanche
+buffers of :mod:`fedcl_dd.strategies.avalanche.buffers` wrap these classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+
+from .data import DatasetSpec
+from .distill import ProgressBar
+from .models import embed
+from .objectives.base import MatchingContext
+from .parameterizations import Addressing
+from .pipeline import Distillation
+from .recipe import STORAGE_DTYPES, Recipe
+from .registry import get_objective, get_parameterization
+from .sampling import ClassSampler
+from .synthetic import (
+    AddressingPlan,
+    AddressingSet,
+    PixelSet,
+    SyntheticSet,
+    bytes_per_image,
+    pixel_ipc_for_budget,
+)
+
+__all__ = [
+    "AddressingMemory",
+    "ByteBoundedMemory",
+    "PixelMemory",
+    "herding_order",
+    "memory_for",
+]
+
+
+def herding_order(features: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """Indices of the ``k`` rows (default all) chosen greedily so that the mean of the first
+    i chosen stays closest to the mean of all rows, for every i (herding as in iCaRL,
+    Rebuffi et al., CVPR 2017)."""
+    n = features.shape[0]
+    k = n if k is None else min(int(k), n)
+    target = features.mean(0)
+    chosen: list[int] = []
+    total = torch.zeros_like(target)
+    taken = torch.zeros(n, dtype=torch.bool, device=features.device)
+    for i in range(k):
+        # The mean after adding each candidate, against the target mean.
+        distances = ((total + features) / (i + 1) - target).pow(2).sum(1)
+        distances[taken] = float("inf")
+        pick = int(distances.argmin())
+        chosen.append(pick)
+        taken[pick] = True
+        total = total + features[pick]
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+class ByteBoundedMemory:
+    """The union of distilled sets over the classes seen, within ``budget_bytes`` (see the module).
+
+    :param budget_bytes: bytes of everything the memory stores (labels included), fixed
+        for the stream; ``bytes_per_image(spec.image_shape) * N`` is "the bytes of N images".
+    :param spec: the dataset spec (image shape, normalization, DSA strategy).
+    :param num_classes: the model's output space (default ``spec.num_classes``); classes
+        outside it are refused.
+    :param method: a registered non-private objective (default ``dm``).
+    :param iterations: matching iterations per update (default: the subclass's
+        ``default_iterations``: 10 for pixels, 0 for the addressing memory).
+    :param real_per_class: real images per class and iteration (for the methods declaring it).
+    :param lr_images: the image learning rate (default: the method's published one).
+    :param storage: ``fp32`` or ``fp16`` storage of the stored tensors.
+    :param model: the network distillation embeds with (``convnet`` as in DM).
+    :param augment: DSA during distillation.
+    :param downsample, bases: the addressing memory's base resolution and count (default:
+        the parameterization's plan for the budget).
+    :param seed: seeds every draw of the memory: networks, real batches, augmentation.
+    """
+
+    param: ClassVar[str] = ""
+    default_iterations: ClassVar[int] = 10
+    _by_param: ClassVar[dict[str, type[ByteBoundedMemory]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.param:
+            ByteBoundedMemory._by_param[cls.param] = cls
+
+    def __init__(
+        self,
+        budget_bytes: int,
+        spec: DatasetSpec,
+        *,
+        num_classes: int | None = None,
+        method: str = "dm",
+        iterations: int | None = None,
+        real_per_class: int = 64,
+        lr_images: float | None = None,
+        storage: str = "fp32",
+        model: str = "convnet",
+        augment: bool = True,
+        downsample: int | None = None,
+        bases: int | None = None,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        progress: bool = False,
+    ) -> None:
+        num_classes = spec.num_classes if num_classes is None else int(num_classes)
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if real_per_class < 1:
+            raise ValueError(f"real_per_class must be >= 1, got {real_per_class}")
+        iterations = self.default_iterations if iterations is None else int(iterations)
+        if iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {iterations}")
+        if get_objective(method).private:
+            raise ValueError(
+                f"method {method!r} is private; a rehearsal memory uses a non-private method"
+            )
+        # Each setting goes to the objective or parameterization that declares it.
+        given = {"real_per_class": real_per_class, "downsample": downsample, "bases": bases}
+        declared = {
+            o.name for o in get_objective(method).options + get_parameterization(self.param).options
+        }
+        # The recipe validates method, storage, init, options and budget; ipc is set per update.
+        self.recipe = Recipe(
+            method=method,
+            param=self.param,
+            budget_bytes=int(budget_bytes),
+            storage=storage,
+            iterations=iterations,
+            lr_images=lr_images,
+            init="real",
+            options={k: v for k, v in given.items() if k in declared},
+        )
+        self.budget_bytes = int(budget_bytes)
+        self.spec = spec
+        self.num_classes = num_classes
+        self.model = model
+        self.augment = augment
+        self.device = torch.device(device)
+        self.progress = progress
+        self.generator = torch.Generator().manual_seed(seed)
+        self.check_budget(num_classes)  # one sample for every class the model can emit, up front
+        self.syn: SyntheticSet | None = None
+        self.distill_seconds: list[float] = []
+
+    # -- what subclasses provide --------------------------------------------------------------
+    def check_budget(self, n_classes: int) -> None:
+        """Raise ``ValueError`` (naming the bytes needed) if ``n_classes`` classes do not fit."""
+        raise NotImplementedError
+
+    def max_samples(self) -> int:
+        """The most images the memory can ever replay within its budget."""
+        raise NotImplementedError
+
+    def _build(self, real: ClassSampler, new: list[int]) -> tuple[SyntheticSet, float]:
+        raise NotImplementedError
+
+    def shrink(self, max_images: int) -> None:
+        """Keep at most ``max_images`` images, lowering the budget to match."""
+        raise NotImplementedError
+
+    # -- shared behaviour ---------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return STORAGE_DTYPES[self.recipe.storage]
+
+    @property
+    def classes(self) -> list[int]:
+        """Classes the memory holds, ascending."""
+        return [] if self.syn is None else self.syn.classes
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the memory stores now (its safetensors payload), never above ``budget_bytes``."""
+        return 0 if self.syn is None else self.syn.nbytes
+
+    def distinct_samples(self) -> int:
+        """Distinct images the memory replays (identical images counted once)."""
+        if self.syn is None:
+            return 0
+        with torch.no_grad():
+            return int(torch.unique(self.syn.images().detach().flatten(1), dim=0).shape[0])
+
+    def config(self) -> dict[str, Any]:
+        """The settings a checkpoint must agree on to be resumed with this memory."""
+        return {
+            "kind": type(self).__name__,
+            "budget_bytes": self.budget_bytes,
+            "dataset": self.spec.name,
+            "image_shape": list(self.spec.image_shape),
+            "num_classes": self.num_classes,
+            "method": self.recipe.method,
+            "storage": self.recipe.storage,
+        }
+
+    def _distill(
+        self, recipe: Recipe, real: ClassSampler, classes: list[int], label: str
+    ) -> tuple[SyntheticSet, float]:
+        """A new set for ``classes`` from ``real``, run through the core's pipeline (all draws
+        from the memory's generator); returns it with the seconds its iterations took."""
+        run = Distillation(
+            recipe,
+            real,
+            self.spec,
+            generator=self.generator,
+            augment=self.augment,
+            device=self.device,
+            classes=classes,
+            model=self.model,
+        )
+        seconds = run.run([ProgressBar(f"distill {label}", disable=not self.progress)]).seconds
+        return run.syn, seconds
+
+    def _stored(self, syn: SyntheticSet, budget: int | None = None) -> SyntheticSet:
+        """``syn`` as it is stored (at the storage dtype), checked against the budget by the
+        core's validator."""
+        return SyntheticSet.from_state(
+            syn.state_tensors(), syn.metadata(), max_bytes=budget or self.budget_bytes
+        )
+
+    def _check_update(self, y: torch.Tensor, expected: list[int] | None) -> list[int]:
+        """The new classes of an update; ``ValueError`` naming the problem if they cannot be added."""
+        present = sorted(int(c) for c in torch.unique(y))
+        outside = [c for c in present if not 0 <= c < self.num_classes]
+        if outside:
+            raise ValueError(
+                f"classes {outside} are outside the model's output space [0, {self.num_classes}); "
+                f"build the memory with num_classes > {max(outside)} (and a model with as many outputs)"
+            )
+        if expected is not None:
+            empty = sorted(set(expected) - set(present))
+            if empty:
+                raise ValueError(
+                    f"the update lists classes {sorted(expected)} but holds no samples of {empty}: "
+                    f"a class cannot be distilled without data; drop those classes from the stream"
+                )
+        again = [c for c in present if c in self.classes]
+        if again:
+            raise ValueError(
+                f"classes {again} are already in the memory: it is for class-incremental "
+                f"streams, where each class arrives once"
+            )
+        self.check_budget(len(self.classes) + len(present))
+        return present
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, expected: list[int] | None = None) -> None:
+        """Distill the real data ``(x, y)`` of new classes into the memory, within the budget.
+
+        ``expected`` lists the classes the update announces (each must have samples).
+        On any error the memory is unchanged.
+        """
+        if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"need as many labels as images, and at least one: got {x.shape[0]} and {y.shape[0]}"
+            )
+        if tuple(x.shape[1:]) != self.spec.image_shape:
+            raise ValueError(
+                f"images of shape {tuple(x.shape[1:])}, expected {self.spec.image_shape} ({self.spec.name})"
+            )
+        new = self._check_update(y, expected)
+        real = ClassSampler(x.detach().float(), y.detach().long(), self.num_classes, self.device)
+        syn, seconds = self._build(real, new)
+        stored = self._stored(syn)
+        # Swap only now: everything above may raise and leaves the memory as it was.
+        self.syn = stored
+        self.distill_seconds.append(seconds)
+
+
+class PixelMemory(ByteBoundedMemory):
+    """Pixel memory: ``budget_bytes`` split evenly among the classes seen; old classes shrink by herding."""
+
+    param = "pixels"
+
+    def check_budget(self, n_classes: int) -> None:
+        pixel_ipc_for_budget(self.budget_bytes, n_classes, self.spec.image_shape, self.dtype)
+
+    def max_samples(self) -> int:
+        return self.budget_bytes // bytes_per_image(self.spec.image_shape, self.dtype)
+
+    def _build(self, real: ClassSampler, new: list[int]) -> tuple[PixelSet, float]:
+        ipc = pixel_ipc_for_budget(
+            self.budget_bytes, len(self.classes) + len(new), self.spec.image_shape, self.dtype
+        )
+        recipe = dataclasses.replace(self.recipe, budget_bytes=None, ipc=ipc)
+        fresh, seconds = self._distill(recipe, real, new, f"classes {new}")
+        parts = [self._herded(ipc)] if self.syn is not None else []
+        with torch.no_grad():
+            parts.append((fresh.images().detach().cpu(), fresh.class_ids.cpu()))
+        images = torch.cat([p[0] for p in parts])
+        labels = torch.cat([p[1] for p in parts])
+        return PixelSet(images, labels, self.num_classes, self.dtype, fresh.info), seconds
+
+    def _herded(self, ipc: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The memory with at most ``ipc`` images per class, chosen by :func:`herding_order`
+        in a fresh network's embedding."""
+        if self.syn is None:
+            raise RuntimeError("the memory is empty")
+        with torch.no_grad():
+            images, ids = self.syn.images().detach().cpu(), self.syn.class_ids.cpu()
+            ctx = MatchingContext(
+                ClassSampler(images, ids, self.num_classes),
+                self.spec,
+                self.model,
+                generator=self.generator,
+                device=self.device,
+            )
+            net = ctx.fresh_network().eval()
+            keep = []
+            for c in self.syn.classes:
+                idx = torch.nonzero(ids == c).flatten()
+                if idx.numel() > ipc:
+                    features = embed(net, images[idx].to(self.device)).cpu()
+                    idx = idx[herding_order(features, ipc)]
+                keep.append(idx)
+            kept = torch.cat(keep)
+        return images[kept], ids[kept]
+
+    def shrink(self, max_images: int) -> None:
+        """Change the memory to ``max_images`` images' worth of bytes, shrinking it now if needed."""
+        budget = int(max_images) * bytes_per_image(self.spec.image_shape, self.dtype)
+        n = max(1, len(self.classes))
+        ipc = pixel_ipc_for_budget(budget, n, self.spec.image_shape, self.dtype)  # refuses first
+        syn = self.syn
+        if syn is not None and syn.nbytes > budget:
+            images, labels = self._herded(ipc)
+            syn = self._stored(
+                PixelSet(images, labels, self.num_classes, self.dtype, syn.info), budget
+            )
+        self.syn = syn
+        self.budget_bytes = self.recipe.budget_bytes = budget
+
+
+class AddressingMemory(ByteBoundedMemory):
+    """Addressing-matrix memory (Deng & Russakovsky, NeurIPS 2022): shared bases, per-class addresses.
+
+    The number of bases is fixed by the budget (``AddressingPlan.for_budget``), so when
+    classes arrive only the addresses per class shrink; the bases are re-fitted to the old
+    memory's images together with the new real data, then matched against both for
+    ``iterations`` iterations (default 0).
+    """
+
+    param = "addressing"
+    default_iterations = 0
+    syn: AddressingSet | None
+
+    def _plan(self, n_classes: int) -> AddressingPlan:
+        parameterization = self.recipe.parameterization(self.spec)
+        if not isinstance(parameterization, Addressing):
+            raise TypeError(f"{self.param!r} is not the addressing parameterization")
+        return parameterization.plan(self.budget_bytes, n_classes)
+
+    def check_budget(self, n_classes: int) -> None:
+        self._plan(n_classes)
+
+    def max_samples(self) -> int:
+        return max(self._plan(n).per_class * n for n in range(1, self.num_classes + 1))
+
+    def _build(self, real: ClassSampler, new: list[int]) -> tuple[SyntheticSet, float]:
+        seen = sorted(self.classes + new)
+        if self.syn is not None:
+            # The old memory stands in for the real data of its classes.
+            with torch.no_grad():
+                old_x, old_y = self.syn.images().detach().cpu(), self.syn.class_ids.cpu()
+            real = ClassSampler(
+                torch.cat([old_x.to(self.device), real.x]),
+                torch.cat([old_y.to(self.device), real.y]),
+                self.num_classes,
+                self.device,
+            )
+        return self._distill(self.recipe, real, seen, f"classes {seen}")
+
+    def shrink(self, max_images: int) -> None:
+        """Keep at most ``max_images`` images: drop addresses (the bases stay), lowering the bytes."""
+        n = max(1, len(self.classes))
+        per_class = int(max_images) // n
+        if per_class < 1:
+            raise ValueError(f"{max_images} images are below one for each of the {n} classes held")
+        s = self.syn
+        if s is not None and per_class < s.per_class:
+            syn = AddressingSet(
+                s.bases.detach(),
+                s.addresses.detach()[:per_class],
+                s.held,
+                s.num_classes,
+                s.image_shape,
+                s.downsample,
+                s.storage_dtype,
+                s.info,
+            )
+            self.syn = syn
+            self.budget_bytes = self.recipe.budget_bytes = syn.nbytes
+
+
+def memory_for(param: str) -> type[ByteBoundedMemory]:
+    """The memory class for a registered parameterization name (``pixels``, ``addressing``)."""
+    get_parameterization(param)  # an unknown name fails with the registry's message
+    if param not in ByteBoundedMemory._by_param:
+        raise ValueError(
+            f"no byte-bounded memory for parameterization {param!r}; memories exist for "
+            f"{sorted(ByteBoundedMemory._by_param)}"
+        )
+    return ByteBoundedMemory._by_param[param]
