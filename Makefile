@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup lint test test-fast demo bench clean
 
 setup: $(STAMP)
 
@@ -16,13 +16,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e ".[all]"
 	touch $(STAMP)
 
-# The whole suite, slow real-data tests included (what CI runs), on one pytest-xdist worker
-# per core: the Flower/Ray tests mostly wait on processes, so they overlap with the rest.
-test: $(STAMP)
+# Lint (ruff), format check (ruff format) and types (mypy), as configured in pyproject.toml.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+# Lint and types, then the whole suite, slow real-data tests included (what CI runs), on one
+# pytest-xdist worker per core: the Flower/Ray tests mostly wait on processes, so they overlap.
+test: lint
 	$(PY) -m pytest -q -n auto --dist loadgroup
 
-# Everything but the tests marked slow.
-test-fast: $(STAMP)
+# Lint and types, then everything but the tests marked slow.
+test-fast: lint
 	$(PY) -m pytest -q -n auto --dist loadgroup -m "not slow"
 
 # The main demo, offline: 4 simulated Flower clients on scikit-learn's digits (Dirichlet 0.5),

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from fedcl_dd.cli import resolve_device
-from fedcl_dd.data import data_root, load_dataset
+from fedcl_dd.data import Dataset, data_root, load_dataset
 from fedcl_dd.distill import Callback, ProgressBar, TimeLimit
 from fedcl_dd.evaluate import evaluate
 from fedcl_dd.pipeline import Distillation
@@ -57,7 +57,9 @@ def published(dataset: str, method: str, ipc: int) -> float | None:
     return row[col] if (row and col is not None) else None
 
 
-def run_one(args, ds, method: str, ipc: int, seed: int, device) -> dict:
+def run_one(
+    args: argparse.Namespace, ds: Dataset, method: str, ipc: int, seed: int, device: torch.device
+) -> dict:
     spec = ds.spec
     real = ClassSampler(ds.train_x, ds.train_y, spec.num_classes, device)
     # The command line's method options, each given to the methods that declare it.

@@ -21,12 +21,13 @@ import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from fedcl_dd.scenarios.continual import make_benchmark
 from fedcl_dd.strategies.avalanche.buffers import CondensedBuffer
 from fedcl_dd.strategies.avalanche.checkpoint import memories
-from fedcl_dd.strategies.avalanche.runner import RunConfig, run_stream
+from fedcl_dd.strategies.avalanche.runner import RunConfig, RunResult, run_stream
 
 from fedcl_dd.io import write_json
 from fedcl_dd.viz import save_grid
@@ -54,7 +55,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
 
 
-def run_rows(base: RunConfig, seeds: list[int], rows, grids: str | None) -> list[dict]:
+def run_rows(
+    base: RunConfig, seeds: list[int], rows: list[tuple[str, bool]], grids: str | None
+) -> list[dict]:
     benches = {s: make_benchmark(base.benchmark, seed=s, root=base.data_root) for s in seeds}
     out = []
     for buffer, fresh in rows:
@@ -63,7 +66,7 @@ def run_rows(base: RunConfig, seeds: list[int], rows, grids: str | None) -> list
         for seed in seeds:
             cfg = replace(base, buffer=buffer, fresh=fresh, seed=seed)
 
-            def grid(i: int, result, strategy, cfg=cfg) -> None:
+            def grid(i: int, result: RunResult, strategy: Any, cfg: RunConfig = cfg) -> None:
                 memory = memories(strategy)[0]
                 last = i == len(benches[cfg.seed].train_stream) - 1
                 keep = grids and cfg.seed == seeds[0] and last

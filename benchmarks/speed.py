@@ -31,16 +31,19 @@ from pathlib import Path
 
 import torch
 from procmem import peak_since_reset, reset_peak
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedcl_dd.cli import resolve_device
 from fedcl_dd.data import data_root, load_dataset
-from fedcl_dd.distill import Callback, DistillConfig, distill
-from fedcl_dd.objectives import DistributionMatching
+from fedcl_dd.distill import Callback, DistillConfig, DistillState, distill
+from fedcl_dd.models import embed
+from fedcl_dd.objectives import DistributionMatching, MatchingContext
 from fedcl_dd.pipeline import Distillation
 from fedcl_dd.recipe import Recipe
 from fedcl_dd.registry import get_objective, register_objective
 from fedcl_dd.sampling import ClassSampler
+from fedcl_dd.synthetic import SyntheticSet
 
 
 @register_objective
@@ -50,14 +53,14 @@ class LoopedDM(DistributionMatching):
 
     name = "dm-looped"
 
-    def loss(self, ctx, net, syn):
+    def loss(self, ctx: MatchingContext, net: nn.Module, syn: SyntheticSet) -> torch.Tensor:
         params = ctx.siamese()
-        total = 0.0
+        total = torch.zeros(())
         for c in syn.classes:
             real = ctx.real.sample(c, self.real_per_class, ctx.generator)
             with torch.no_grad():
-                r = net.embed(ctx.apply(real, params)).mean(0)
-            s = net.embed(ctx.apply(syn.images()[syn.class_ids == c], params)).mean(0)
+                r = embed(net, ctx.apply(real, params)).mean(0)
+            s = embed(net, ctx.apply(syn.images()[syn.class_ids == c], params)).mean(0)
             total = total + ((r - s) ** 2).sum()
         return total
 
@@ -113,11 +116,11 @@ class _Clock(Callback):
         self.device, self.last = device, 0.0
         self.times: list[float] = []
 
-    def on_start(self, state, total) -> None:
+    def on_start(self, state: DistillState, total: int) -> None:
         _sync(self.device)
         self.last = time.perf_counter()
 
-    def on_iteration(self, state) -> None:
+    def on_iteration(self, state: DistillState) -> None:
         _sync(self.device)
         now = time.perf_counter()
         self.times.append(now - self.last)

@@ -83,7 +83,15 @@ class Pixels(Parameterization):
     def max_images(self, budget_bytes: int, num_classes: int) -> int:
         return self.ipc(budget_bytes, num_classes) * num_classes
 
-    def init(self, real, budget_bytes, classes, init, generator, info=None) -> PixelSet:
+    def init(
+        self,
+        real: ClassSampler,
+        budget_bytes: int,
+        classes: list[int],
+        init: str,
+        generator: torch.Generator,
+        info: dict[str, Any] | None = None,
+    ) -> PixelSet:
         ipc = self.ipc(budget_bytes, len(classes))
         if init == "real":
             return PixelSet.from_real(
@@ -129,7 +137,15 @@ class Addressing(Parameterization):
     def max_images(self, budget_bytes: int, num_classes: int) -> int:
         return self.plan(budget_bytes, num_classes).per_class * num_classes
 
-    def init(self, real, budget_bytes, classes, init, generator, info=None) -> AddressingSet:
+    def init(
+        self,
+        real: ClassSampler,
+        budget_bytes: int,
+        classes: list[int],
+        init: str,
+        generator: torch.Generator,
+        info: dict[str, Any] | None = None,
+    ) -> AddressingSet:
         plan = self.plan(budget_bytes, len(classes))
         if init == "real":
             return AddressingSet.from_real(real, plan, classes, generator, info=info)

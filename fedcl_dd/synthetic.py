@@ -318,7 +318,13 @@ class SyntheticSet(nn.Module):
 
     @classmethod
     def _from_payload(
-        cls, tensors, num_classes, image_shape, storage, info, extra_meta
+        cls,
+        tensors: dict[str, torch.Tensor],
+        num_classes: int,
+        image_shape: tuple[int, int, int],
+        storage: torch.dtype,
+        info: dict[str, Any],
+        extra_meta: dict[str, str],
     ) -> SyntheticSet:
         raise NotImplementedError
 
@@ -391,7 +397,13 @@ class PixelSet(SyntheticSet):
 
     @classmethod
     def _from_payload(
-        cls, tensors, num_classes, image_shape, storage, info, extra_meta
+        cls,
+        tensors: dict[str, torch.Tensor],
+        num_classes: int,
+        image_shape: tuple[int, int, int],
+        storage: torch.dtype,
+        info: dict[str, Any],
+        extra_meta: dict[str, str],
     ) -> PixelSet:
         images = tensors["images"]
         if (
@@ -595,7 +607,13 @@ class AddressingSet(SyntheticSet):
 
     @classmethod
     def _from_payload(
-        cls, tensors, num_classes, image_shape, storage, info, extra_meta
+        cls,
+        tensors: dict[str, torch.Tensor],
+        num_classes: int,
+        image_shape: tuple[int, int, int],
+        storage: torch.dtype,
+        info: dict[str, Any],
+        extra_meta: dict[str, str],
     ) -> AddressingSet:
         classes = _check_labels(tensors["classes"], num_classes, "classes")
         bases, addresses = tensors["bases"], tensors["addresses"]

@@ -19,7 +19,7 @@ import gzip
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch.utils.data import TensorDataset
@@ -88,7 +88,7 @@ def prepare_mnist_raw(root: str | Path | None = None) -> Path:
             continue
         if packed.is_file():
 
-            def unpack(f, packed: Path = packed) -> None:
+            def unpack(f: BinaryIO, packed: Path = packed) -> None:
                 with gzip.open(packed, "rb") as src:
                     shutil.copyfileobj(src, f)
 

@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..augment import AugParams
 from ..models import embed
 from ..options import Option
 from ..synthetic import SyntheticSet
@@ -53,7 +54,7 @@ class DistributionMatching(Objective):
         return ctx.fresh_network().requires_grad_(False).to(memory_format=torch.channels_last)
 
     def real_means(
-        self, ctx: MatchingContext, net: nn.Module, classes: list[int], params
+        self, ctx: MatchingContext, net: nn.Module, classes: list[int], params: AugParams | None
     ) -> torch.Tensor:
         """Mean embedding of a fresh real batch per class, (num_classes, D); no graph."""
         x, y = ctx.real.sample_classes(classes, self.real_per_class, ctx.generator)

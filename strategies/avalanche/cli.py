@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -115,7 +116,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from .buffers import CondensedBuffer
     from .checkpoint import memories
-    from .runner import RunConfig, default_out, run_stream
+    from .runner import RunConfig, RunResult, default_out, run_stream
 
     overrides = {
         "batch_size_mem": args.batch_size_mem,
@@ -148,7 +149,7 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(cfg)
     out.mkdir(parents=True, exist_ok=True)
 
-    def report(i: int, result, strategy) -> None:
+    def report(i: int, result: RunResult, strategy: Any) -> None:
         print(
             f"experience {i}: accuracy {result.accuracy_after[-1]:.4f}  forgetting {result.forgetting:.4f}  "
             f"buffer {result.buffer_bytes} B / {cfg.budget} B, {result.distinct_samples} distinct samples  "

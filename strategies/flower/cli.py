@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedcl_dd.recipe import STORAGE_DTYPES
 from fedcl_dd.registry import OBJECTIVES, PARAMETERIZATIONS, get_objective
+
+if TYPE_CHECKING:  # imported where used: `fedcl-dd --help` should not load Flower
+    from .config import FedConfig
 
 __all__ = ["register", "simulate"]
 
@@ -71,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=simulate)
 
 
-def _config(args: argparse.Namespace):
+def _config(args: argparse.Namespace) -> FedConfig:
     from .config import FedConfig
 
     values = {

@@ -30,6 +30,7 @@ from fedcl_dd.cli import resolve_device
 from fedcl_dd.evaluate import accuracy
 from fedcl_dd.models import make_model
 from fedcl_dd.objectives import MatchingContext, PrivateRelease
+from fedcl_dd.objectives.base import NetworkSource
 from fedcl_dd.pipeline import Distillation
 from fedcl_dd.privacy import PrivacyLedger, noise_for_target
 from fedcl_dd.sampling import ClassSampler
@@ -89,7 +90,7 @@ def _global_model(
     return load_model_arrays(net, arrays)
 
 
-def perturbed_global(global_net: nn.Module, scale: float):
+def perturbed_global(global_net: nn.Module, scale: float) -> NetworkSource:
     """FedDM's network sampler: a copy of ``global_net`` with every tensor moved by Gaussian
     noise of ``scale`` times that tensor's RMS (drawn from the context's generator)."""
 

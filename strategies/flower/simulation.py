@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from flwr.app import Context
 from flwr.clientapp import ClientApp
-from flwr.serverapp import ServerApp
+from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from fedcl_dd.cli import resolve_device
@@ -43,7 +44,7 @@ def simulate(
     server_app = ServerApp()
 
     @server_app.main()
-    def _main(grid, context) -> None:
+    def _main(grid: Grid, context: Context) -> None:
         results.update(
             run_server(
                 grid,
