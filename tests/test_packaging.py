@@ -160,3 +160,23 @@ def test_wheel_installs_into_a_fresh_venv(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert entry.strip() == "fedcl_dd.cli:main"
+
+
+@pytest.mark.parametrize("dist", ["flwr", "avalanche-lib"])
+def test_the_installed_frameworks_are_in_the_declared_range(dist: str) -> None:
+    """The suite runs against the framework release the extras admit (Flower 1.41 and 1.42 are
+    both admitted; a fresh install takes the newest), so a pass here is a pass on that release."""
+    import importlib.metadata as md
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    declared = [
+        Requirement(r) for reqs in extras.values() for r in reqs if Requirement(r).name == dist
+    ]
+    assert declared, f"{dist} is not declared in an extra"
+    version = md.version(dist)
+    assert all(r.specifier.contains(version) for r in declared), (version, declared)

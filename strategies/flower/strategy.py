@@ -43,7 +43,7 @@ from fedcl_dd.augment import DSA
 from fedcl_dd.evaluate import train_model
 from fedcl_dd.io import atomic_write
 from fedcl_dd.models import make_model
-from fedcl_dd.synthetic import SyntheticSet, pixel_ipc_for_budget
+from fedcl_dd.synthetic import SyntheticSet
 
 from .config import FedConfig
 from .ledgers import ClientLedgers
@@ -159,13 +159,11 @@ class SyntheticSetStrategy(FedAvg):
         self.device = torch.device(device)
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.max_bytes = cfg.budget_limit()
-        self.max_images = (
-            pixel_ipc_for_budget(
-                self.max_bytes, self.spec.num_classes, self.spec.image_shape, cfg.recipe().dtype
-            )
-            * self.spec.num_classes
-            if cfg.param == "pixels"
-            else None
+        # The most images an honest upload can replay, whatever share of the classes it holds:
+        # a bound on what the server materializes and trains on, beside the bytes.
+        param = cfg.recipe().parameterization(self.spec)
+        self.max_images = max(
+            param.max_images(self.max_bytes, n) for n in range(1, self.spec.num_classes + 1)
         )
         self.round_offset = 0  # rounds completed before this process started (resume)
         self.pool: dict[int, SyntheticSet] = {}
