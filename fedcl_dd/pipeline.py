@@ -20,7 +20,8 @@ import torch
 from .augment import DSA
 from .data import DatasetSpec
 from .distill import Callback, DistillConfig, DistillResult, distill
-from .objectives.base import MatchingContext, NetworkSource
+from .objectives.base import MatchingContext, NetworkSource, PrivateRelease
+from .privacy import PrivateRandom
 from .recipe import Recipe
 from .sampling import ClassSampler
 from .synthetic import SyntheticSet
@@ -44,6 +45,9 @@ class Distillation:
         (a private objective plans its noise for all of them).
     :param cache_dir: where costly artifacts (expert trajectories) are kept between runs.
     :param info: metadata stored with a new set.
+    :param noise_source: the private draws of a private method (default: the objective's
+        own, OS entropy); e.g. ``PrivateRandom(key, context)`` for runs only the key's holder
+        can reproduce. Never derived from ``seed``.
 
     ``syn``, ``objective``, ``ctx`` and ``config`` are ready after construction (e.g. to
     restore an objective's state before :meth:`run`).
@@ -66,6 +70,7 @@ class Distillation:
         planned_iterations: int | None = None,
         cache_dir: str | Path | None = None,
         info: dict[str, Any] | None = None,
+        noise_source: PrivateRandom | None = None,
     ) -> None:
         if (seed is None) == (generator is None):
             raise ValueError("give exactly one of seed or generator")
@@ -85,6 +90,12 @@ class Distillation:
             syn = recipe.init_synthetic(real, spec, gen, classes=classes, info=info)
         self.syn = syn.to(self.ctx.device)
         self.objective = recipe.objective(planned_iterations, cache_dir)
+        if noise_source is not None:
+            if not isinstance(self.objective, PrivateRelease):
+                raise ValueError(
+                    f"noise_source is for private methods; {recipe.method!r} releases no noise"
+                )
+            self.objective.noise_source = noise_source
         self.config = DistillConfig(recipe.iterations, recipe.lr, float(recipe.momentum or 0.0))
 
     def run(self, callbacks: Sequence[Callback] = ()) -> DistillResult:

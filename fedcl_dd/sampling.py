@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 __all__ = ["ClassSampler"]
@@ -63,14 +65,25 @@ class ClassSampler:
         return self.x[idx], self.y[idx]
 
     def poisson(
-        self, classes: list[int], rate: float, generator: torch.Generator | None = None
+        self,
+        classes: list[int],
+        rate: float,
+        generator: torch.Generator | None = None,
+        uniform: Callable[[int], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Poisson subsample: every record of ``classes`` is kept independently with prob. ``rate``.
 
         This is the sampling that privacy amplification by subsampling (and Opacus's RDP
-        accountant) assumes; the batch size is random.
+        accountant) assumes; the batch size is random. The coin flips are ``uniform(n)``
+        if given (e.g. :meth:`fedcl_dd.privacy.PrivateRandom.uniform`), else drawn from
+        ``generator``.
         """
         idx = torch.cat([self._index[c] for c in classes])
-        keep = torch.rand(idx.numel(), generator=generator) < rate
+        coins = (
+            uniform(idx.numel())
+            if uniform is not None
+            else torch.rand(idx.numel(), generator=generator)
+        )
+        keep = coins < rate
         idx = idx[keep].to(self.device)
         return self.x[idx], self.y[idx]

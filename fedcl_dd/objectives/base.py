@@ -23,7 +23,7 @@ from ..augment import DSA, AugParams
 from ..data import DatasetSpec
 from ..models import make_model
 from ..options import Option, parse_declared
-from ..privacy import PrivacyLedger
+from ..privacy import PrivacyLedger, PrivateRandom
 from ..sampling import ClassSampler
 from ..synthetic import SyntheticSet
 
@@ -191,12 +191,14 @@ class Objective(abc.ABC):
 @runtime_checkable
 class PrivateRelease(Protocol):
     """What an objective whose ``private`` is true exposes for accounting its releases: the
-    ledger of every Gaussian release so far, and the noise and sampling rate of the next
-    (None until :meth:`Objective.setup` has set them)."""
+    ledger of every Gaussian release so far, the noise and sampling rate of the next (None
+    until :meth:`Objective.setup` has set them), and the source of its private draws (which
+    the data holder may replace, e.g. by one keyed with a secret of its own)."""
 
     ledger: PrivacyLedger
     noise_multiplier: float | None
     sample_rate: float | None
+    noise_source: PrivateRandom
 
 
 def class_means(

@@ -15,8 +15,11 @@ Per iteration (one release):
 1. Poisson-subsample every record of each held class independently with rate q.
 2. Embed each (DSA-augmented) record under the frozen random network, subtract a public
    center (the synthetic set's mean embedding) and clip the result to L2 norm at most C.
-3. Sum the clipped embeddings per class and add N(0, sigma^2 C^2) to every coordinate of
-   each held class's sum (noise from ``ctx.generator``: reproducible).
+3. Sum the clipped embeddings per class and add N(0, sigma^2 (2C)^2) to every coordinate
+   of each held class's sum. The masks of step 1 and this noise come from
+   :attr:`PrivateDistributionMatching.noise_source`, a
+   :class:`~fedcl_dd.privacy.PrivateRandom` (OS entropy by default), never from
+   ``ctx.generator``, whose seed a federated server knows.
 4. Divide by the expected class batch q * n_c and match, as DM does, to the synthetic
    class means -- of synthetic embeddings centered and clipped the same way, so both sides
    live in the same feature space (unclipped synthetic means would be pulled towards the
@@ -29,24 +32,28 @@ q=0.2, C=1, lr 100), the DM distance under held-out networks went from 0.61 to 0
 uncentered even at sigma=0.001, to 0.30 centered (0.42 at sigma=1), and to 0.26 with
 non-private DM.
 
-Privacy argument (add/remove-one-record adjacency). A record belongs to one class, so
-adding or removing it changes exactly one class's clipped sum, by a vector of norm at most
-C; the vector of all class sums therefore has L2 sensitivity C, and noise of standard
-deviation sigma*C per coordinate is the Gaussian mechanism with noise multiplier sigma.
-Composition of the iterations, each on a Poisson subsample of rate q, is accounted by the
-RDP accountant (:class:`fedcl_dd.privacy.PrivacyLedger`). Everything else is
-post-processing: the center depends only on S and the network; DSA parameters are drawn
-independently of the data and transform each record on its own (a record's augmentation
-stays within that record); the network is drawn from a generator whose consumption depends
-only on the class counts; the synthetic images change only through the released sums. The
-class counts n_c (for q * n_c and the default q) are treated as public, as they are when a
-federated client reports its number of examples.
+Privacy argument. Adjacency: two datasets are neighbours when one record is replaced by
+another of the same class, so the class counts n_c are public (they set q, the divisor
+q * n_c, and what a federated client reports: its number of examples and the classes it
+holds). Replacing a record changes one class's clipped sum by a vector of norm at most
+2C (both embeddings have norm at most C), so the vector of class sums has L2 sensitivity
+2C, and noise of standard deviation sigma * 2C per coordinate is the Gaussian mechanism
+with noise multiplier sigma. Composition of the iterations, each on a Poisson subsample
+of rate q, is accounted by Opacus's RDP accountant for the subsampled Gaussian mechanism
+at noise multiplier sigma (:class:`fedcl_dd.privacy.PrivacyLedger`); that this bounds the
+substitution pair as well is checked numerically in ``tests/test_privacy.py``. The
+guarantee holds against anyone who sees every release -- a federated server included --
+and does not know the draws of the noise source. Everything else is post-processing: the
+center depends only on S and the network; DSA parameters are drawn independently of the
+data and transform each record on its own; the network is drawn from a generator whose
+consumption depends only on the class counts; the synthetic images change only through
+the released sums.
 
 Caveats: the synthetic set must start from noise (or public data) -- initializing it from
 real samples releases them. The networks must embed each record on its own: batch norm in
-training mode mixes a batch and is refused. Noise from a seeded ``torch.Generator`` is
-reproducible, not cryptographically secure (Opacus's ``secure_mode`` addresses that);
-floating-point noise has known subtleties (Mironov, CCS 2012).
+training mode mixes a batch and is refused. Floating-point noise has known subtleties
+(Mironov, CCS 2012); the noise source sums several draws against them (see
+:class:`~fedcl_dd.privacy.PrivateRandom`).
 """
 
 from __future__ import annotations
@@ -60,7 +67,7 @@ from torch import nn
 from ..augment import AugParams
 from ..models import embed
 from ..options import Option
-from ..privacy import PrivacyBudgetError, PrivacyLedger, noise_for_target
+from ..privacy import PrivacyBudgetError, PrivacyLedger, PrivateRandom, noise_for_target
 from ..synthetic import SyntheticSet
 from .base import REAL_PER_CLASS, MatchingContext, Plan
 from .dm import DistributionMatching
@@ -164,7 +171,7 @@ class PrivateDistributionMatching(DistributionMatching):
     lr_by_ipc = ((1, 100.0),)
     default_init = "noise"
     private = True
-    quick = {"real_per_class": 16, "noise_multiplier": 1.0}
+    quick = {"real_per_class": 16, "noise_multiplier": 0.5}
 
     @classmethod
     def defaults(cls, plan: Plan) -> dict[str, Any]:
@@ -217,6 +224,8 @@ class PrivateDistributionMatching(DistributionMatching):
         self.sample_rate: float | None = sample_rate
         self.noise_multiplier: float | None = noise_multiplier
         self.ledger = PrivacyLedger()
+        # Private draws (Poisson masks, noise): OS entropy unless the data holder sets a key.
+        self.noise_source = PrivateRandom()
         if sample_rate is not None:
             self._calibrate()  # invalid or unreachable targets fail at construction
 
@@ -299,14 +308,12 @@ class PrivateDistributionMatching(DistributionMatching):
                     f"for more iterations or a larger epsilon"
                 )
         expected = q * self._held_counts(ctx, classes)
-        x, y = ctx.real.poisson(classes, q, ctx.generator)
+        x, y = ctx.real.poisson(classes, q, uniform=self.noise_source.uniform)
         sums = self.clipped_sums(ctx, net, x, y, params)
         held = torch.tensor(classes, device=sums.device)
-        noise = torch.randn(
-            len(classes), sums.shape[1], generator=ctx.generator, device=ctx.generator.device
-        )
+        noise = self.noise_source.normal(len(classes), sums.shape[1])
         noisy = sums.clone()
-        noisy[held] += noise.to(sums) * (sigma * self.clip)
+        noisy[held] += noise.to(sums) * (sigma * self.sensitivity)
         # Dividing by the expected batch (public), not the realized one (private), keeps the
         # release a function of the noisy sums alone.
         scale = torch.ones(ctx.spec.num_classes, 1, dtype=sums.dtype, device=sums.device)
@@ -315,7 +322,7 @@ class PrivateDistributionMatching(DistributionMatching):
         stats = {
             "records": float(y.numel()),
             "expected_records": float(expected.sum()),
-            "noise_std": sigma * self.clip,
+            "noise_std": sigma * self.sensitivity,
         }
         return noisy / scale, stats
 
@@ -341,8 +348,15 @@ class PrivateDistributionMatching(DistributionMatching):
         sigma = self.noise_multiplier if self.noise_multiplier is not None else float("nan")
         return {"epsilon": self.ledger.epsilon(self.delta), "delta": self.delta, "sigma": sigma}
 
-    def state_dict(self) -> dict[str, dict[str, list[float] | list[int]]]:
-        return {"ledger": self.ledger.state_dict()}
+    @property
+    def sensitivity(self) -> float:
+        """L2 sensitivity of the class sums under same-class replacement: 2C."""
+        return 2.0 * self.clip
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ledger": self.ledger.state_dict(), "noise_source": self.noise_source.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.ledger.load_state_dict(state["ledger"])
+        if "noise_source" in state:
+            self.noise_source.load_state_dict(state["noise_source"])

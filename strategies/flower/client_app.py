@@ -32,7 +32,7 @@ from fedcl_dd.models import make_model
 from fedcl_dd.objectives import MatchingContext, PrivateRelease
 from fedcl_dd.objectives.base import NetworkSource
 from fedcl_dd.pipeline import Distillation
-from fedcl_dd.privacy import PrivacyLedger, noise_for_target
+from fedcl_dd.privacy import PrivacyLedger, PrivateRandom, noise_for_target
 from fedcl_dd.sampling import ClassSampler
 from fedcl_dd.synthetic import SyntheticSet
 
@@ -151,6 +151,7 @@ def _distill(
         network_source=source,
         planned_iterations=cfg.planned_iterations,
         info={"partition-id": pid},
+        noise_source=_noise_source(context, server_round, pid) if cfg.private else None,
     )
     syn, objective = run.syn, run.objective
     ledger_before = _stored_ledger(context)
@@ -184,6 +185,18 @@ def _distill(
     else:
         metrics.update({"epsilon-round": 0.0, "epsilon-total": 0.0, "delta": 0.0})
     return synthetic_records(syn.cpu(), metrics)
+
+
+def _noise_source(context: Context, server_round: int, pid: int) -> PrivateRandom:
+    """The private draws of this client's release: OS entropy, or, with ``privacy-key`` in the
+    node config (a secret of at least 16 bytes that only this node holds), a stream keyed by it
+    and by the round and partition. Nothing the server sends can reproduce either."""
+    key = context.node_config.get("privacy-key")
+    if key is None:
+        return PrivateRandom()
+    if not isinstance(key, str):
+        raise ValueError("node config privacy-key must be a string of at least 16 characters")
+    return PrivateRandom(key, context=f"round {server_round} partition {pid}")
 
 
 def _stored_ledger(context: Context) -> PrivacyLedger:
@@ -260,6 +273,12 @@ def _local_sgd(
             if isinstance(module, nn.ReLU):
                 module.inplace = False
         engine = PrivacyEngine(accountant="rdp")
+        # The Poisson sampler and the noise draw from generators whose seeds the server cannot
+        # know (the loader's own generator follows the server-known client seed).
+        private = _noise_source(context, server_round, pid)
+        loader = torch.utils.data.DataLoader(
+            loader.dataset, batch_size=cfg.batch_size, generator=private.generator()
+        )
         trained, opt, loader = engine.make_private(
             module=net,
             optimizer=opt,
@@ -267,6 +286,7 @@ def _local_sgd(
             noise_multiplier=sigma,
             max_grad_norm=cfg.clip,
             poisson_sampling=True,
+            noise_generator=private.generator(device),
         )
         before = _stored_ledger(context)
         after = _stored_ledger(context)
