@@ -17,7 +17,16 @@ from fedcl_dd.strategies.flower.payload import (
     read_upload,
     synthetic_records,
 )
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -260,25 +269,32 @@ def test_received_bytes_are_measured_not_claimed(good, digits, pid, claimed):
     assert up.nbytes == good.nbytes and up.partition_id == pid
 
 
+def _message(
+    src: int, dst: int, content: RecordDict | None, message_id: str = "", reply_to: str = ""
+) -> Message:
+    """A message with its whole metadata, as a SuperLink delivers it."""
+    meta = Metadata(
+        run_id=1,
+        message_id=message_id,
+        src_node_id=src,
+        dst_node_id=dst,
+        reply_to_message_id=reply_to,
+        group_id="1",
+        created_at=0.0,
+        ttl=60.0,
+        message_type="train",
+    )
+    if content is None:
+        return Message(metadata=meta, error=Error(code=7, reason="client crashed"))
+    return Message(metadata=meta, content=content)
+
+
 def test_collect_replies_sorts_out_errors_strangers_repeats_and_silence(good):
     from fedcl_dd.strategies.flower.strategy import RoundReport, collect_replies
-    from flwr.app import Error, Message, Metadata
 
     def reply(to: str, node: int, error: bool = False) -> Message:
-        meta = Metadata(
-            run_id=1,
-            message_id="",
-            src_node_id=node,
-            dst_node_id=0,
-            reply_to_message_id=to,
-            group_id="1",
-            created_at=0.0,
-            ttl=60.0,
-            message_type="train",
-        )
-        if error:
-            return Message(metadata=meta, error=Error(code=7, reason="client crashed"))
-        return Message(metadata=meta, content=synthetic_records(good, METRIC_VALUES))
+        content = None if error else synthetic_records(good, METRIC_VALUES)
+        return _message(node, 0, content, reply_to=to)
 
     sent = {"a": 11, "b": 12, "c": 13, "d": 14}
     report = RoundReport(round=1)
@@ -321,3 +337,141 @@ def test_a_non_finite_model_is_never_adopted(good, monkeypatch):
     report = RoundReport(round=1)
     assert strategy.train_on_pool(1, [Upload(good, METRIC_VALUES)], report) is None
     assert report.kept_previous_model and "non-finite" in report.note
+
+
+def _round(strategy, replies_by_node: dict[int, RecordDict | None], server_round: int = 1):
+    """``aggregate_train`` on one reply per node, each to a message the strategy sent."""
+    strategy._outgoing = [
+        _message(0, node, RecordDict(), message_id=f"r{server_round}-n{node}")
+        for node in replies_by_node
+    ]
+    replies = [
+        _message(node, 0, content, reply_to=f"r{server_round}-n{node}")
+        for node, content in replies_by_node.items()
+    ]
+    return strategy.aggregate_train(server_round, replies)
+
+
+def test_a_node_cannot_claim_another_nodes_partition_or_spend_its_budget(good):
+    from fedcl_dd.strategies.flower.strategy import SyntheticSetStrategy
+
+    from fedcl_dd.privacy import noise_for_target
+
+    cfg = FedConfig(
+        preset="digits-iid-4",
+        ipc=5,
+        method="dm-dp",
+        epsilon=8.0,
+        rounds=2,
+        iterations=50,
+        server_epochs=1,
+    )
+    strategy = SyntheticSetStrategy(cfg)
+    sigma = noise_for_target(8.0, cfg.delta, 0.2, 2 * 50)
+    private = {**METRIC_VALUES, "noise-multiplier": sigma, "sample-rate": 0.2, "steps": 50}
+
+    def claim(pid: int) -> RecordDict:
+        return synthetic_records(good, {**private, "partition-id": pid})
+
+    _round(strategy, {11: claim(0), 12: claim(1)}, 1)
+    assert strategy.reports[-1].accepted == [0, 1]
+    # Round 2: node 13 claims partition 0 (node 11's); node 12 switches to partition 2.
+    _round(strategy, {13: claim(0), 12: claim(2), 11: claim(0)}, 2)
+    report = strategy.reports[-1]
+    reasons = {r["node"]: r["reason"] for r in report.rejected}
+    assert report.accepted == [0]
+    assert "which node 11 holds" in reasons[13] and "holds partition 1" in reasons[12]
+    # Only node 11's two releases were booked against partition 0, none against partition 2.
+    assert strategy.ledgers[0].steps == 100 and 2 not in strategy.ledgers
+
+
+_BAD_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.lists(st.integers(-3, 3), max_size=3),
+    st.lists(st.floats(allow_nan=True), max_size=3),
+)
+
+
+@st.composite
+def _hostile_reply(draw, good_records: RecordDict) -> RecordDict:
+    """A reply built from a good one with any of its records, keys and values replaced."""
+    records = {}
+    for name in draw(st.sets(st.sampled_from([SYNTHETIC, SYNTHETIC_META, METRICS, "extra"]))):
+        kind = draw(st.sampled_from(["array", "config", "metric", "keep"]))
+        if kind == "keep" and name in good_records:
+            original = good_records[name]
+            if isinstance(original, ArrayRecord):
+                arrays = {
+                    k: a.numpy() for k, a in original.items()
+                }  # then perturb one array's values or shape
+                key = draw(st.sampled_from(sorted(arrays)))
+                how = draw(st.sampled_from(["scale", "nan", "reshape", "dtype"]))
+                a = arrays[key]
+                if how == "scale":
+                    a = a * draw(st.floats(-1e38, 1e38, allow_nan=False))
+                elif how == "nan" and a.dtype.kind == "f":
+                    a = a.copy()
+                    a.flat[0] = np.nan
+                elif how == "reshape":
+                    a = a.reshape(-1)
+                elif how == "dtype":
+                    a = a.astype(draw(st.sampled_from([np.float64, np.int8, np.uint8, np.float16])))
+                arrays[key] = a
+                records[name] = ArrayRecord(
+                    {
+                        k: Array.from_numpy_ndarray(np.ascontiguousarray(v))
+                        for k, v in arrays.items()
+                    }
+                )
+            elif isinstance(original, ConfigRecord):
+                values = dict(original)
+                key = draw(st.sampled_from(sorted(values)))
+                values[key] = draw(st.text(max_size=30) | st.sampled_from(["[1, 1, 1]", "{}", "9"]))
+                records[name] = ConfigRecord(values)
+            else:
+                values = dict(original)
+                key = draw(st.sampled_from(sorted(values)))
+                # MetricRecord itself refuses None, bools and strings.
+                value = draw(
+                    _BAD_VALUES.filter(lambda v: v is not None and not isinstance(v, (bool, str)))
+                )
+                if isinstance(value, list) and not value:
+                    value = [0]
+                values[key] = value
+                records[name] = MetricRecord(values)
+        elif kind == "array":
+            shape = draw(st.lists(st.integers(0, 4), max_size=3))
+            records[name] = ArrayRecord(
+                {"images": Array.from_numpy_ndarray(np.zeros(shape, dtype=np.float32))}
+            )
+        elif kind == "config":
+            records[name] = ConfigRecord({"kind": draw(st.text(max_size=10))})
+        else:
+            records[name] = MetricRecord({"partition-id": draw(st.integers(-5, 5))})
+    return RecordDict(records)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_nothing_a_client_sends_escapes_aggregate_train(good, data):
+    """Arbitrary replies beside one good one: aggregate_train never raises, every refusal has
+    a reason, the good upload is accepted and the model stays finite."""
+    from fedcl_dd.strategies.flower.strategy import SyntheticSetStrategy
+
+    strategy = SyntheticSetStrategy(FedConfig(preset="digits-iid-4", ipc=5, server_epochs=1))
+    good_records = synthetic_records(good, {**METRIC_VALUES, "partition-id": 3})
+    hostile = data.draw(st.lists(_hostile_reply(good_records), min_size=1, max_size=3))
+    replies = {10: good_records} | {20 + i: r for i, r in enumerate(hostile)}
+    arrays, metrics = _round(strategy, replies)
+    report = strategy.reports[-1]
+    assert 3 in report.accepted and metrics is not None
+    assert all(r["reason"] for r in report.rejected)
+    assert len(report.accepted) + len(report.rejected) == len(replies)
+    assert arrays is not None
+    assert all(torch.isfinite(torch.from_numpy(a.numpy())).all() for a in arrays.values())

@@ -46,6 +46,7 @@ from fedcl_dd.models import make_model
 from fedcl_dd.synthetic import SyntheticSet
 
 from .config import FedConfig
+from .identities import PartitionBindings
 from .ledgers import ClientLedgers
 from .payload import (
     ARRAYS,
@@ -168,6 +169,7 @@ class SyntheticSetStrategy(FedAvg):
         self.round_offset = 0  # rounds completed before this process started (resume)
         self.pool: dict[int, SyntheticSet] = {}
         self.ledgers = ClientLedgers(cfg.epsilon, cfg.delta) if cfg.private else None
+        self.bindings = PartitionBindings()
         self.reports: list[RoundReport] = []
         self._global: ArrayRecord | None = None
         self._outgoing: list[Message] = []
@@ -264,7 +266,7 @@ class SyntheticSetStrategy(FedAvg):
         uploads: list[Upload] = []
         for node, content in collect_replies(replies, sent, report):
             try:
-                up = self.admit(content, {u.partition_id for u in uploads})
+                up = self.admit(content, {u.partition_id for u in uploads}, node)
             except InvalidUpload as exc:
                 report.rejected.append({"node": node, "reason": str(exc)})
                 continue
@@ -284,13 +286,16 @@ class SyntheticSetStrategy(FedAvg):
         self.save_checkpoint()
         return arrays, report.metrics()
 
-    def admit(self, content: RecordDict, seen: Iterable[int] = ()) -> Upload:
-        """Admit one reply: a valid set for this run and budget, a partition in range and not
-        in ``seen``, and (private runs) a release the client's budget still covers.
+    def admit(
+        self, content: RecordDict, seen: Iterable[int] = (), node: int | None = None
+    ) -> Upload:
+        """Admit one reply: a valid set for this run and budget, a partition in range, not in
+        ``seen`` and held by ``node`` (:attr:`bindings`; None skips the check), and (private
+        runs) a release the client's budget still covers.
 
-        In private runs the release is booked in :attr:`ledgers` once it decodes and can be
-        accounted, whether or not it is then admitted: the server has received it. Raises
-        :class:`InvalidUpload` with the reason.
+        In private runs the release is booked in :attr:`ledgers` once it decodes, can be
+        accounted and comes from the partition's node, whether or not it is then admitted:
+        the server has received it. Raises :class:`InvalidUpload` with the reason.
         """
         up = read_upload(content, self.spec, self.max_bytes, self.max_images)
         pid = up.partition_id
@@ -298,6 +303,8 @@ class SyntheticSetStrategy(FedAvg):
             raise InvalidUpload(
                 f"partition-id {pid} is outside 0..{self.cfg.preset_obj.num_clients - 1}"
             )
+        if node is not None:
+            self.bindings.claim(node, pid)
         spent = self.ledgers.book(up) if self.ledgers is not None else 0.0
         if pid in set(seen):
             raise InvalidUpload(
