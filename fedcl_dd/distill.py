@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .io import atomic_write
+from .io import CorruptCheckpoint, load_checkpoint, save_checkpoint
 from .objectives.base import DistillationDiverged, MatchingContext, Objective
 from .synthetic import SyntheticSet
 
@@ -171,16 +171,24 @@ class Checkpointer(Callback):
             raise FileNotFoundError(
                 f"no checkpoint at {self.path} to resume from; start without resuming"
             )
-        ckpt = torch.load(self.path, map_location=state.ctx.device, weights_only=True)
-        state.syn.load_state_dict(ckpt["syn"])
-        state.optimizer.load_state_dict(ckpt["optimizer"])
-        state.objective.load_state_dict(ckpt["objective"])
-        state.ctx.generator.set_state(ckpt["generator"].cpu())
-        if state.ctx.augment is not None:
-            state.ctx.augment.generator.set_state(ckpt["augment_generator"].cpu())
-        state.iteration, state.losses = int(ckpt["iteration"]), list(ckpt["losses"])
-        state.metrics = {k: [tuple(p) for p in v] for k, v in ckpt["metrics"].items()}
-        state.seconds = float(ckpt["seconds"])
+        ckpt = load_checkpoint(self.path, map_location=state.ctx.device)
+        try:
+            state.syn.load_state_dict(ckpt["syn"])
+            state.optimizer.load_state_dict(ckpt["optimizer"])
+            state.objective.load_state_dict(ckpt["objective"])
+            state.ctx.generator.set_state(ckpt["generator"].cpu())
+            if state.ctx.augment is not None:
+                state.ctx.augment.generator.set_state(ckpt["augment_generator"].cpu())
+            state.iteration, state.losses = int(ckpt["iteration"]), list(ckpt["losses"])
+            state.metrics = {k: [tuple(p) for p in v] for k, v in ckpt["metrics"].items()}
+            state.seconds = float(ckpt["seconds"])
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
+            raise CorruptCheckpoint(
+                f"{self.path} does not fit this run ({type(exc).__name__}: {exc}); "
+                "resume with the settings that wrote it or start without resuming"
+            ) from None
+        if not all(torch.isfinite(p).all() for p in state.syn.parameters()):
+            raise CorruptCheckpoint(f"{self.path} holds a synthetic set with NaN or Inf")
 
     def save(self, state: DistillState) -> None:
         """Write ``state`` to ``path`` now."""
@@ -199,7 +207,7 @@ class Checkpointer(Callback):
             "seconds": state.seconds,
             "config": asdict(state.config),
         }
-        atomic_write(self.path, lambda f: torch.save(state_dict, f))
+        save_checkpoint(state_dict, self.path)
 
     def on_iteration(self, state: DistillState) -> None:
         if self.every > 0 and state.iteration % self.every == 0:

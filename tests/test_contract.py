@@ -99,7 +99,8 @@ def test_a_toy_objective_runs_through_a_flower_client_round(toy, digits):
     from fedcl_dd.strategies.flower.config import FedConfig
     from fedcl_dd.strategies.flower.payload import ARRAYS, CONFIG, METRICS, model_arrays
     from fedcl_dd.strategies.flower.strategy import SyntheticSetStrategy
-    from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+    from flower_messages import message
+    from flwr.app import ConfigRecord, Context, RecordDict
 
     from fedcl_dd.models import make_model
 
@@ -107,19 +108,7 @@ def test_a_toy_objective_runs_through_a_flower_client_round(toy, digits):
     spec = digits.spec
     net = make_model(cfg.model, spec.channels, spec.num_classes, spec.image_size, torch.Generator())
     config = ConfigRecord({**cfg.to_dict(), "server-round": 1})
-    # As a SuperNode hands it over: a delivered message carries the whole of its metadata.
-    meta = Metadata(
-        run_id=1,
-        message_id="m1",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=0.0,
-        ttl=60.0,
-        message_type="train",
-    )
-    msg = Message(metadata=meta, content=RecordDict({ARRAYS: model_arrays(net), CONFIG: config}))
+    msg = message(0, 1, RecordDict({ARRAYS: model_arrays(net), CONFIG: config}), "m1")
     node = {"partition-id": 2, "num-partitions": cfg.preset_obj.num_clients}
     reply = app(
         msg, Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})

@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from fedcl_dd.strategies.flower.config import FedConfig
 from fedcl_dd.strategies.flower.strategy import CheckpointMismatch, SyntheticSetStrategy
 from opacus.accountants import RDPAccountant
+
+from fedcl_dd.io import CorruptCheckpoint, load_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower")]
 
@@ -58,8 +59,8 @@ def _simulate(out: Path, *extra: str) -> subprocess.Popen:
 
 def _completed_round(checkpoint: Path) -> int:
     try:
-        return int(torch.load(checkpoint, weights_only=True)["round"])
-    except (FileNotFoundError, EOFError, RuntimeError):
+        return int(load_checkpoint(checkpoint)["round"])
+    except (FileNotFoundError, CorruptCheckpoint):
         return 0
 
 
@@ -87,7 +88,7 @@ def test_kill_after_round_two_then_resume(tmp_path):
     assert all(row["accepted"] == [0, 1, 2] for row in results["rounds"] if row["round"] > 0)
 
     # The ledger of an uninterrupted run: 4 rounds x 5 releases at the clients' (sigma, q).
-    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state = load_checkpoint(out / "checkpoint.pt")
     cfg = FedConfig.from_mapping(state["config"])
     for pid in range(3):
         history = state["ledgers"][pid]

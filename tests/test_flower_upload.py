@@ -17,16 +17,8 @@ from fedcl_dd.strategies.flower.payload import (
     read_upload,
     synthetic_records,
 )
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Error,
-    Message,
-    Metadata,
-    MetricRecord,
-    RecordDict,
-)
+from flower_messages import message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -269,32 +261,12 @@ def test_received_bytes_are_measured_not_claimed(good, digits, pid, claimed):
     assert up.nbytes == good.nbytes and up.partition_id == pid
 
 
-def _message(
-    src: int, dst: int, content: RecordDict | None, message_id: str = "", reply_to: str = ""
-) -> Message:
-    """A message with its whole metadata, as a SuperLink delivers it."""
-    meta = Metadata(
-        run_id=1,
-        message_id=message_id,
-        src_node_id=src,
-        dst_node_id=dst,
-        reply_to_message_id=reply_to,
-        group_id="1",
-        created_at=0.0,
-        ttl=60.0,
-        message_type="train",
-    )
-    if content is None:
-        return Message(metadata=meta, error=Error(code=7, reason="client crashed"))
-    return Message(metadata=meta, content=content)
-
-
 def test_collect_replies_sorts_out_errors_strangers_repeats_and_silence(good):
     from fedcl_dd.strategies.flower.strategy import RoundReport, collect_replies
 
     def reply(to: str, node: int, error: bool = False) -> Message:
         content = None if error else synthetic_records(good, METRIC_VALUES)
-        return _message(node, 0, content, reply_to=to)
+        return message(node, 0, content, reply_to=to)
 
     sent = {"a": 11, "b": 12, "c": 13, "d": 14}
     report = RoundReport(round=1)
@@ -342,11 +314,11 @@ def test_a_non_finite_model_is_never_adopted(good, monkeypatch):
 def _round(strategy, replies_by_node: dict[int, RecordDict | None], server_round: int = 1):
     """``aggregate_train`` on one reply per node, each to a message the strategy sent."""
     strategy._outgoing = [
-        _message(0, node, RecordDict(), message_id=f"r{server_round}-n{node}")
+        message(0, node, RecordDict(), message_id=f"r{server_round}-n{node}")
         for node in replies_by_node
     ]
     replies = [
-        _message(node, 0, content, reply_to=f"r{server_round}-n{node}")
+        message(node, 0, content, reply_to=f"r{server_round}-n{node}")
         for node, content in replies_by_node.items()
     ]
     return strategy.aggregate_train(server_round, replies)

@@ -9,7 +9,8 @@ its partition through :mod:`fedcl_dd.scenarios.federated` from the data root
 Iterative mode follows FedDM (Xiong et al., "FedDM: Iterative Distribution Matching for
 Communication-Efficient Federated Learning", CVPR 2023): from the second round on, the
 matching networks are the current global model plus a small random perturbation, and the
-synthetic set is kept in ``context.state`` to warm-start the next round.
+synthetic set is kept (:mod:`~fedcl_dd.strategies.flower.client_state`) to warm-start the
+next round.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ from fedcl_dd.models import make_model
 from fedcl_dd.objectives import MatchingContext, PrivateRelease
 from fedcl_dd.objectives.base import NetworkSource
 from fedcl_dd.pipeline import Distillation
-from fedcl_dd.privacy import PrivacyLedger, PrivateRandom, noise_for_target
+from fedcl_dd.privacy import PrivacyBudgetError, PrivacyLedger, PrivateRandom, noise_for_target
 from fedcl_dd.sampling import ClassSampler
-from fedcl_dd.synthetic import SyntheticSet
 
+from .client_state import ClientState
 from .config import FedConfig
 from .payload import ARRAYS, CONFIG, METRICS, load_model_arrays, synthetic_records
 from .seeding import client_seed
@@ -43,8 +44,6 @@ from .seeding import client_seed
 __all__ = ["app", "perturbed_global"]
 
 app = ClientApp()
-
-_STATE_SET, _STATE_META, _STATE_LEDGER = "fedcl-synthetic", "fedcl-synthetic-meta", "fedcl-ledger"
 
 
 def _setup(msg: Message, context: Context) -> tuple[FedConfig, int, ClientData, torch.device]:
@@ -129,11 +128,8 @@ def _distill(
     start = time.perf_counter()
     spec = data.spec
     real = ClassSampler(data.train_x, data.train_y, spec.num_classes, device)
-    syn: SyntheticSet | None = None
-    if cfg.mode == "iterative" and _STATE_SET in context.state:
-        prev = context.state.array_records[_STATE_SET].to_torch_state_dict()
-        meta = context.state.config_records[_STATE_META]
-        syn = SyntheticSet.from_state(dict(prev), {k: str(v) for k, v in meta.items()})
+    state = ClientState(context, pid)
+    syn = state.warm_start() if cfg.mode == "iterative" else None
     source = None
     if cfg.mode == "iterative" and server_round > 1 and cfg.perturb >= 0:
         source = perturbed_global(
@@ -154,7 +150,7 @@ def _distill(
         noise_source=_noise_source(context, server_round, pid) if cfg.private else None,
     )
     syn, objective = run.syn, run.objective
-    ledger_before = _stored_ledger(context)
+    ledger_before = state.ledger()
     if cfg.private:
         if not isinstance(objective, PrivateRelease):
             raise TypeError(
@@ -164,8 +160,7 @@ def _distill(
         objective.ledger.load_state_dict(ledger_before.state_dict())
     result = run.run()
     if cfg.mode == "iterative":
-        context.state[_STATE_SET] = ArrayRecord(syn.state_tensors())
-        context.state[_STATE_META] = ConfigRecord(dict(syn.metadata()))
+        state.save_warm_start(syn)
     metrics: dict[str, Any] = {
         "num-examples": int(data.train_y.numel()),
         "partition-id": pid,
@@ -180,7 +175,7 @@ def _distill(
         sigma, q = objective.noise_multiplier, objective.sample_rate
         assert sigma is not None and q is not None, "set by the objective's setup, which ran"
         metrics.update(
-            _privacy_metrics(context, ledger_before, objective.ledger, cfg.delta, sigma, q)
+            _privacy_metrics(state, ledger_before, objective.ledger, cfg.delta, sigma, q)
         )
     else:
         metrics.update({"epsilon-round": 0.0, "epsilon-total": 0.0, "delta": 0.0})
@@ -199,26 +194,17 @@ def _noise_source(context: Context, server_round: int, pid: int) -> PrivateRando
     return PrivateRandom(key, context=f"round {server_round} partition {pid}")
 
 
-def _stored_ledger(context: Context) -> PrivacyLedger:
-    """This client's privacy ledger as kept in ``context.state`` (empty before its first release)."""
-    ledger = PrivacyLedger()
-    if _STATE_LEDGER in context.state:
-        stored = context.state.config_records[_STATE_LEDGER]
-        ledger.load_state_dict({k: v for k, v in stored.items() if isinstance(v, list)})
-    return ledger
-
-
 def _privacy_metrics(
-    context: Context,
+    state: ClientState,
     before: PrivacyLedger,
     after: PrivacyLedger,
     delta: float,
     sigma: float,
     sample_rate: float,
 ) -> dict[str, float]:
-    """Keep ``after`` in ``context.state``; report epsilon this round and in total, and the
-    (sigma, q, steps) the server needs to account the release itself."""
-    context.state[_STATE_LEDGER] = ConfigRecord(dict(after.state_dict()))
+    """Record ``after`` (before the reply leaves); report epsilon this round and in total, and
+    the (sigma, q, steps) the server needs to account the release itself."""
+    state.save_ledger(after)
     spent = before.epsilon(delta) if before.steps else 0.0
     total = after.epsilon(delta)
     return {
@@ -288,10 +274,16 @@ def _local_sgd(
             poisson_sampling=True,
             noise_generator=private.generator(device),
         )
-        before = _stored_ledger(context)
-        after = _stored_ledger(context)
+        state = ClientState(context, pid)
+        before = state.ledger()
+        after = state.ledger()
         after.step(sigma, q, steps_per_round)
-        metrics.update(_privacy_metrics(context, before, after, cfg.delta, sigma, q))
+        if after.epsilon(cfg.delta) > cfg.epsilon * (1 + 1e-9):  # e.g. a client restarted
+            raise PrivacyBudgetError(
+                f"this client has spent its budget epsilon={cfg.epsilon:g}: another round of "
+                f"DP-SGD would bring it to {after.epsilon(cfg.delta):.4g}"
+            )
+        metrics.update(_privacy_metrics(state, before, after, cfg.delta, sigma, q))
     trained.train()
     for _ in range(cfg.local_epochs):
         for xb, yb in loader:

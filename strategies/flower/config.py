@@ -14,6 +14,7 @@ also DP-SGD's), the field is its value.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -50,6 +51,8 @@ class FedConfig:
     round_timeout: float = (
         3600.0  # seconds the server waits for replies; late replies count as failed
     )
+    node_wait: float = 120.0  # seconds to wait for min-nodes before round 1, then go on with those
+
     model: str = "convnet"
     # --- synthetic-set clients ---
     mode: str = "iterative"  # one-shot: one round, the union trained once; iterative: FedDM
@@ -98,6 +101,12 @@ class FedConfig:
             raise ValueError(
                 f"one-shot mode runs exactly one round, got rounds={self.rounds}; use mode=iterative"
             )
+        for key in ("round_timeout", "node_wait"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(
+                    f"{key.replace('_', '-')} must be a finite number of seconds >= 0, got {value}"
+                )
         if not 0.0 <= self.fraction_evaluate <= 1.0:
             raise ValueError(f"fraction-evaluate must lie in [0, 1], got {self.fraction_evaluate}")
         if not 0.0 < self.fraction_train <= 1.0:

@@ -30,14 +30,12 @@ from torch import nn
 from fedcl_dd.cli import resolve_device
 from fedcl_dd.evaluate import accuracy
 from fedcl_dd.io import write_json
-from fedcl_dd.models import make_model
 from fedcl_dd.viz import save_grid
 
 from .config import FedConfig
 from .payload import ARRAYS, METRICS, load_model_arrays, metric_float, metric_int, model_arrays
 from .report import plot_runs
-from .seeding import SERVER_ID, client_seed
-from .strategy import SyntheticSetStrategy
+from .strategy import SyntheticSetStrategy, initial_model
 
 __all__ = ["SERVER_KEYS", "ServerRun", "app", "build_run", "run_server", "write_results"]
 
@@ -129,14 +127,7 @@ def build_run(
     device = device or resolve_device()
     preset = cfg.preset_obj
     spec = preset.spec
-    evaluator = make_model(
-        cfg.model,
-        spec.channels,
-        spec.num_classes,
-        spec.image_size,
-        torch.Generator().manual_seed(client_seed(cfg.seed, 0, SERVER_ID)),
-        device,
-    )
+    evaluator = initial_model(cfg, device)
     arrays, done = model_arrays(evaluator), 0
     pending: dict[str, MetricRecord] = {}
     if cfg.algorithm == "synthetic":

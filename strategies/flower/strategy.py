@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 import torch
+from fedcl_dd.scenarios.federated import cached_dataset
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -40,8 +41,8 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 from fedcl_dd.augment import DSA
-from fedcl_dd.evaluate import train_model
-from fedcl_dd.io import atomic_write
+from fedcl_dd.evaluate import accuracy, train_model
+from fedcl_dd.io import CorruptCheckpoint, load_checkpoint, save_checkpoint
 from fedcl_dd.models import make_model
 from fedcl_dd.synthetic import SyntheticSet
 
@@ -174,6 +175,55 @@ class SyntheticSetStrategy(FedAvg):
         self._global: ArrayRecord | None = None
         self._outgoing: list[Message] = []
 
+    # ------------------------------------------------------------------------ drop-in use
+    def initial_arrays(self) -> ArrayRecord:
+        """The run's model (``cfg.model``), initialized from the run seed: what round 1 sends."""
+        return model_arrays(initial_model(self.cfg, self.device))
+
+    def evaluate_fn(
+        self,
+        images: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        data_root: str | None = None,
+    ) -> Callable[[int, ArrayRecord], MetricRecord]:
+        """Flower's ``evaluate_fn``: the global model's accuracy on ``(images, labels)`` -- raw
+        pixels in [0, 1], (N, C, H, W), normalized here as the clients' data is -- or, without
+        them, on the test split of the run's dataset."""
+        spec = self.spec
+        if images is None or labels is None:
+            test = cached_dataset(spec.name, data_root)
+            x, y = test.test_x, test.test_y
+        else:
+            if tuple(images.shape[1:]) != spec.image_shape or images.shape[0] != labels.shape[0]:
+                raise ValueError(
+                    f"images {tuple(images.shape)} and labels {tuple(labels.shape)} do not match "
+                    f"the run's {spec.name} images (N, {', '.join(map(str, spec.image_shape))})"
+                )
+            if float(images.min()) < 0 or float(images.max()) > 1:
+                raise ValueError(
+                    "images must be raw pixels in [0, 1] (they are normalized here with the "
+                    f"dataset's mean {spec.mean} and std {spec.std})"
+                )
+            x, y = spec.normalize(images.float()), labels.long()
+        net = initial_model(self.cfg, self.device)
+
+        def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            return MetricRecord({"accuracy": accuracy(load_model_arrays(net, arrays), x, y)})
+
+        return evaluate
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any) -> Any:
+        """Flower's ``Strategy.start``, once ``initial_arrays`` is checked against the run's
+        model -- at once, before any client spends a round on a model the server cannot load."""
+        try:
+            self._model_state(dict(initial_arrays.to_torch_state_dict()))
+        except ValueError as exc:
+            raise ValueError(
+                f"initial_arrays do not fit the run's model {self.cfg.model!r}: {exc}; pass "
+                "strategy.initial_arrays(), or set FedConfig(model=...) to your model's name"
+            ) from None
+        return super().start(grid, initial_arrays, *args, **kwargs)
+
     # ----------------------------------------------------------------------------- rounds
     def summary(self) -> None:
         log(
@@ -199,17 +249,28 @@ class SyntheticSetStrategy(FedAvg):
         r = self.round_offset + server_round
         self._global = arrays
         nodes = sorted(grid.get_node_ids())
-        # Wait for the federation to assemble before the first round only: later, a node that
-        # died must not stall the run -- the round goes on with the nodes still connected.
+        # Wait for the federation to assemble before the first round only (at most node_wait
+        # seconds): later, a node that died must not stall the run -- the round goes on with
+        # the nodes still connected.
+        deadline = time.monotonic() + self.cfg.node_wait
         while len(nodes) < self.min_available_nodes and not self.reports:
-            log(
-                INFO,
-                "waiting for nodes: %d connected, %d required",
-                len(nodes),
-                self.min_available_nodes,
-            )
+            if time.monotonic() >= deadline:
+                break
+            if int(deadline - time.monotonic()) % 10 == 0:
+                log(
+                    INFO,
+                    "waiting for nodes: %d connected, %d required",
+                    len(nodes),
+                    self.min_available_nodes,
+                )
             time.sleep(1)
             nodes = sorted(grid.get_node_ids())
+        if not nodes and not self.reports:
+            raise RuntimeError(
+                f"no node connected within node-wait={self.cfg.node_wait:g} s; start the "
+                f"SuperNodes (preset {self.cfg.preset} has {self.cfg.preset_obj.num_clients}) "
+                "or raise node-wait"
+            )
         if len(nodes) < self.min_available_nodes:
             log(
                 WARNING,
@@ -409,7 +470,7 @@ class SyntheticSetStrategy(FedAvg):
             "ledgers": self.ledgers.state_dict() if self.ledgers is not None else {},
             "reports": [asdict(rep) for rep in self.reports],
         }
-        atomic_write(self.checkpoint, lambda f: torch.save(state, f))
+        save_checkpoint(state, self.checkpoint)
 
     def resume(self) -> tuple[ArrayRecord, int]:
         """Load the checkpoint; return the global model and the number of completed rounds.
@@ -418,7 +479,40 @@ class SyntheticSetStrategy(FedAvg):
         """
         if self.checkpoint is None or not self.checkpoint.is_file():
             raise FileNotFoundError(f"no checkpoint at {self.checkpoint}; start without resume")
-        state = torch.load(self.checkpoint, weights_only=True)
+        state = load_checkpoint(self.checkpoint)
+        try:
+            return self._restore(state)
+        except CheckpointMismatch:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+            raise CorruptCheckpoint(
+                f"{self.checkpoint} does not hold a valid state of this run "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
+
+    def _model_state(self, saved: Any) -> dict[str, torch.Tensor]:
+        """``saved`` as the global model's state: the run's model's keys and shapes, finite."""
+        spec = self.spec
+        expected = make_model(
+            self.cfg.model, spec.channels, spec.num_classes, spec.image_size
+        ).state_dict()
+        if not isinstance(saved, dict):
+            raise ValueError("the model is not a mapping of parameter names to tensors")
+        missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+        if missing or extra:
+            raise ValueError(
+                f"the model's parameters are not those of the run's model (missing {missing[:3]}, "
+                f"unexpected {extra[:3]})"
+            )
+        for name, tensor in saved.items():
+            if not isinstance(tensor, torch.Tensor) or tensor.shape != expected[name].shape:
+                raise ValueError(f"model parameter {name} has the wrong shape")
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"model parameter {name} holds NaN or Inf")
+        return dict(saved)
+
+    def _restore(self, state: dict[str, Any]) -> tuple[ArrayRecord, int]:
+        """Check every part of a loaded checkpoint, then adopt it (nothing before all pass)."""
         saved, now = state["config"], self.cfg.to_dict()
         differ = sorted(k for k in now if k != "rounds" and saved.get(k) != now[k])
         if differ:
@@ -427,18 +521,36 @@ class SyntheticSetStrategy(FedAvg):
                 + ", ".join(f"{k}: {saved.get(k)!r} vs {now[k]!r}" for k in differ)
                 + "); resume with the same settings or start a new run"
             )
-        self.pool = {
-            int(pid): SyntheticSet.from_state(entry["tensors"], entry["metadata"])
-            for pid, entry in state["pool"].items()
-        }
-        if self.ledgers is not None:
-            self.ledgers.load_state_dict(state["ledgers"])
-        self.reports = [
+        done = state["round"]
+        if not isinstance(done, int) or not 0 <= done <= int(saved["rounds"]):
+            raise ValueError(
+                f"round {done!r} is not a completed round of a {saved['rounds']}-round run"
+            )
+        model = self._model_state(state["model"])
+        clients = self.cfg.preset_obj.num_clients
+        pool = {}
+        for pid, entry in state["pool"].items():
+            if not 0 <= int(pid) < clients:
+                raise ValueError(f"pool holds partition {pid}, outside 0..{clients - 1}")
+            pool[int(pid)] = SyntheticSet.from_state(
+                entry["tensors"],
+                entry["metadata"],
+                max_bytes=self.max_bytes,
+                max_images=self.max_images,
+            )
+        ledgers = (
+            ClientLedgers(self.cfg.epsilon, self.cfg.delta) if self.ledgers is not None else None
+        )
+        if ledgers is not None:
+            ledgers.load_state_dict(state["ledgers"])
+        reports = [
             RoundReport(**{**rep, "epsilon": {int(k): v for k, v in rep["epsilon"].items()}})
             for rep in state["reports"]
         ]
-        self.round_offset = int(state["round"])
-        self._global = ArrayRecord(state["model"])
+        # Everything checked: adopt it.
+        self.pool, self.ledgers, self.reports = pool, ledgers, reports
+        self.round_offset = done
+        self._global = ArrayRecord(model)
         log(INFO, "resumed from %s after round %d", self.checkpoint, self.round_offset)
         return self._global, self.round_offset
 
@@ -475,3 +587,10 @@ def collect_replies(
         if origin not in answered:
             report.failed.append({"node": node, "reason": "no reply before the round timeout"})
     return out
+
+
+def initial_model(cfg: FedConfig, device: torch.device | str = "cpu") -> nn.Module:
+    """``cfg.model`` for the run's dataset, initialized from the run seed (the server's draw)."""
+    spec = cfg.preset_obj.spec
+    gen = torch.Generator().manual_seed(client_seed(cfg.seed, 0, SERVER_ID))
+    return make_model(cfg.model, spec.channels, spec.num_classes, spec.image_size, gen, device)

@@ -1,0 +1,55 @@
+"""The README's drop-in snippet runs as written, and misuse fails at once with the reason."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from fedcl_dd.strategies.flower import FedConfig, SyntheticSetStrategy
+from fedcl_dd.strategies.flower.payload import model_arrays
+
+from fedcl_dd.models import make_model
+
+REPO = Path(__file__).resolve().parents[1]
+CFG = FedConfig(preset="digits-iid-4", ipc=5)
+
+
+@pytest.mark.xdist_group("flower")
+def test_the_readme_server_app_runs_as_written(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "flower_server_app.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("accuracy after 2 rounds"))
+    assert float(line.split()[-1]) > 0.5  # 4 clients of digits, 5 images per class each
+    assert (tmp_path / "checkpoint.pt").is_file()
+
+
+def test_a_model_the_run_cannot_load_is_refused_before_round_one():
+    strategy = SyntheticSetStrategy(CFG)
+    mlp = make_model("mlp", 1, 10, 8)  # the run's model is the ConvNet
+    with pytest.raises(ValueError, match="do not fit the run's model 'convnet'.*missing"):
+        strategy.start(grid=None, initial_arrays=model_arrays(mlp), num_rounds=1)
+
+
+def test_evaluate_fn_normalizes_raw_pixels_and_refuses_normalized_ones(digits):
+    strategy = SyntheticSetStrategy(CFG)
+    spec = digits.spec
+    raw = digits.test_x * torch.tensor(spec.std).view(1, -1, 1, 1) + torch.tensor(spec.mean).view(
+        1, -1, 1, 1
+    )
+    arrays = strategy.initial_arrays()
+    on_raw = strategy.evaluate_fn(raw.clamp(0, 1), digits.test_y)(1, arrays)["accuracy"]
+    on_split = strategy.evaluate_fn()(1, arrays)["accuracy"]
+    assert on_raw == pytest.approx(on_split, abs=0.01)
+    with pytest.raises(ValueError, match=r"raw pixels in \[0, 1\]"):
+        strategy.evaluate_fn(digits.test_x, digits.test_y)
