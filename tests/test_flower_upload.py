@@ -447,3 +447,26 @@ def test_nothing_a_client_sends_escapes_aggregate_train(good, data):
     assert len(report.accepted) + len(report.rejected) == len(replies)
     assert arrays is not None
     assert all(torch.isfinite(torch.from_numpy(a.numpy())).all() for a in arrays.values())
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(ratio=st.floats(0.05, 0.999) | st.floats(1.001, 20.0))
+def test_the_pixel_bound_follows_the_datasets_normalization(good, digits, ratio):
+    """An upload whose largest pixel is ``ratio`` times the bound passes iff ratio < 1 (the
+    band around 1 is left to float32 rounding)."""
+    from fedcl_dd.strategies.flower.payload import PIXEL_RANGE_FACTOR, max_pixel
+
+    spec = digits.spec
+    real_extreme = float(spec.normalize(torch.tensor([0.0, 1.0]).view(2, 1, 1, 1)).abs().max())
+    assert max_pixel(spec) == pytest.approx(PIXEL_RANGE_FACTOR * real_extreme)
+    images = good.images().detach()
+    scaled = images / images.abs().max() * (ratio * max_pixel(spec))
+    tensors = {**good.state_tensors(), "images": scaled}
+    content = _reply(tensors, good.metadata())
+    if ratio <= 1.0:
+        assert _read(content, digits).syn.num_images == good.num_images
+    else:
+        with pytest.raises(InvalidUpload, match="pixel values reach"):
+            _read(content, digits)

@@ -28,14 +28,15 @@ from fedcl_dd.synthetic import InvalidSyntheticSet, SyntheticSet
 __all__ = [
     "ARRAYS",
     "CONFIG",
-    "MAX_PIXEL",
     "METRICS",
+    "PIXEL_RANGE_FACTOR",
     "REQUIRED_METRICS",
     "SYNTHETIC",
     "SYNTHETIC_META",
     "InvalidUpload",
     "Upload",
     "load_model_arrays",
+    "max_pixel",
     "metric_float",
     "metric_int",
     "model_arrays",
@@ -45,9 +46,21 @@ __all__ = [
 
 ARRAYS, CONFIG = "arrays", "config"  # the keys Flower's own strategies use for the global model
 SYNTHETIC, SYNTHETIC_META, METRICS = "synthetic", "synthetic-meta", "metrics"
-#: The largest pixel magnitude an upload may hold (normalized units): far beyond any image
-#: distillation produces, far below what makes the server's training overflow.
-MAX_PIXEL = 1e3
+#: How far beyond the dataset's own range (normalized units) an upload's pixels may go: real
+#: pixels in [0, 1] normalize to within a few units; distilled images stray a little beyond.
+PIXEL_RANGE_FACTOR = 100.0
+
+
+def max_pixel(spec: DatasetSpec) -> float:
+    """The largest pixel magnitude an upload may hold: :data:`PIXEL_RANGE_FACTOR` times the
+    largest magnitude a real pixel in [0, 1] takes after the dataset's normalization -- far
+    beyond any image distillation produces, far below what makes training overflow."""
+    extreme = max(
+        max(abs(-m / s), abs((1 - m) / s)) for m, s in zip(spec.mean, spec.std, strict=True)
+    )
+    return PIXEL_RANGE_FACTOR * extreme
+
+
 REQUIRED_METRICS = ("num-examples", "partition-id", "seconds")
 
 
@@ -145,10 +158,11 @@ def read_upload(
         raise InvalidUpload(str(exc)) from exc
     with torch.no_grad():
         peak = float(syn.images().abs().max()) if syn.num_images else 0.0
-    if not peak <= MAX_PIXEL:  # also catches an overflow to inf when a memory is materialized
+    bound = max_pixel(spec)
+    if not peak <= bound:  # also catches an overflow to inf when a memory is materialized
         raise InvalidUpload(
-            f"pixel values reach {peak:.3g}; images in the run's normalized space stay "
-            f"within ±{MAX_PIXEL:g} (real data lies within a few units)"
+            f"pixel values reach {peak:.3g}; images in {spec.name}'s normalized space stay "
+            f"within ±{bound:.4g} ({PIXEL_RANGE_FACTOR:g}x the range of its real pixels)"
         )
     numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     metric_int(numbers, "num-examples")
