@@ -309,6 +309,7 @@ def test_a_non_finite_model_is_never_adopted(good, monkeypatch):
     report = RoundReport(round=1)
     assert strategy.train_on_pool(1, [Upload(good, METRIC_VALUES)], report) is None
     assert report.kept_previous_model and "non-finite" in report.note
+    assert "partitions [0]" in report.note  # the round's uploads are named
 
 
 def _round(strategy, replies_by_node: dict[int, RecordDict | None], server_round: int = 1):

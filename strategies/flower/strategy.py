@@ -396,7 +396,11 @@ class SyntheticSetStrategy(FedAvg):
         report.server_seconds = time.perf_counter() - start
         if not all(torch.isfinite(t).all() for t in net.state_dict().values()):
             report.kept_previous_model = True
-            report.note = "training on the pool gave a non-finite model"
+            partitions = sorted(up.partition_id for up in uploads)
+            report.note = (
+                f"training on the pool gave a non-finite model (this round's uploads: "
+                f"partitions {partitions})"
+            )
             return None
         self._global = model_arrays(net)
         return self._global
