@@ -91,6 +91,9 @@ def test_faulty_clients_are_refused_and_rounds_go_on(tmp_path):
     assert first["accuracy"] > rounds[0]["accuracy"] + 0.3, (
         "training on the honest uploads did not help"
     )
+    # Validation: the clients' held-out shares of their training data (what settings are
+    # chosen on), beside the test accuracy.
+    assert 0.3 < first["validation_accuracy"] <= 1.0
     last = rounds[2]
     assert last["kept_previous_model"] and len(last["failed"]) == 6 and not last["accepted"]
     assert last["accuracy"] == first["accuracy"], "a round with no valid upload changed the model"

@@ -471,3 +471,28 @@ def test_the_pixel_bound_follows_the_datasets_normalization(good, digits, ratio)
     else:
         with pytest.raises(InvalidUpload, match="pixel values reach"):
             _read(content, digits)
+
+
+def test_a_collapsed_model_is_never_adopted(good, monkeypatch):
+    """A model that answers one class for every pooled image (e.g. after a set scaled to
+    dominate the union) is discarded like a non-finite one."""
+    from fedcl_dd.strategies.flower.payload import Upload
+    from fedcl_dd.strategies.flower.strategy import RoundReport, SyntheticSetStrategy
+
+    strategy = SyntheticSetStrategy(FedConfig(preset="digits-iid-4", ipc=5, server_epochs=1))
+    real_train = strategy._train_global
+
+    def collapsed(r):
+        net = real_train(r)
+        last = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.copy_(torch.arange(last.bias.numel(), dtype=last.bias.dtype))
+        return net
+
+    report = RoundReport(round=1)
+    assert strategy.train_on_pool(1, [Upload(good, METRIC_VALUES)], report) is not None
+    monkeypatch.setattr(strategy, "_train_global", collapsed)
+    report = RoundReport(round=2)
+    assert strategy.train_on_pool(2, [Upload(good, METRIC_VALUES)], report) is None
+    assert report.kept_previous_model and "collapsed model (class 9" in report.note

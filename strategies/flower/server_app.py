@@ -212,7 +212,7 @@ def run_server(
         print(f"{out_dir}: all {cfg.rounds} rounds are done already", file=sys.stderr)
     else:
         record = ConfigRecord(cfg.to_dict())
-        run.strategy.start(
+        result = run.strategy.start(
             grid=grid,
             initial_arrays=run.initial_arrays,
             num_rounds=cfg.rounds - run.done,
@@ -221,6 +221,12 @@ def run_server(
             evaluate_config=record,
             evaluate_fn=run.evaluate,
         )
+        # The clients' held-out shares of their training data, weighted by size: the
+        # validation accuracy that settings are chosen on (never the test split).
+        for r, metrics in result.evaluate_metrics_clientapp.items():
+            acc = metrics.get("accuracy")
+            if isinstance(acc, (int, float)):
+                run.history.setdefault(run.done + r, {})["validation"] = float(acc)
     return write_results(run, complete=True)
 
 
@@ -244,6 +250,7 @@ def _round_rows(strategy: FedAvg, history: dict[int, dict[str, Any]]) -> list[di
                 {
                     "round": rep.round,
                     "accuracy": acc,
+                    "validation_accuracy": history.get(rep.round, {}).get("validation"),
                     "upload_bytes": rep.upload_bytes,
                     "upload_bytes_total": rep.upload_bytes_total,
                     "epsilon_max": max(rep.epsilon.values()) if rep.epsilon else 0.0,
@@ -260,13 +267,14 @@ def _round_rows(strategy: FedAvg, history: dict[int, dict[str, Any]]) -> list[di
         return rows
     total = 0
     for r in sorted(k for k in history if k > 0):
-        m = history[r]["train"]
+        m = history[r].get("train")
         up = int(m["upload-bytes"]) if m is not None else 0
         total += up
         rows.append(
             {
                 "round": r,
-                "accuracy": history[r]["accuracy"],
+                "accuracy": history[r].get("accuracy"),
+                "validation_accuracy": history[r].get("validation"),
                 "upload_bytes": up,
                 "upload_bytes_total": total,
                 "epsilon_max": float(m["epsilon-max"])

@@ -381,7 +381,8 @@ class SyntheticSetStrategy(FedAvg):
         """Add this round's sets to the pool and train the global model on it.
 
         Returns the new global model, or None (Flower keeps the current one) when no upload
-        was admitted or the trained model is not finite.
+        was admitted or the trained model is not finite or has collapsed (one class for every
+        image of a pool that holds several).
         """
         if uploads:
             if self.cfg.pool == "none":
@@ -394,16 +395,33 @@ class SyntheticSetStrategy(FedAvg):
         start = time.perf_counter()
         net = self._train_global(r)
         report.server_seconds = time.perf_counter() - start
-        if not all(torch.isfinite(t).all() for t in net.state_dict().values()):
+        problem = self._unfit(net)
+        if problem:
             report.kept_previous_model = True
             partitions = sorted(up.partition_id for up in uploads)
             report.note = (
-                f"training on the pool gave a non-finite model (this round's uploads: "
+                f"training on the pool gave {problem} (this round's uploads: "
                 f"partitions {partitions})"
             )
             return None
         self._global = model_arrays(net)
         return self._global
+
+    def _unfit(self, net: nn.Module) -> str:
+        """Why ``net`` must not become the global model ("" if it may)."""
+        if not all(torch.isfinite(t).all() for t in net.state_dict().values()):
+            return "a non-finite model"
+        images, targets = self.union()
+        labels = targets.argmax(1) if targets.is_floating_point() else targets
+        if labels.unique().numel() > 1:
+            net.eval()
+            with torch.no_grad():
+                predicted = torch.cat(
+                    [net(part.to(self.device)).argmax(1).cpu() for part in images.split(1024)]
+                )
+            if predicted.unique().numel() == 1:
+                return f"a collapsed model (class {int(predicted[0])} for every pooled image)"
+        return ""
 
     def union(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The pooled images and their targets (class ids, or probabilities if any set has soft labels)."""
