@@ -44,13 +44,15 @@ class ClassSampler:
         """Classes that have at least one real sample, ascending."""
         return [c for c in range(self.num_classes) if self.counts[c] > 0]
 
-    def _pick(self, c: int, n: int, generator: torch.Generator | None) -> torch.Tensor:
+    def _pick(
+        self, c: int, n: int, generator: torch.Generator | None, cap: bool = False
+    ) -> torch.Tensor:
         idx = self._index[c]
         if idx.numel() == 0:
             raise ValueError(f"class {c} has no real samples")
-        if n <= idx.numel():
+        if n <= idx.numel() or cap:
             return idx[torch.randperm(idx.numel(), generator=generator)[:n]]
-        # Fewer samples than asked for (small federated clients): draw with replacement.
+        # Fewer samples than asked for: draw with replacement.
         return idx[torch.randint(idx.numel(), (n,), generator=generator)]
 
     def sample(self, c: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -60,8 +62,10 @@ class ClassSampler:
     def sample_classes(
         self, classes: list[int], n: int, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` images of each class in ``classes``, concatenated class by class, with labels."""
-        idx = torch.cat([self._pick(c, n, generator) for c in classes]).to(self.device)
+        """Up to ``n`` images of each class in ``classes``, concatenated class by class, with
+        labels: a class with fewer gives all of its images (their exact mean, at less cost than
+        ``n`` draws with replacement)."""
+        idx = torch.cat([self._pick(c, n, generator, cap=True) for c in classes]).to(self.device)
         return self.x[idx], self.y[idx]
 
     def poisson(

@@ -191,9 +191,9 @@ class GradientMatching(Objective):
         images, targets, class_ids = syn.images(), syn.targets(), syn.class_ids
         real_x, real_y = ctx.real.sample_classes(classes, self.real_per_class, ctx.generator)
         total = images.new_zeros(())
-        for k, c in enumerate(classes):
+        for c in classes:
             aug = ctx.siamese()
-            rows = slice(k * self.real_per_class, (k + 1) * self.real_per_class)
+            rows = real_y == c  # up to real_per_class rows (all of a smaller class)
             real_loss = F.cross_entropy(net(ctx.apply(real_x[rows], aug)), real_y[rows])
             g_real = torch.autograd.grad(real_loss, params)
             mine = class_ids == c
