@@ -239,8 +239,10 @@ class ByteBoundedMemory:
             syn.state_tensors(), syn.metadata(), max_bytes=budget or self.budget_bytes
         )
 
-    def _check_update(self, y: torch.Tensor, expected: list[int] | None) -> list[int]:
-        """The new classes of an update; ``ValueError`` naming the problem if they cannot be added."""
+    def check_update(self, y: torch.Tensor, expected: list[int] | None) -> list[int]:
+        """The new classes of an update; ``ValueError`` naming the problem if they cannot be
+        added (classes outside the output space, listed without samples, already held, or
+        more than the budget holds)."""
         present = sorted(int(c) for c in torch.unique(y))
         outside = [c for c in present if not 0 <= c < self.num_classes]
         if outside:
@@ -278,7 +280,7 @@ class ByteBoundedMemory:
             raise ValueError(
                 f"images of shape {tuple(x.shape[1:])}, expected {self.spec.image_shape} ({self.spec.name})"
             )
-        new = self._check_update(y, expected)
+        new = self.check_update(y, expected)
         real = ClassSampler(x.detach().float(), y.detach().long(), self.num_classes, self.device)
         syn, seconds = self._build(real, new)
         stored = self._stored(syn)

@@ -232,3 +232,41 @@ def test_plugin_refuses_bad_settings():
         CondensedReplayPlugin(buffer, batch_size_mem=0)
     with pytest.raises(TypeError, match="CondensedBuffer"):
         CondensedReplayPlugin(object())
+
+
+def _digits_stream(digits, task_labels: bool = False, nan_in: int | None = None):
+    """SplitDigits built here, optionally with task labels or NaN images in one class."""
+    from avalanche.benchmarks.scenarios.deprecated.generators import nc_benchmark
+    from torch.utils.data import TensorDataset
+
+    x = digits.train_x.clone()
+    if nan_in is not None:
+        x[torch.nonzero(digits.train_y == nan_in).flatten()[:2]] = float("nan")
+    train, test = TensorDataset(x, digits.train_y), TensorDataset(digits.test_x, digits.test_y)
+    train.targets, test.targets = digits.train_y.tolist(), digits.test_y.tolist()
+    return nc_benchmark(
+        train, test, 5, task_labels=task_labels, fixed_class_order=list(range(10)), seed=0
+    )
+
+
+@pytest.mark.parametrize(
+    "stream_kwargs, match",
+    [({"nan_in": 3}, "2 images with NaN or Inf"), ({"task_labels": True}, "task labels \\[1\\]")],
+)
+def test_a_bad_experience_is_refused_before_any_weight_changes(digits, stream_kwargs, match):
+    from fedcl_dd.models import make_model
+
+    bench = _digits_stream(digits, **stream_kwargs)
+    buffer = CondensedPixelBuffer(20 * IMAGE, SPEC, **FAST)
+    model = make_model("mlp", 1, 10, 8, torch.Generator().manual_seed(0))
+    strategy = make_strategy(
+        RunConfig(epochs=1, train_mb_size=10), model, [CondensedReplayPlugin(buffer)]
+    )
+    first, second = bench.train_stream[0], bench.train_stream[1]  # classes 0-1, then 2-3
+    strategy.train(first)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    held = buffer.classes
+    with pytest.raises(ValueError, match=match):
+        strategy.train(second)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert buffer.classes == held == [0, 1]

@@ -66,6 +66,8 @@ class CondensedBuffer(ExemplarsBuffer):
     def __init__(self, budget_bytes: int, spec: DatasetSpec, **options: Any) -> None:
         self.memory = self.memory_class(budget_bytes, spec, **options)
         super().__init__(self.memory.max_samples())
+        # The experience check_experience decoded (dataset id, images, labels), for post_adapt.
+        self._checked: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     # The memory's state, under the names the plugin, runner and checkpoints use.
     @property
@@ -103,9 +105,38 @@ class CondensedBuffer(ExemplarsBuffer):
         self.memory.add(x, y, expected)
         self.buffer = _dataset(self.memory)
 
+    def check_experience(self, exp: Any) -> None:
+        """Refuse, with the reason, an experience the memory could not take -- before any
+        training on it: non-finite images, classes outside the output space or already held,
+        classes listed without samples, more classes than the budget holds, task labels
+        other than 0 (the memory replays every sample at task 0, so a multi-task stream's
+        replay would all go through head 0)."""
+        tasks = sorted({int(t) for t in getattr(exp, "task_labels", [0])})
+        if tasks != [0]:
+            raise ValueError(
+                f"experience {getattr(exp, 'current_experience', '?')} has task labels {tasks}; "
+                "the condensed buffers are for class-incremental streams (task label 0): build "
+                "the benchmark without task labels (e.g. return_task_id=False)"
+            )
+        x, y = experience_tensors(exp.dataset)
+        bad = int((~torch.isfinite(x.flatten(1))).any(1).sum())
+        if bad:
+            raise ValueError(
+                f"experience {getattr(exp, 'current_experience', '?')} holds {bad} images with "
+                "NaN or Inf values; clean or drop them before training"
+            )
+        expected = getattr(exp, "classes_in_this_experience", None)
+        self.memory.check_update(y, None if expected is None else [int(c) for c in expected])
+        self._checked = (id(exp.dataset), x, y)
+
     def post_adapt(self, agent_state: Any, exp: Any) -> None:
         """Avalanche's storage-policy hook: distill ``exp``'s data into the memory."""
-        x, y = experience_tensors(exp.dataset)
+        checked = self._checked
+        if checked is not None and checked[0] == id(exp.dataset):
+            x, y = checked[1], checked[2]  # decoded once, by check_experience
+        else:
+            x, y = experience_tensors(exp.dataset)
+        self._checked = None
         expected = getattr(exp, "classes_in_this_experience", None)
         self.add(x, y, None if expected is None else [int(c) for c in expected])
 

@@ -100,7 +100,9 @@ class CondensedReplayPlugin(ReplayPlugin):
         drop_last: bool = False,
         **kwargs: Any,
     ) -> None:
-        """Mix memory samples into every minibatch (replay protocol, once the buffer holds data)."""
+        """Check the experience (the buffer refuses what it could not take, before any weight
+        changes), then mix memory samples into every minibatch (replay protocol)."""
+        self.buffer.check_experience(strategy.experience)
         if not self.fresh_epochs:
             super().before_training_exp(
                 strategy, num_workers=num_workers, shuffle=shuffle, drop_last=drop_last, **kwargs
