@@ -23,6 +23,8 @@ buffers of :mod:`fedcl_dd.strategies.avalanche.buffers` wrap these classes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from typing import Any, ClassVar
 
 import torch
@@ -161,7 +163,7 @@ class ByteBoundedMemory:
         self.progress = progress
         self.generator = torch.Generator().manual_seed(seed)
         self.check_budget(num_classes)  # one sample for every class the model can emit, up front
-        self.syn: SyntheticSet | None = None
+        self.syn = None
         self.distill_seconds: list[float] = []
 
     # -- what subclasses provide --------------------------------------------------------------
@@ -181,6 +183,29 @@ class ByteBoundedMemory:
         raise NotImplementedError
 
     # -- shared behaviour ---------------------------------------------------------------------
+    @property
+    def syn(self) -> SyntheticSet | None:
+        """The stored set (None before the first update)."""
+        return self._syn
+
+    @syn.setter
+    def syn(self, value: SyntheticSet | None) -> None:
+        # The digest is taken whenever the set is stored, so that verify() can tell a memory
+        # altered since (a flipped byte in a checkpoint) from the one this memory built.
+        self._syn = value
+        self.digest = _digest(value) if value is not None else None
+
+    def verify(self) -> None:
+        """``ValueError`` naming the problem if the stored set differs from the one stored
+        (its digest) or no longer passes the core's validator within the budget."""
+        if self._syn is None:
+            return
+        if _digest(self._syn) != self.digest:
+            raise ValueError(
+                "the memory's tensors differ from those it stored (altered or corrupted)"
+            )
+        self._stored(self._syn)
+
     @property
     def dtype(self) -> torch.dtype:
         return STORAGE_DTYPES[self.recipe.storage]
@@ -364,7 +389,6 @@ class AddressingMemory(ByteBoundedMemory):
 
     param = "addressing"
     default_iterations = 0
-    syn: AddressingSet | None
 
     def _plan(self, n_classes: int) -> AddressingPlan:
         parameterization = self.recipe.parameterization(self.spec)
@@ -399,7 +423,7 @@ class AddressingMemory(ByteBoundedMemory):
         if per_class < 1:
             raise ValueError(f"{max_images} images are below one for each of the {n} classes held")
         s = self.syn
-        if s is not None and per_class < s.per_class:
+        if isinstance(s, AddressingSet) and per_class < s.per_class:
             syn = AddressingSet(
                 s.bases.detach(),
                 s.addresses.detach()[:per_class],
@@ -412,6 +436,16 @@ class AddressingMemory(ByteBoundedMemory):
             )
             self.syn = syn
             self.budget_bytes = self.recipe.budget_bytes = syn.nbytes
+
+
+def _digest(syn: SyntheticSet) -> str:
+    """SHA-256 of a set's stored tensors and metadata."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(syn.state_tensors().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().data)
+    h.update(json.dumps(syn.metadata(), sort_keys=True).encode())
+    return h.hexdigest()
 
 
 def memory_for(param: str) -> type[ByteBoundedMemory]:

@@ -3,8 +3,9 @@
 :func:`save` writes Avalanche's ``save_checkpoint`` (the whole strategy, plugins and
 buffers included, pickled with dill) atomically; :func:`resume` wraps
 ``maybe_load_checkpoint`` and refuses a checkpoint whose memories were configured
-differently (another budget, buffer kind, dataset, method...), leaving the strategy
-as it was. After resuming, use the returned strategy's plugins, not objects built
+differently (another budget, buffer kind, dataset, method...) or whose condensed memories
+fail their check (the digest taken when they were stored, and the core's validator),
+leaving the strategy as it was. After resuming, use the returned strategy's plugins, not objects built
 before loading.
 """
 
@@ -68,6 +69,17 @@ def resume(strategy: Any, path: str | Path, map_location: Any = None) -> tuple[A
     before = dict(strategy.__dict__)
     strategy, start = maybe_load_checkpoint(strategy, str(path), map_location=map_location)
     found = _signature(strategy)
+    for i, memory in enumerate(memories(strategy)):
+        if isinstance(memory, CondensedBuffer):
+            try:
+                memory.memory.verify()
+            except ValueError as exc:
+                strategy.__dict__.clear()
+                strategy.__dict__.update(before)
+                raise ValueError(
+                    f"{path}: memory {i} ({type(memory).__name__}) fails its check: {exc}; "
+                    "the checkpoint is corrupted, use another or start without resuming"
+                ) from None
     if found != expected:
         strategy.__dict__.clear()
         strategy.__dict__.update(before)
