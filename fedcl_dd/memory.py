@@ -41,6 +41,7 @@ from .sampling import ClassSampler
 from .synthetic import (
     AddressingPlan,
     AddressingSet,
+    MultiFormationSet,
     PixelSet,
     SyntheticSet,
     bytes_per_image,
@@ -50,6 +51,7 @@ from .synthetic import (
 __all__ = [
     "AddressingMemory",
     "ByteBoundedMemory",
+    "MultiFormationMemory",
     "PixelMemory",
     "herding_order",
     "memory_for",
@@ -95,6 +97,7 @@ class ByteBoundedMemory:
     :param augment: DSA during distillation.
     :param downsample, bases: the addressing memory's base resolution and count (default:
         the parameterization's plan for the budget).
+    :param factor: the multi-formation memory's sub-images per side (default 2).
     :param seed: seeds every draw of the memory: networks, real batches, augmentation.
     """
 
@@ -122,6 +125,7 @@ class ByteBoundedMemory:
         augment: bool = True,
         downsample: int | None = None,
         bases: int | None = None,
+        factor: int | None = None,
         seed: int = 0,
         device: torch.device | str = "cpu",
         progress: bool = False,
@@ -139,7 +143,13 @@ class ByteBoundedMemory:
                 f"method {method!r} is private; a rehearsal memory uses a non-private method"
             )
         # Each setting goes to the objective or parameterization that declares it.
-        given = {"real_per_class": real_per_class, "downsample": downsample, "bases": bases}
+        given = {
+            "real_per_class": real_per_class,
+            "downsample": downsample,
+            "bases": bases,
+            "factor": factor,
+        }
+        given = {k: v for k, v in given.items() if v is not None}  # None: the declared default
         declared = {
             o.name for o in get_objective(method).options + get_parameterization(self.param).options
         }
@@ -332,19 +342,24 @@ class PixelMemory(ByteBoundedMemory):
         recipe = dataclasses.replace(self.recipe, budget_bytes=None, ipc=ipc)
         fresh, seconds = self._distill(recipe, real, new, f"classes {new}")
         parts = [self._herded(ipc)] if self.syn is not None else []
-        with torch.no_grad():
-            parts.append((fresh.images().detach().cpu(), fresh.class_ids.cpu()))
+        parts.append(_stored_images(fresh))
         images = torch.cat([p[0] for p in parts])
         labels = torch.cat([p[1] for p in parts])
-        return PixelSet(images, labels, self.num_classes, self.dtype, fresh.info), seconds
+        return self._assemble(images, labels, fresh.info), seconds
+
+    def _assemble(
+        self, images: torch.Tensor, labels: torch.Tensor, info: dict[str, Any]
+    ) -> PixelSet:
+        """A set of this memory's kind from stored images and their labels."""
+        return PixelSet(images, labels, self.num_classes, self.dtype, info)
 
     def _herded(self, ipc: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The memory with at most ``ipc`` images per class, chosen by :func:`herding_order`
-        in a fresh network's embedding."""
+        """The memory with at most ``ipc`` stored images per class, chosen by
+        :func:`herding_order` in a fresh network's embedding."""
         if self.syn is None:
             raise RuntimeError("the memory is empty")
         with torch.no_grad():
-            images, ids = self.syn.images().detach().cpu(), self.syn.class_ids.cpu()
+            images, ids = _stored_images(self.syn)
             ctx = MatchingContext(
                 ClassSampler(images, ids, self.num_classes),
                 self.spec,
@@ -371,11 +386,27 @@ class PixelMemory(ByteBoundedMemory):
         syn = self.syn
         if syn is not None and syn.nbytes > budget:
             images, labels = self._herded(ipc)
-            syn = self._stored(
-                PixelSet(images, labels, self.num_classes, self.dtype, syn.info), budget
-            )
+            syn = self._stored(self._assemble(images, labels, syn.info), budget)
         self.syn = syn
         self.budget_bytes = self.recipe.budget_bytes = budget
+
+
+class MultiFormationMemory(PixelMemory):
+    """A pixel memory of multi-formation images (IDC): the same bytes, ``factor``^2 sub-images
+    replayed per stored image; old classes shrink by herding on their stored mosaics."""
+
+    param = "multi"
+
+    def _factor(self) -> int:
+        return int(self.recipe.parameterization(self.spec).settings["factor"])
+
+    def max_samples(self) -> int:
+        return super().max_samples() * self._factor() ** 2
+
+    def _assemble(
+        self, images: torch.Tensor, labels: torch.Tensor, info: dict[str, Any]
+    ) -> MultiFormationSet:
+        return MultiFormationSet(images, labels, self.num_classes, self._factor(), self.dtype, info)
 
 
 class AddressingMemory(ByteBoundedMemory):
@@ -436,6 +467,14 @@ class AddressingMemory(ByteBoundedMemory):
             )
             self.syn = syn
             self.budget_bytes = self.recipe.budget_bytes = syn.nbytes
+
+
+def _stored_images(syn: SyntheticSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pixel-kind set's stored images and their labels, detached on the CPU."""
+    if not isinstance(syn, PixelSet):
+        raise TypeError(f"a pixel memory holds pixel sets, not {type(syn).__name__}")
+    with torch.no_grad():
+        return syn.pixels.detach().cpu(), syn.labels.cpu()
 
 
 def _digest(syn: SyntheticSet) -> str:

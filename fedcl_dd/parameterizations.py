@@ -16,9 +16,16 @@ import torch
 from .data import DatasetSpec
 from .options import Option, parse_declared
 from .sampling import ClassSampler
-from .synthetic import AddressingPlan, AddressingSet, PixelSet, SyntheticSet, pixel_ipc_for_budget
+from .synthetic import (
+    AddressingPlan,
+    AddressingSet,
+    MultiFormationSet,
+    PixelSet,
+    SyntheticSet,
+    pixel_ipc_for_budget,
+)
 
-__all__ = ["INITS", "Addressing", "Parameterization", "Pixels"]
+__all__ = ["INITS", "Addressing", "MultiFormation", "Parameterization", "Pixels"]
 
 INITS = ("real", "noise")
 
@@ -151,4 +158,48 @@ class Addressing(Parameterization):
             return AddressingSet.from_real(real, plan, classes, generator, info=info)
         return AddressingSet.from_noise(
             plan, real.num_classes, classes, generator, real.device, info=info
+        )
+
+
+class MultiFormation(Pixels):
+    """Multi-formation pixels (IDC, Kim et al., ICML 2022): the bytes of N labelled images
+    store N mosaics of ``factor``^2 sub-images each, replayed at full size (see
+    :class:`~fedcl_dd.synthetic.MultiFormationSet`)."""
+
+    name = "multi"
+    options = (
+        Option(
+            "factor", int, 2, "sub-images per side of a stored image (IDC's multi-formation)", low=1
+        ),
+    )
+
+    def _factor(self) -> int:
+        factor = int(self.settings["factor"])
+        _, h, w = self.spec.image_shape
+        if h % factor or w % factor:
+            raise ValueError(f"factor {factor} must divide {self.spec.name}'s image size {h}x{w}")
+        return factor
+
+    def max_images(self, budget_bytes: int, num_classes: int) -> int:
+        return super().max_images(budget_bytes, num_classes) * self._factor() ** 2
+
+    def init(
+        self,
+        real: ClassSampler,
+        budget_bytes: int,
+        classes: list[int],
+        init: str,
+        generator: torch.Generator,
+        info: dict[str, Any] | None = None,
+    ) -> MultiFormationSet:
+        stored, factor = self.ipc(budget_bytes, len(classes)), self._factor()
+        if init == "real":
+            return MultiFormationSet.tiled_from_real(
+                real, stored, factor, classes, generator, storage_dtype=self.dtype, info=info
+            )
+        noise = PixelSet.from_noise(
+            real.num_classes, self.spec.image_shape, stored, classes, generator, real.device
+        )
+        return MultiFormationSet(
+            noise.pixels.detach(), noise.labels, real.num_classes, factor, self.dtype, info
         )

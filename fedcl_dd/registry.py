@@ -29,7 +29,7 @@ from .objectives import (
     TrajectoryMatching,
 )
 from .options import Option, OptionError
-from .parameterizations import Addressing, Parameterization, Pixels
+from .parameterizations import Addressing, MultiFormation, Parameterization, Pixels
 
 __all__ = [
     "OBJECTIVES",
@@ -156,5 +156,5 @@ for _objective in (
     TrajectoryMatching,
 ):
     register_objective(_objective)
-for _param in (Pixels, Addressing):
+for _param in (Pixels, Addressing, MultiFormation):
     register_parameterization(_param)

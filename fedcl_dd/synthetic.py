@@ -455,6 +455,106 @@ class PixelSet(SyntheticSet):
         return cls(images.to(device), labels.to(device), num_classes, **kwargs)
 
 
+class MultiFormationSet(PixelSet):
+    """Multi-formation pixels (Kim et al., "Dataset Condensation via Efficient Synthetic-Data
+    Parameterization", ICML 2022): each stored image of one class is a ``factor`` x
+    ``factor`` mosaic of sub-images at 1/factor resolution, each upsampled (bilinear) to the
+    full size when materialized -- the bytes of N stored images replay N * factor^2 images.
+    Images come out stored-image-major (all sub-images of stored image 0, then 1, ...).
+    """
+
+    kind = "multi"
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        num_classes: int,
+        factor: int = 2,
+        storage_dtype: torch.dtype = torch.float32,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(images, labels, num_classes, storage_dtype, info)
+        _, h, w = self.image_shape
+        if factor < 1 or h % factor or w % factor:
+            raise ValueError(f"factor {factor} must divide the image size {h}x{w}")
+        self.factor = int(factor)
+
+    def images(self) -> torch.Tensor:
+        f = self.factor
+        if f == 1:
+            return self.pixels
+        n, c, h, w = self.pixels.shape
+        tiles = (
+            self.pixels.view(n, c, f, h // f, f, w // f)
+            .permute(0, 2, 4, 1, 3, 5)  # (n, row, col, c, h/f, w/f)
+            .reshape(n * f * f, c, h // f, w // f)
+        )
+        return F.interpolate(tiles, size=(h, w), mode="bilinear", align_corners=False)
+
+    @property
+    def class_ids(self) -> torch.Tensor:
+        return self.labels.repeat_interleave(self.factor**2)
+
+    def _extra_metadata(self) -> dict[str, Any]:
+        return {"factor": self.factor}
+
+    @classmethod
+    def _extra_metadata_keys(cls) -> tuple[str, ...]:
+        return ("factor",)
+
+    @classmethod
+    def _from_payload(
+        cls,
+        tensors: dict[str, torch.Tensor],
+        num_classes: int,
+        image_shape: tuple[int, int, int],
+        storage: torch.dtype,
+        info: dict[str, Any],
+        extra_meta: dict[str, str],
+    ) -> MultiFormationSet:
+        plain = PixelSet._from_payload(tensors, num_classes, image_shape, storage, info, extra_meta)
+        try:
+            factor = int(extra_meta["factor"])
+            return cls(plain.pixels.detach(), plain.labels, num_classes, factor, storage, info)
+        except (KeyError, ValueError) as exc:
+            raise InvalidSyntheticSet(f"bad multi-formation metadata: {exc}") from exc
+
+    @classmethod
+    def tiled_from_real(
+        cls,
+        sampler: ClassSampler,
+        stored_per_class: int,
+        factor: int,
+        classes: list[int],
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
+    ) -> MultiFormationSet:
+        """Stored images tiled from ``factor``^2 real images of their class each, downsampled
+        to 1/factor (IDC's initialization)."""
+        f = factor
+        n_sub = stored_per_class * f * f
+        stored, labels = [], []
+        for c in classes:
+            x = sampler.sample(c, n_sub, generator)
+            small = F.avg_pool2d(x, f) if f > 1 else x  # (n_sub, C, H/f, W/f)
+            _, ch, hs, ws = small.shape
+            mosaic = (
+                small.view(stored_per_class, f, f, ch, hs, ws)
+                .permute(0, 3, 1, 4, 2, 5)
+                .reshape(stored_per_class, ch, hs * f, ws * f)
+            )
+            stored.append(mosaic)
+            labels.append(torch.full((stored_per_class,), c, dtype=torch.long))
+        return cls(
+            torch.cat(stored),
+            torch.cat(labels).to(sampler.device),
+            sampler.num_classes,
+            factor,
+            **kwargs,
+        )
+
+
 def _per_class(ipc: int | dict[int, int], classes: list[int]) -> dict[int, int]:
     per_class = dict(ipc) if isinstance(ipc, dict) else {c: int(ipc) for c in classes}
     bad = {c: n for c, n in per_class.items() if n < 1}

@@ -149,7 +149,9 @@ def _run(method, param, digits, sampler, tmp_path, iterations, callbacks=()):
 # to a private source). Not strict: some of them fall or not with the thread count.
 _SLOW = {
     ("dm", "pixels"),
+    ("dm", "multi"),  # as dm/pixels: multi-formation sets are pixels, tiled
     ("dm-dp", "pixels"),
+    ("dm-dp", "multi"),
     ("dm-dp", "addressing"),
     ("gm", "addressing"),
     ("tm", "addressing"),

@@ -11,7 +11,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedcl_dd.memory import AddressingMemory, PixelMemory, herding_order, memory_for
+from fedcl_dd.memory import (
+    AddressingMemory,
+    MultiFormationMemory,
+    PixelMemory,
+    herding_order,
+    memory_for,
+)
 from fedcl_dd.synthetic import bytes_per_image
 
 FAST = {"iterations": 2, "real_per_class": 16, "augment": False}
@@ -60,7 +66,7 @@ def test_herding_matches_avalanches_selection():
     assert herding_order(x, 15).tolist() == list(theirs[:15])
 
 
-@pytest.mark.parametrize("kind", [PixelMemory, AddressingMemory])
+@pytest.mark.parametrize("kind", [PixelMemory, AddressingMemory, MultiFormationMemory])
 def test_memory_stays_within_its_bytes_as_classes_arrive(kind, digits):
     budget = 30 * bytes_per_image(digits.spec.image_shape)
     memory = kind(budget, digits.spec, **FAST)
@@ -87,3 +93,18 @@ def test_memory_for_names_what_exists():
     assert memory_for("pixels") is PixelMemory and memory_for("addressing") is AddressingMemory
     with pytest.raises(ValueError):
         memory_for("no-such-parameterization")
+
+
+def test_a_multi_formation_memory_replays_four_times_the_pixel_memorys_images(digits):
+    budget = 30 * bytes_per_image(digits.spec.image_shape)
+    pixels, multi = (
+        PixelMemory(budget, digits.spec, **FAST),
+        MultiFormationMemory(budget, digits.spec, **FAST),
+    )
+    for memory in (pixels, multi):
+        memory.add(*_by_class(digits, [0, 1, 2]))
+        memory.add(*_by_class(digits, [3, 4]))
+    assert pixels.nbytes == multi.nbytes <= budget
+    assert multi.syn.num_images == 4 * pixels.syn.num_images
+    assert multi.max_samples() == 4 * pixels.max_samples()
+    assert memory_for("multi") is MultiFormationMemory

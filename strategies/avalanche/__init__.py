@@ -12,6 +12,7 @@ from typing import Any
 _EXPORTS = {
     "CondensedBuffer": ".buffers",
     "CondensedPixelBuffer": ".buffers",
+    "CondensedMultiBuffer": ".buffers",
     "AddressingBuffer": ".buffers",
     "CondensedReplayPlugin": ".plugin",
     "save": ".checkpoint",

@@ -28,7 +28,7 @@ from avalanche.training.storage_policy import ExemplarsBuffer
 from torch.utils.data import DataLoader
 
 from fedcl_dd.data import DatasetSpec
-from fedcl_dd.memory import AddressingMemory, ByteBoundedMemory, PixelMemory
+from fedcl_dd.memory import AddressingMemory, ByteBoundedMemory, MultiFormationMemory, PixelMemory
 from fedcl_dd.recipe import Recipe
 from fedcl_dd.synthetic import SyntheticSet
 
@@ -36,6 +36,7 @@ __all__ = [
     "BUFFERS",
     "AddressingBuffer",
     "CondensedBuffer",
+    "CondensedMultiBuffer",
     "CondensedPixelBuffer",
     "experience_tensors",
 ]
@@ -154,6 +155,13 @@ class CondensedPixelBuffer(CondensedBuffer):
     memory_class = PixelMemory
 
 
+class CondensedMultiBuffer(CondensedBuffer):
+    """Multi-formation pixel memory (IDC, Kim et al., ICML 2022): ``factor``^2 sub-images per
+    stored image, the pixel memory's bytes."""
+
+    memory_class = MultiFormationMemory
+
+
 class AddressingBuffer(CondensedBuffer):
     """Addressing-matrix memory (Deng & Russakovsky, NeurIPS 2022): shared bases, per-class addresses."""
 
@@ -175,5 +183,6 @@ def _dataset(memory: ByteBoundedMemory) -> Any:
 
 
 BUFFERS: dict[str, type[CondensedBuffer]] = {
-    f"condensed-{b.memory_class.param}": b for b in (CondensedPixelBuffer, AddressingBuffer)
+    f"condensed-{b.memory_class.param}": b
+    for b in (CondensedPixelBuffer, CondensedMultiBuffer, AddressingBuffer)
 }
