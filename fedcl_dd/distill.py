@@ -17,6 +17,7 @@ exactly where the interrupted one stopped.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -107,16 +108,34 @@ class Callback:
 
 
 class ProgressBar(Callback):
-    """A tqdm progress bar showing the loss and the objective's report (e.g. epsilon)."""
+    """A tqdm progress bar showing the loss and the objective's report (e.g. epsilon).
+
+    Whether or not the bar is shown, a run expected to last over a minute says so on stderr
+    once its first iterations are timed (``ETA_AFTER``), with the expected minutes.
+    """
+
+    ETA_AFTER = 5  # iterations timed before the expected duration is printed
 
     def __init__(self, desc: str = "distill", disable: bool | None = None) -> None:
         self.desc, self.disable = desc, disable
         self.bar: tqdm | None = None
+        self.total, self.first, self.started = 0, 0, 0.0
 
     def on_start(self, state: DistillState, total: int) -> None:
         self.bar = tqdm(total=total, initial=state.iteration, desc=self.desc, disable=self.disable)
+        self.total, self.first, self.started = total, state.iteration, time.perf_counter()
 
     def on_iteration(self, state: DistillState) -> None:
+        if state.iteration - self.first == self.ETA_AFTER:
+            per = (time.perf_counter() - self.started) / self.ETA_AFTER
+            left = per * (self.total - state.iteration)
+            if left > 60:
+                print(
+                    f"{self.desc}: {per:.2f} s per iteration, about {left / 60:.1f} more minutes "
+                    f"for the remaining {self.total - state.iteration} iterations",
+                    file=sys.stderr,
+                    flush=True,
+                )
         post = {"loss": f"{state.loss:.4g}"}
         post.update({k: f"{v:.3g}" for k, v in state.objective.report().items()})
         if self.bar is not None:

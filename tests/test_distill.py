@@ -146,3 +146,30 @@ def test_every_callback_is_prepared_before_any_starts(digits, digits_sampler, tm
         [Start(), Checkpointer(ckpt, 1, resume=True)],
     )
     assert started == [2]
+
+
+def test_a_long_run_says_how_long_it_will_take(digits, digits_sampler, capsys, monkeypatch):
+    """After its first iterations, a run expected to last over a minute prints the estimate."""
+    import itertools
+
+    import fedcl_dd.distill as loop
+    from fedcl_dd.distill import ProgressBar
+
+    ctx, syn = _setup(digits, digits_sampler)
+    clock = itertools.count(0.0, 1000.0)  # each reading 1000 s after the last: a slow machine
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
+    distill(
+        syn, DistributionMatching(16), ctx, DistillConfig(iterations=8), [ProgressBar(disable=True)]
+    )
+    err = capsys.readouterr().err
+    assert "more minutes for the remaining 3 iterations" in err
+
+
+def test_a_short_run_prints_no_estimate(digits, digits_sampler, capsys):
+    from fedcl_dd.distill import ProgressBar
+
+    ctx, syn = _setup(digits, digits_sampler)
+    distill(
+        syn, DistributionMatching(16), ctx, DistillConfig(iterations=8), [ProgressBar(disable=True)]
+    )
+    assert "more minutes" not in capsys.readouterr().err
