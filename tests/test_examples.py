@@ -53,3 +53,38 @@ def test_evaluate_fn_normalizes_raw_pixels_and_refuses_normalized_ones(digits):
     assert on_raw == pytest.approx(on_split, abs=0.01)
     with pytest.raises(ValueError, match=r"raw pixels in \[0, 1\]"):
         strategy.evaluate_fn(digits.test_x, digits.test_y)
+
+
+class _Nodes:
+    """The one Grid call configure_train makes before sending: which nodes are connected."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+    def get_node_ids(self) -> list[int]:
+        return self.ids
+
+
+def test_with_too_few_nodes_the_server_waits_node_wait_then_goes_on_or_fails(monkeypatch):
+    import time
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    # What a running ServerApp sets before the strategy builds messages.
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
+    strategy = SyntheticSetStrategy(CFG.replace(node_wait=0.5))
+    arrays = strategy.initial_arrays()
+    from flwr.app import ConfigRecord
+
+    start = time.monotonic()
+    sent = list(strategy.configure_train(1, arrays, ConfigRecord(), _Nodes([7, 8])))
+    assert 0.4 < time.monotonic() - start < 5  # waited node-wait, not forever
+    assert sorted(m.metadata.dst_node_id for m in sent) == [7, 8]  # went on with those
+    with pytest.raises(RuntimeError, match="no node connected within node-wait=0.5 s"):
+        list(
+            SyntheticSetStrategy(CFG.replace(node_wait=0.5)).configure_train(
+                1, arrays, ConfigRecord(), _Nodes([])
+            )
+        )
