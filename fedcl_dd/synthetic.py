@@ -142,6 +142,11 @@ class SyntheticSet(nn.Module):
         """All images, (N, C, H, W), in the normalized space of the real data."""
         raise NotImplementedError
 
+    def images_at(self, index: torch.Tensor) -> torch.Tensor:
+        """The images at ``index`` (a 1-D int64 tensor), as ``images()[index]``; kinds that
+        can build a few images without all the others (the addressing memory) override it."""
+        return self.images()[index]
+
     @property
     def class_ids(self) -> torch.Tensor:
         """The class each image stands for, (N,) int64 (also the hard label)."""
@@ -683,6 +688,15 @@ class AddressingSet(SyntheticSet):
         r, n, k = self.addresses.shape
         coef = self.addresses.transpose(0, 1).reshape(n * r, k)  # class-major rows
         small = (coef @ self.bases).view(n * r, c, h // self.downsample, w // self.downsample)
+        if self.downsample == 1:
+            return small
+        return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+
+    def images_at(self, index: torch.Tensor) -> torch.Tensor:
+        c, h, w = self.image_shape
+        r, n, k = self.addresses.shape
+        coef = self.addresses.transpose(0, 1).reshape(n * r, k)[index]
+        small = (coef @ self.bases).view(-1, c, h // self.downsample, w // self.downsample)
         if self.downsample == 1:
             return small
         return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)

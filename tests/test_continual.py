@@ -301,3 +301,22 @@ def test_a_flipped_byte_in_a_saved_memory_is_refused_on_resume(streams, tmp_path
     with pytest.raises(ValueError, match="differ from those it stored"):
         resume(target, tmp_path / "flipped.pkl")
     assert target.__dict__ == before
+
+
+def test_replay_builds_addressing_images_on_demand(digits):
+    """The replayed dataset keeps the memory's bases and addresses, not its decoded images,
+    and yields the images the memory holds."""
+    from fedcl_dd.strategies.avalanche.buffers import _OnDemand
+
+    buffer = AddressingBuffer(40 * IMAGE, SPEC)
+    buffer.add(*_by_class(digits, [0, 1, 2]))
+    syn = buffer.syn
+    assert syn is not None and syn.num_images > 40  # more images than pixel images would fit
+    on_demand = _OnDemand(syn)
+    held = sum(t.numel() * t.element_size() for t in on_demand.syn.state_tensors().values())
+    assert held == buffer.nbytes  # bytes of the memory, not of its decoded images
+    images = syn.images().detach()
+    for i in (0, 7, syn.num_images - 1):
+        x, y, task = buffer.buffer[i]
+        assert torch.allclose(x, images[i], atol=1e-5)
+        assert y == int(syn.class_ids[i]) and task == 0

@@ -20,12 +20,13 @@ refused experience leaves the buffer as it was.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, ClassVar
 
 import torch
-from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
+from avalanche.benchmarks.utils import _make_taskaware_classification_dataset
 from avalanche.training.storage_policy import ExemplarsBuffer
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from fedcl_dd.data import DatasetSpec
 from fedcl_dd.memory import AddressingMemory, ByteBoundedMemory, MultiFormationMemory, PixelMemory
@@ -168,17 +169,33 @@ class AddressingBuffer(CondensedBuffer):
     memory_class = AddressingMemory
 
 
+class _OnDemand(Dataset):
+    """A stored set's images, each built when asked for (``images_at``): replaying an
+    addressing memory keeps its bases and addresses in RAM, not every decoded image."""
+
+    def __init__(self, syn: SyntheticSet) -> None:
+        self.syn = copy.deepcopy(syn).cpu().eval()  # frozen: later updates build a new one
+        self.labels = syn.class_ids.cpu()
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        with torch.no_grad():
+            image = self.syn.images_at(torch.tensor([i]))[0]
+        return image, int(self.labels[i])
+
+
 def _dataset(memory: ByteBoundedMemory) -> Any:
-    """The memory as a task-aware classification dataset yielding ``(x, y, task 0)``, no transforms."""
+    """The memory as a task-aware classification dataset yielding ``(x, y, task 0)``, no
+    transforms, its images built on demand."""
     if memory.syn is None:
         raise RuntimeError("the memory is empty")
-    with torch.no_grad():
-        images = memory.syn.images().detach().cpu().contiguous()
     labels = memory.syn.class_ids.cpu()
-    # Avalanche 0.6 has no public builder of a tensor classification dataset with the task
-    # labels ReplayDataLoader needs; this one is exported by avalanche.benchmarks.utils.
-    return _make_taskaware_tensor_classification_dataset(
-        images, labels, targets=labels.tolist(), task_labels=0
+    # Avalanche 0.6 has no public builder of a classification dataset with the task labels
+    # ReplayDataLoader needs; this one is exported by avalanche.benchmarks.utils.
+    return _make_taskaware_classification_dataset(
+        _OnDemand(memory.syn), targets=labels.tolist(), task_labels=0
     )
 
 
