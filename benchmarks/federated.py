@@ -33,6 +33,7 @@ from fedcl_dd.strategies.flower.cli import private_variant
 from fedcl_dd.strategies.flower.config import FedConfig
 from fedcl_dd.strategies.flower.report import format_table, plot_runs
 from fedcl_dd.strategies.flower.simulation import simulate
+from targets import target
 
 from fedcl_dd.io import write_json
 
@@ -96,7 +97,8 @@ def run_once(
     with PeakTreeMemory() as mem:
         results = simulate(cfg, out, data_root=data_root)
     seconds = time.perf_counter() - start
-    write_json({"seconds": seconds, "peak_mib": mem.peak}, out / "cost.json")
+    # A run's own cost; the named targets are the summary's, so this file's list is empty.
+    write_json({"seconds": seconds, "peak_mib": mem.peak, "targets": []}, out / "cost.json")
     return results, seconds, mem.peak
 
 
@@ -104,20 +106,6 @@ def validation(results: dict) -> float:
     """Final-round accuracy on the clients' held-out shares of their training data."""
     value = results["rounds"][-1].get("validation_accuracy")
     return float(value) if value is not None else float("nan")
-
-
-def _target(
-    name: str, value: float | None, target: float, op: str, unit: str, command: str
-) -> dict[str, Any]:
-    """One named target row of the results JSON (``value`` None: not reached)."""
-    return {
-        "name": name,
-        "value": value,
-        "target": target,
-        "op": op,
-        "unit": unit,
-        "command": command,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,10 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         command = "python benchmarks/federated.py " + " ".join(given)
         setting = args.preset.rsplit("-", 1)[0]  # e.g. mnist-dir0.5 (without the client count)
         targets += [
-            _target(f"{setting}-rounds-to-baseline", r, 5, "<=", "rounds", command),
-            _target(f"{setting}-bytes-ratio", ratio, 0.25, "<=", "ratio", command),
+            target(f"{setting}-rounds-to-baseline", r, 5, "<=", "rounds", command),
+            target(f"{setting}-bytes-ratio", ratio, 0.25, "<=", "ratio", command),
             # The tuned baseline against the practitioner's figure the issue quotes for digits.
-            _target("demo-baseline-acc", fedavg["accuracy"], 0.896, ">=", "accuracy", command)
+            target("demo-baseline-acc", fedavg["accuracy"], 0.896, ">=", "accuracy", command)
             if setting == "digits-dir0.5"
             else None,
         ]
