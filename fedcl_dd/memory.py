@@ -33,7 +33,7 @@ from .data import DatasetSpec
 from .distill import ProgressBar
 from .models import embed
 from .objectives.base import MatchingContext
-from .parameterizations import Addressing
+from .parameterizations import Addressing, MultiFormation
 from .pipeline import Distillation
 from .recipe import STORAGE_DTYPES, Recipe
 from .registry import get_objective, get_parameterization
@@ -398,7 +398,10 @@ class MultiFormationMemory(PixelMemory):
     param = "multi"
 
     def _factor(self) -> int:
-        return int(self.recipe.parameterization(self.spec).settings["factor"])
+        parameterization = self.recipe.parameterization(self.spec)
+        if not isinstance(parameterization, MultiFormation):
+            raise TypeError(f"{self.param!r} is not the multi-formation parameterization")
+        return parameterization.factor
 
     def max_samples(self) -> int:
         return super().max_samples() * self._factor() ** 2

@@ -173,7 +173,9 @@ class MultiFormation(Pixels):
         ),
     )
 
-    def _factor(self) -> int:
+    @property
+    def factor(self) -> int:
+        """Sub-images per side; it must divide the dataset's image size."""
         factor = int(self.settings["factor"])
         _, h, w = self.spec.image_shape
         if h % factor or w % factor:
@@ -181,7 +183,7 @@ class MultiFormation(Pixels):
         return factor
 
     def max_images(self, budget_bytes: int, num_classes: int) -> int:
-        return super().max_images(budget_bytes, num_classes) * self._factor() ** 2
+        return super().max_images(budget_bytes, num_classes) * self.factor**2
 
     def init(
         self,
@@ -192,7 +194,7 @@ class MultiFormation(Pixels):
         generator: torch.Generator,
         info: dict[str, Any] | None = None,
     ) -> MultiFormationSet:
-        stored, factor = self.ipc(budget_bytes, len(classes)), self._factor()
+        stored, factor = self.ipc(budget_bytes, len(classes)), self.factor
         if init == "real":
             return MultiFormationSet.tiled_from_real(
                 real, stored, factor, classes, generator, storage_dtype=self.dtype, info=info

@@ -497,6 +497,16 @@ class MultiFormationSet(PixelSet):
         )
         return F.interpolate(tiles, size=(h, w), mode="bilinear", align_corners=False)
 
+    def images_at(self, index: torch.Tensor) -> torch.Tensor:
+        f = self.factor
+        if f == 1:
+            return self.pixels[index]
+        stored = self.pixels[index // (f * f)]  # the mosaic each asked-for image comes from
+        k, c, h, w = stored.shape
+        tile = index % (f * f)
+        tiles = stored.view(k, c, f, h // f, f, w // f)[torch.arange(k), :, tile // f, :, tile % f]
+        return F.interpolate(tiles, size=(h, w), mode="bilinear", align_corners=False)
+
     @property
     def class_ids(self) -> torch.Tensor:
         return self.labels.repeat_interleave(self.factor**2)

@@ -299,8 +299,8 @@ def test_a_non_finite_model_is_never_adopted(good, monkeypatch):
     strategy = SyntheticSetStrategy(CFG)
     real_train = strategy._train_global
 
-    def poisoned(r):
-        net = real_train(r)
+    def poisoned(r, images, targets):
+        net = real_train(r, images, targets)
         with torch.no_grad():
             next(net.parameters()).fill_(float("nan"))
         return net
@@ -482,8 +482,8 @@ def test_a_collapsed_model_is_never_adopted(good, monkeypatch):
     strategy = SyntheticSetStrategy(FedConfig(preset="digits-iid-4", ipc=5, server_epochs=1))
     real_train = strategy._train_global
 
-    def collapsed(r):
-        net = real_train(r)
+    def collapsed(r, images, targets):
+        net = real_train(r, images, targets)
         last = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
         with torch.no_grad():
             last.weight.zero_()

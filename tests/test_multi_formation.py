@@ -60,3 +60,15 @@ def test_a_multi_formation_upload_is_admitted_by_the_server(digits, digits_sampl
     up = SyntheticSetStrategy(cfg).admit(synthetic_records(syn, metrics))
     assert isinstance(up.syn, MultiFormationSet) and up.syn.num_images == 80
     assert up.nbytes == syn.nbytes
+
+
+@pytest.mark.parametrize(
+    "param,options", [("pixels", {}), ("multi", {"factor": 2}), ("addressing", {})]
+)
+def test_images_at_builds_exactly_the_images_asked_for(digits, digits_sampler, param, options):
+    syn = Recipe(ipc=3, param=param, options=options).init_synthetic(
+        digits_sampler, digits.spec, torch.Generator()
+    )
+    index = torch.tensor([0, 5, syn.num_images - 1, 2])
+    with torch.no_grad():
+        assert torch.allclose(syn.images_at(index), syn.images()[index], atol=1e-6)

@@ -7,12 +7,15 @@ the whole stream:
 
 * :class:`CondensedPixelBuffer` over :class:`~fedcl_dd.memory.PixelMemory` (the budget
   split among the classes seen; old classes shrink by herding);
+* :class:`CondensedMultiBuffer` over :class:`~fedcl_dd.memory.MultiFormationMemory` (the
+  same, each stored image a mosaic of ``factor``^2 sub-images);
 * :class:`AddressingBuffer` over :class:`~fedcl_dd.memory.AddressingMemory` (shared
   bases and per-class addresses; by default the bases and addresses are the
   parameterization's initialization, with no matching iteration).
 
-Both are Avalanche ``ExemplarsBuffer`` storage policies: ``buffer`` is a classification
-dataset of detached CPU tensors, ``post_adapt(strategy, experience)`` updates it, and
+All are Avalanche ``ExemplarsBuffer`` storage policies: ``buffer`` is a classification
+dataset whose images are built on demand from a frozen CPU copy of the stored set,
+``post_adapt(strategy, experience)`` updates it, and
 ``max_size`` is the most samples the buffer can ever hold within its budget, so they also
 work inside Avalanche's ``ReplayPlugin(mem_size=buf.max_size, storage_policy=buf)``. A
 refused experience leaves the buffer as it was.

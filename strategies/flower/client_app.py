@@ -276,7 +276,7 @@ def _local_sgd(
         )
         state = ClientState(context, pid)
         before = state.ledger()
-        after = state.ledger()
+        after = copy.deepcopy(before)
         after.step(sigma, q, steps_per_round)
         if after.epsilon(cfg.delta) > cfg.epsilon * (1 + 1e-9):  # e.g. a client restarted
             raise PrivacyBudgetError(

@@ -11,10 +11,12 @@ A subclass of Flower's ``FedAvg``. What it changes, and what it keeps:
   replies to messages never sent), :meth:`~SyntheticSetStrategy.admit` (each reply
   validated on its own, and in private runs accounted by :class:`ClientLedgers`),
   :meth:`~SyntheticSetStrategy.train_on_pool` (the pool and the server's training, which
-  keeps the previous model if the result is not finite) and the :class:`RoundReport`.
+  keeps the previous model if the result is not finite or has collapsed) and the
+  :class:`RoundReport`.
   Flower's own consistency check would end the run on one odd reply; ours never lets a
   failed, missing or malformed reply abort the round.
-- ``aggregate_evaluate``, ``start`` and the evaluate function are Flower's.
+- ``start`` is Flower's, once ``initial_arrays`` is checked against the run's model;
+  ``aggregate_evaluate`` and the evaluate function are Flower's.
 
 Rounds are checkpointed atomically (global model, round, pool, privacy ledgers, history);
 :meth:`SyntheticSetStrategy.resume` restores them, and the server continues with
@@ -393,9 +395,10 @@ class SyntheticSetStrategy(FedAvg):
             report.kept_previous_model, report.note = True, "no valid upload"
             return None
         start = time.perf_counter()
-        net = self._train_global(r)
+        images, targets = self.union()
+        net = self._train_global(r, images, targets)
         report.server_seconds = time.perf_counter() - start
-        problem = self._unfit(net)
+        problem = self._unfit(net, images, targets)
         if problem:
             report.kept_previous_model = True
             partitions = sorted(up.partition_id for up in uploads)
@@ -407,11 +410,11 @@ class SyntheticSetStrategy(FedAvg):
         self._global = model_arrays(net)
         return self._global
 
-    def _unfit(self, net: nn.Module) -> str:
-        """Why ``net`` must not become the global model ("" if it may)."""
+    def _unfit(self, net: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> str:
+        """Why ``net``, trained on the pool's ``(images, targets)``, must not become the
+        global model ("" if it may)."""
         if not all(torch.isfinite(t).all() for t in net.state_dict().values()):
             return "a non-finite model"
-        images, targets = self.union()
         labels = targets.argmax(1) if targets.is_floating_point() else targets
         if labels.unique().numel() > 1:
             net.eval()
@@ -442,7 +445,7 @@ class SyntheticSetStrategy(FedAvg):
                 )
         return images, targets
 
-    def _train_global(self, r: int) -> nn.Module:
+    def _train_global(self, r: int, images: torch.Tensor, targets: torch.Tensor) -> nn.Module:
         gen = torch.Generator().manual_seed(client_seed(self.cfg.seed, r, SERVER_ID))
         net = make_model(
             self.cfg.model,
@@ -454,7 +457,6 @@ class SyntheticSetStrategy(FedAvg):
         )
         if self.cfg.mode == "iterative" and self._global is not None:
             load_model_arrays(net, self._global)
-        images, targets = self.union()
         augment = DSA(
             self.spec.dsa_strategy, torch.Generator().manual_seed(int(gen.initial_seed()) + 1)
         )
@@ -514,10 +516,7 @@ class SyntheticSetStrategy(FedAvg):
 
     def _model_state(self, saved: Any) -> dict[str, torch.Tensor]:
         """``saved`` as the global model's state: the run's model's keys and shapes, finite."""
-        spec = self.spec
-        expected = make_model(
-            self.cfg.model, spec.channels, spec.num_classes, spec.image_size
-        ).state_dict()
+        expected = initial_model(self.cfg).state_dict()
         if not isinstance(saved, dict):
             raise ValueError("the model is not a mapping of parameter names to tensors")
         missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
