@@ -98,6 +98,15 @@ def test_faulty_clients_are_refused_and_rounds_go_on(tmp_path):
     assert last["kept_previous_model"] and len(last["failed"]) == 6 and not last["accepted"]
     assert last["accuracy"] == first["accuracy"], "a round with no valid upload changed the model"
     assert last["upload_bytes_total"] == first["upload_bytes"]
+    # Downloads: the global model went to all six nodes in both rounds.
+    from fedcl_dd.strategies.flower.strategy import initial_model
+
+    model_bytes = sum(
+        t.numel() * t.element_size() for t in initial_model(cfg).state_dict().values()
+    )
+    assert 6 * model_bytes < first["download_bytes"] < 6 * model_bytes * 1.1
+    assert last["download_bytes"] == first["download_bytes"]
+    assert 0 < first["client_seconds_max"] <= first["client_seconds_sum"]
     for name in (
         "results.json",
         "accuracy.png",

@@ -496,3 +496,33 @@ def test_a_collapsed_model_is_never_adopted(good, monkeypatch):
     report = RoundReport(round=2)
     assert strategy.train_on_pool(2, [Upload(good, METRIC_VALUES)], report) is None
     assert report.kept_previous_model and "collapsed model (class 9" in report.note
+
+
+def test_the_screen_refuses_a_label_permuted_upload_and_the_round_goes_on(digits, digits_sampler):
+    from fedcl_dd.strategies.flower.strategy import SyntheticSetStrategy
+
+    from fedcl_dd.synthetic import PixelSet
+
+    cfg = CFG.replace(screen=0.5, server_epochs=1)
+    sets = [
+        Recipe(ipc=5).init_synthetic(digits_sampler, digits.spec, torch.Generator().manual_seed(s))
+        for s in range(4)
+    ]
+    with torch.no_grad():
+        permuted = PixelSet(sets[3].images(), (sets[3].targets() + 1) % 10, 10)
+    replies = {
+        10 + pid: synthetic_records(syn, {**METRIC_VALUES, "partition-id": pid})
+        for pid, syn in enumerate([*sets[:3], permuted])
+    }
+    strategy = SyntheticSetStrategy(cfg)
+    arrays, _ = _round(strategy, replies)
+    report = strategy.reports[-1]
+    assert arrays is not None and report.accepted == [0, 1, 2]
+    assert [(r["node"], r["partition"]) for r in report.rejected] == [(13, 3)]
+    assert "screened out" in report.rejected[0]["reason"]
+    assert report.screen_scores[3] < 0.5 <= min(report.screen_scores[p] for p in (0, 1, 2))
+    assert 3 not in strategy.pool  # a refused set never enters the pool
+    # With the screen off (the default), the same round admits all four.
+    plain = SyntheticSetStrategy(CFG.replace(server_epochs=1))
+    _round(plain, replies)
+    assert plain.reports[-1].accepted == [0, 1, 2, 3] and plain.reports[-1].screen_scores == {}

@@ -57,6 +57,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--proximal-mu", type=float, default=0.01)
     p.add_argument("--fraction-train", type=float, default=1.0)
+    p.add_argument(
+        "--screen",
+        type=float,
+        default=0.0,
+        help="poisoning screen: refuse uploads whose peers classify fewer than this share of "
+        "their images as labelled (0: off; e.g. 0.5)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--set",
@@ -95,6 +102,7 @@ def _config(args: argparse.Namespace) -> FedConfig:
         "local-epochs": args.local_epochs,
         "proximal-mu": args.proximal_mu,
         "fraction-train": args.fraction_train,
+        "screen": args.screen,
         "seed": args.seed,
         "rounds": args.rounds
         or (1 if args.mode == "one-shot" and args.algorithm == "synthetic" else 3),

@@ -23,6 +23,7 @@ from fedcl_dd.scenarios.federated import Preset, parse_preset
 
 from fedcl_dd.recipe import STORAGE_DTYPES, Recipe
 from fedcl_dd.registry import OBJECTIVES, PARAMETERIZATIONS, declared_options, get_objective
+from fedcl_dd.screen import DEFAULT_SCREEN_THRESHOLD
 
 __all__ = ["ALGORITHMS", "MODES", "POOLS", "FedConfig"]
 
@@ -75,6 +76,9 @@ class FedConfig:
         0  # 0: 300 for one-shot (from scratch), 30 per round for iterative (fine-tuning)
     )
     server_lr: float = 0.01
+    # > 0: refuse uploads whose peers' class means classify fewer than this share of their
+    # images as labelled, or whose pixel magnitude strays from theirs (fedcl_dd.screen)
+    screen: float = 0.0
     # --- FedAvg / FedProx clients ---
     local_epochs: int = 1
     local_lr: float = 0.01
@@ -111,6 +115,10 @@ class FedConfig:
             raise ValueError(f"fraction-evaluate must lie in [0, 1], got {self.fraction_evaluate}")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ValueError(f"fraction-train must lie in (0, 1], got {self.fraction_train}")
+        if not 0.0 <= self.screen <= 1.0:
+            raise ValueError(
+                f"screen must lie in [0, 1] (0: off; e.g. {DEFAULT_SCREEN_THRESHOLD}), got {self.screen}"
+            )
         if self.epsilon < 0 or not 0.0 < self.delta < 1.0:
             raise ValueError(
                 f"need epsilon >= 0 and 0 < delta < 1, got epsilon={self.epsilon}, delta={self.delta}"

@@ -81,6 +81,7 @@ class Upload:
         self.partition_id = metric_int(metrics, "partition-id")
         self.nbytes = int(syn.nbytes)
         self.seconds = metric_float(metrics, "seconds", low=0.0)
+        self.node: int | None = None  # the node it came from, once the server knows it
 
 
 def metric_float(metrics: Mapping[str, Any], key: str, low: float | None = None) -> float:

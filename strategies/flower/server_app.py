@@ -262,6 +262,9 @@ def _round_rows(strategy: FedAvg, history: dict[int, dict[str, Any]]) -> list[di
                     "pool_images": rep.pool_images,
                     "server_seconds": rep.server_seconds,
                     "client_seconds_max": rep.client_seconds_max,
+                    "client_seconds_sum": rep.client_seconds_sum,
+                    "download_bytes": rep.download_bytes,
+                    "screen_scores": {str(k): v for k, v in rep.screen_scores.items()},
                 }
             )
         return rows

@@ -26,6 +26,7 @@ hook, so the strategy numbers rounds from its checkpoint's offset.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -46,6 +47,7 @@ from fedcl_dd.augment import DSA
 from fedcl_dd.evaluate import accuracy, train_model
 from fedcl_dd.io import CorruptCheckpoint, load_checkpoint, save_checkpoint
 from fedcl_dd.models import make_model
+from fedcl_dd.screen import screen_sets
 from fedcl_dd.synthetic import SyntheticSet
 
 from .config import FedConfig
@@ -79,18 +81,23 @@ class RoundReport:
     failed: list[dict[str, Any]] = field(default_factory=list)
     upload_bytes: int = 0
     upload_bytes_total: int = 0
+    download_bytes: int = 0  # the global model and config, once for every node sent one
     epsilon: dict[int, float] = field(default_factory=dict)  # partition id -> epsilon spent so far
     pool_images: int = 0
     server_seconds: float = 0.0
     client_seconds_max: float = 0.0
+    client_seconds_sum: float = 0.0
     kept_previous_model: bool = False
     note: str = ""  # why the global model was kept, if it was
+    # partition id -> the screen's score (absent: screen off, or nothing to compare with)
+    screen_scores: dict[int, float] = field(default_factory=dict)
     evaluation: dict[str, float] = field(default_factory=dict)
 
     def accept(self, up: Upload) -> None:
         self.accepted.append(up.partition_id)
         self.upload_bytes += up.nbytes
         self.client_seconds_max = max(self.client_seconds_max, up.seconds)
+        self.client_seconds_sum += up.seconds
 
     def log(self) -> None:
         """Every refused or failed reply, then the round in one line."""
@@ -127,6 +134,8 @@ class RoundReport:
             "pool-images": self.pool_images,
             "server-seconds": self.server_seconds,
             "client-seconds-max": self.client_seconds_max,
+            "client-seconds-sum": self.client_seconds_sum,
+            "download-bytes": self.download_bytes,
             "kept-previous-model": int(self.kept_previous_model),
         }
         if self.epsilon:
@@ -338,10 +347,16 @@ class SyntheticSetStrategy(FedAvg):
                 report.rejected.append({"node": node, "reason": reason})
                 continue
             uploads.append(up)
+        uploads = self.screen(uploads, report)
+        for up in uploads:
             report.accept(up)
         report.accepted.sort()
         previous = self.reports[-1].upload_bytes_total if self.reports else 0
         report.upload_bytes_total = previous + report.upload_bytes
+        # As Flower counts records (tensor data plus names, shapes and dtypes).
+        report.download_bytes = sum(
+            record.count_bytes() for m in self._outgoing for record in m.content.values()
+        )
         report.epsilon = self.ledgers.epsilons() if self.ledgers is not None else {}
         arrays = self.train_on_pool(r, uploads, report)
         self.reports.append(report)
@@ -368,6 +383,7 @@ class SyntheticSetStrategy(FedAvg):
             )
         if node is not None:
             self.bindings.claim(node, pid)
+            up.node = node
         spent = self.ledgers.book(up) if self.ledgers is not None else 0.0
         if pid in set(seen):
             raise InvalidUpload(
@@ -376,6 +392,40 @@ class SyntheticSetStrategy(FedAvg):
         if self.ledgers is not None:
             self.ledgers.check_budget(up, spent)
         return up
+
+    def screen(self, uploads: list[Upload], report: RoundReport) -> list[Upload]:
+        """The uploads that pass the poisoning screen (:func:`~fedcl_dd.screen.screen_sets`,
+        threshold ``cfg.screen``; all of them when it is 0), each scored against this
+        round's others and the pool's sets of other clients, in the embedding of the
+        global model sent this round. The refused go to ``report.rejected``."""
+        if not self.cfg.screen or not uploads:
+            return uploads
+        peers = {pid: syn for pid, syn in self.pool.items()}
+        peers.update({up.partition_id: up.syn for up in uploads})
+        net = initial_model(self.cfg, self.device)
+        if self._global is not None:
+            load_model_arrays(net, self._global)
+        try:
+            result = screen_sets(peers, net, self.cfg.screen, device=self.device)
+        except Exception as exc:  # the screen must not end the round: it admits, and says so
+            report.note = f"the screen failed ({type(exc).__name__}: {exc}); nothing screened out"
+            log(WARNING, "round %d: %s", report.round, report.note)
+            return uploads
+        report.screen_scores = {
+            up.partition_id: score
+            for up in uploads
+            if not math.isnan(score := result.scores[up.partition_id])
+        }
+        passed = []
+        for up in uploads:
+            reason = result.refused.get(up.partition_id)
+            if reason is None:
+                passed.append(up)
+            else:
+                report.rejected.append(
+                    {"node": up.node, "partition": up.partition_id, "reason": reason}
+                )
+        return passed
 
     def train_on_pool(
         self, r: int, uploads: list[Upload], report: RoundReport
@@ -565,7 +615,13 @@ class SyntheticSetStrategy(FedAvg):
         if ledgers is not None:
             ledgers.load_state_dict(state["ledgers"])
         reports = [
-            RoundReport(**{**rep, "epsilon": {int(k): v for k, v in rep["epsilon"].items()}})
+            RoundReport(
+                **{
+                    **rep,
+                    "epsilon": {int(k): v for k, v in rep["epsilon"].items()},
+                    "screen_scores": {int(k): v for k, v in rep.get("screen_scores", {}).items()},
+                }
+            )
             for rep in state["reports"]
         ]
         # Everything checked: adopt it.
