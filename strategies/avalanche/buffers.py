@@ -36,6 +36,12 @@ from fedcl_dd.memory import AddressingMemory, ByteBoundedMemory, MultiFormationM
 from fedcl_dd.recipe import Recipe
 from fedcl_dd.synthetic import SyntheticSet
 
+from .pickling import register as _register_pickling
+
+# Every path that builds a condensed buffer imports this module: from here on Avalanche's own
+# save_checkpoint can pickle the strategy's torch optimizer (see .pickling for why it fails).
+_register_pickling()
+
 __all__ = [
     "BUFFERS",
     "AddressingBuffer",
@@ -73,6 +79,23 @@ class CondensedBuffer(ExemplarsBuffer):
         super().__init__(self.memory.max_samples())
         # The experience check_experience decoded (dataset id, images, labels), for post_adapt.
         self._checked: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling (Avalanche's ``maybe_load_checkpoint``, a deep copy): re-validate the memory.
+
+        ``ValueError`` if its tensors differ from their SHA-256 digest or fail the core's
+        validator. Raised while the checkpoint is read, so ``maybe_load_checkpoint`` leaves the
+        strategy untouched.
+        """
+        self.__dict__.update(state)
+        try:
+            self.memory.verify()
+        except ValueError as exc:
+            raise ValueError(f"{type(self).__name__}: {exc}") from None
+        if self.memory.syn is not None:
+            # The replayed dataset holds its own copy of the set, which the digest does not
+            # cover: rebuild it from the memory just verified.
+            self.buffer = _dataset(self.memory)
 
     # The memory's state, under the names the plugin, runner and checkpoints use.
     @property

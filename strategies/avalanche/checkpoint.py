@@ -1,11 +1,12 @@
 """Checkpoints of strategies that replay a condensed buffer, through Avalanche's own mechanism.
 
-:func:`save` writes Avalanche's ``save_checkpoint`` (the whole strategy, plugins and
-buffers included, pickled with dill) atomically; :func:`resume` wraps
-``maybe_load_checkpoint`` and refuses a checkpoint whose memories were configured
-differently (another budget, buffer kind, dataset, method...) or whose condensed memories
-fail their check (the digest taken when they were stored, and the core's validator),
-leaving the strategy as it was. After resuming, use the returned strategy's plugins, not objects built
+Avalanche's ``save_checkpoint`` / ``maybe_load_checkpoint`` work on their own once this
+package's buffers are imported (:mod:`.pickling` lets dill pickle torch's optimizers; each
+condensed buffer re-validates its memory when unpickled). :func:`save` adds an atomic write;
+:func:`resume` adds a refusal of a checkpoint whose memories were configured differently
+(another budget, buffer kind, dataset, method...) or whose condensed memories fail their
+check (the digest taken when they were stored, and the core's validator), leaving the
+strategy as it was. After resuming, use the returned strategy's plugins, not objects built
 before loading.
 """
 
@@ -39,47 +40,34 @@ def _signature(strategy: Any) -> list[dict[str, Any]]:
 
 
 def save(strategy: Any, path: str | Path) -> Path:
-    """Avalanche's ``save_checkpoint(strategy, path)``, written atomically (between experiences only).
-
-    dill pickles by reference while saving: by value, it fails on objects that current torch
-    optimizers hold (typing sentinels), and a checkpoint should name classes, not copy them.
-    """
-    import dill
+    """Avalanche's ``save_checkpoint(strategy, path)``, written atomically (between experiences only)."""
     from avalanche.checkpointing import save_checkpoint
 
-    byref = dill.settings["byref"]
-    dill.settings["byref"] = True
-    try:
-        return atomic_write(path, lambda f: save_checkpoint(strategy, f))
-    finally:
-        dill.settings["byref"] = byref
+    return atomic_write(path, lambda f: save_checkpoint(strategy, f))
 
 
 def resume(strategy: Any, path: str | Path, map_location: Any = None) -> tuple[Any, int]:
     """Avalanche's ``maybe_load_checkpoint``: the strategy as saved and the next experience to train.
 
     A missing file returns ``(strategy, 0)``. Raises ``ValueError`` naming the differences
-    when the checkpoint's memories are configured unlike ``strategy``'s; the strategy is
-    then left untouched.
+    when the checkpoint's memories are configured unlike ``strategy``'s, or naming the file
+    when a condensed memory fails its check; the strategy is then left untouched.
     """
     from avalanche.checkpointing import maybe_load_checkpoint
 
     path = Path(path)
     expected = _signature(strategy)
     before = dict(strategy.__dict__)
-    strategy, start = maybe_load_checkpoint(strategy, str(path), map_location=map_location)
+    try:
+        strategy, start = maybe_load_checkpoint(strategy, str(path), map_location=map_location)
+    except ValueError as exc:
+        # A condensed buffer refused its memory while being unpickled (CondensedBuffer.__setstate__),
+        # before maybe_load_checkpoint touched the strategy.
+        raise ValueError(
+            f"{path}: a memory fails its check ({exc}); the checkpoint is corrupted, use another "
+            "or start without resuming"
+        ) from None
     found = _signature(strategy)
-    for i, memory in enumerate(memories(strategy)):
-        if isinstance(memory, CondensedBuffer):
-            try:
-                memory.memory.verify()
-            except ValueError as exc:
-                strategy.__dict__.clear()
-                strategy.__dict__.update(before)
-                raise ValueError(
-                    f"{path}: memory {i} ({type(memory).__name__}) fails its check: {exc}; "
-                    "the checkpoint is corrupted, use another or start without resuming"
-                ) from None
     if found != expected:
         strategy.__dict__.clear()
         strategy.__dict__.update(before)
