@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 import threading
 import time
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from fedcl_dd.scenarios.federated import class_histogram
 from fedcl_dd.strategies.flower.cli import private_variant
 from fedcl_dd.strategies.flower.config import FedConfig
 from fedcl_dd.strategies.flower.report import format_table, plot_runs
@@ -103,8 +105,51 @@ def run_once(
 
 
 def validation(results: dict) -> float:
-    """Final-round accuracy on the clients' held-out shares of their training data."""
-    value = results["rounds"][-1].get("validation_accuracy")
+    """Final-round accuracy on the clients' held-out shares of their training data (NaN if none)."""
+    rows = results.get("rounds") or []
+    value = rows[-1].get("validation_accuracy") if rows else None
+    return float(value) if value is not None else float("nan")
+
+
+def grid_entry(setting: dict[str, Any], results: dict, seconds: float, peak_mib: float) -> dict:
+    """One grid run as the summary records it; only ``validation_accuracy`` is chosen on."""
+    rows = results.get("rounds") or []
+    return {
+        "setting": setting,
+        "validation_accuracy": validation(results),
+        "test_accuracy": rows[-1].get("accuracy") if rows else None,
+        "seconds": seconds,
+        "peak_mib": peak_mib,
+        "results": results,
+    }
+
+
+def choose_setting(grid: list[dict[str, Any]], strategy: str = "") -> dict[str, Any]:
+    """The grid entry with the best final validation accuracy (the first of equals).
+
+    Reads ``validation_accuracy`` only, never the test accuracy. Entries without one (NaN or
+    missing) cannot be compared and are passed over; a grid left with none is an error.
+    """
+    label = f"the {strategy} grid" if strategy else "the grid"
+    if not grid:
+        raise ValueError(
+            f"{label} has no settings, so there is nothing to choose from; give it at least one "
+            f"setting in GRIDS, or run without --grid"
+        )
+    scored = [g for g in grid if math.isfinite(_validation_of(g))]
+    if not scored:
+        raise ValueError(
+            f"{label} selects nothing: none of its {len(grid)} settings has a validation accuracy "
+            f"(all NaN or missing: {[g.get('setting') for g in grid]}). It comes from the clients' "
+            f"evaluation of their held-out shares; set fraction-evaluate > 0 (--set "
+            f"fraction-evaluate=1) and rerun the grid without --reuse"
+        )
+    return max(scored, key=_validation_of)
+
+
+def _validation_of(entry: dict[str, Any]) -> float:
+    """An entry's validation accuracy, NaN where it has none."""
+    value = entry.get("validation_accuracy")
     return float(value) if value is not None else float("nan")
 
 
@@ -162,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
             values["epsilon"] = args.epsilon
             if name == "synthetic":
                 values["method"] = private_variant(str(values.get("method", "dm")))
+        # A preset split too thin is refused here, not in a simulation whose server would
+        # fail before round 1 with the reason only in its log.
+        class_histogram(FedConfig.from_mapping(values).preset_obj, args.data_root)
         grid: list[dict[str, Any]] = []
         if args.grid:
             for i, setting in enumerate(GRIDS[name]):
@@ -169,18 +217,12 @@ def main(argv: list[str] | None = None) -> int:
                 res, secs, peak = run_once(
                     cfg, Path(args.out) / name / f"grid{i}", args.reuse, args.data_root
                 )
-                grid.append(
-                    {
-                        "setting": setting,
-                        "validation_accuracy": validation(res),
-                        "test_accuracy": res["rounds"][-1]["accuracy"],
-                        "seconds": secs,
-                        "peak_mib": peak,
-                        "results": res,
-                    }
-                )
+                grid.append(grid_entry(setting, res, secs, peak))
                 print(f"{name} {setting}: validation {validation(res):.4f}", file=sys.stderr)
-            best = max(grid, key=lambda g: g["validation_accuracy"])  # never the test accuracy
+            best = choose_setting(grid, name)  # never the test accuracy
+            unscored = [g["setting"] for g in grid if not math.isfinite(_validation_of(g))]
+            if unscored:
+                print(f"{name}: no validation accuracy, not chosen: {unscored}", file=sys.stderr)
             results, seconds, peak = best["results"], best["seconds"], best["peak_mib"]
             cfg = FedConfig.from_mapping(results["config"])
         else:

@@ -118,7 +118,14 @@ def parse_preset(name: str, seed: int = 42) -> Preset:
     if m["part"] == "iid":
         part = Partitioning("iid", n, seed=seed)
     elif m["alpha"] is not None:
-        part = Partitioning("dirichlet", n, alpha=float(m["alpha"]), seed=seed)
+        try:
+            alpha = float(m["alpha"])
+        except ValueError:  # the pattern admits e.g. "dir0.5.1"
+            raise ValueError(
+                f"preset {name!r}: alpha {m['alpha']!r} is not a number; write e.g. "
+                f"{m['ds']}-dir0.5-{n}"
+            ) from None
+        part = Partitioning("dirichlet", n, alpha=alpha, seed=seed)
     else:
         k = int(m["k"])
         if k > SPECS[m["ds"]].num_classes:
@@ -150,8 +157,9 @@ def partition_indices(labels: torch.Tensor, scheme: Partitioning) -> list[torch.
         partitioner = IidPartitioner(scheme.num_partitions)
     elif scheme.kind == "dirichlet":
         # min_partition_size: flwr-datasets resamples until every client holds this many rows.
-        # Its default of 10 cannot be met by small datasets split many ways; scale it down.
-        min_size = min(10, len(labels) // (2 * scheme.num_partitions))
+        # Its default of 10 cannot be met by small datasets split many ways; scale it down, but
+        # never to 0: a client without rows has nothing to distill or train on.
+        min_size = max(1, min(10, len(labels) // (2 * scheme.num_partitions)))
         partitioner = DirichletPartitioner(
             scheme.num_partitions,
             "label",
@@ -209,6 +217,61 @@ def _partitions(name: str, root: str | None, scheme: Partitioning) -> tuple[torc
     return tuple(partition_indices(cached_dataset(name, root).train_y, scheme))
 
 
+def _split_fix(preset: Preset) -> str:
+    """What to change in ``preset`` when its clients cannot all get training records."""
+    part, n = preset.partitioning, preset.num_clients
+    if part.kind == "dirichlet":  # a larger alpha spreads each class more evenly
+        return f"use fewer clients than {n} or a larger alpha than {part.alpha:g}"
+    if part.kind == "pathological" and (part.classes_per_client or 0) > 1:
+        # each class is shared by about clients x k / classes of them
+        return (
+            f"use fewer clients than {n} or fewer classes per client than {part.classes_per_client}"
+        )
+    return f"use fewer clients than {n}"
+
+
+def _client_rows(preset: Preset, root: str | None) -> tuple[torch.Tensor, ...]:
+    """Every client's rows under ``preset``, refused unless each client gets a training record.
+
+    Checked here, where the server's class histogram and every client read their partitions,
+    so that a preset split too thin fails before round 1 rather than as empty clients in it.
+    """
+    labels = cached_dataset(preset.dataset, root).train_y
+    counts = torch.bincount(labels, minlength=preset.spec.num_classes)
+    held = (
+        f"{preset.dataset} has {labels.numel()} training records "
+        f"({int(counts.min())} to {int(counts.max())} per class)"
+    )
+    n = preset.num_clients
+    if n > labels.numel():
+        raise ValueError(
+            f"preset {preset.name!r} is split too thin: {held} for {n} clients, so some "
+            f"clients would hold none. Use at most {labels.numel()} clients"
+        )
+    try:
+        rows = _partitions(preset.dataset, root, preset.partitioning)
+    except ValueError as exc:  # flwr-datasets gives up (e.g. Dirichlet draws below min size)
+        raise ValueError(
+            f"preset {preset.name!r} is split too thin: {held} for {n} clients, and "
+            f"flwr-datasets' partitioner refused ({exc}). {_split_fix(preset).capitalize()}"
+        ) from exc
+    # A client trains on what its local test share leaves (client_data), so count that.
+    empty = [i for i, r in enumerate(rows) if len(r) - _test_size(len(r), preset) < 1]
+    if empty:
+        shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+        raise ValueError(
+            f"preset {preset.name!r} is split too thin: {held} for {n} clients, and "
+            f"{len(empty)} of them (partition ids {shown}) get no training record, so nothing "
+            f"to distill or train on. {_split_fix(preset).capitalize()}"
+        )
+    return rows
+
+
+def _test_size(n: int, preset: Preset) -> int:
+    """How many of a partition's ``n`` rows the client keeps for its local evaluation."""
+    return round(n * preset.test_fraction) if n > 1 else 0
+
+
 def client_data(preset: Preset, partition_id: int, root: str | Path | None = None) -> ClientData:
     """Client ``partition_id``'s data under ``preset``, read from the data root (``root``)."""
     if not 0 <= partition_id < preset.num_clients:
@@ -218,11 +281,11 @@ def client_data(preset: Preset, partition_id: int, root: str | Path | None = Non
         )
     key = str(root) if root is not None else None
     ds = cached_dataset(preset.dataset, key)
-    rows = _partitions(preset.dataset, key, preset.partitioning)[partition_id]
+    rows = _client_rows(preset, key)[partition_id]
     # A seeded split of the partition: the client's local test share.
     gen = torch.Generator().manual_seed(preset.partitioning.seed * 1000 + partition_id)
     rows = rows[torch.randperm(len(rows), generator=gen)]
-    n_test = round(len(rows) * preset.test_fraction) if len(rows) > 1 else 0
+    n_test = _test_size(len(rows), preset)
     test, train = rows[:n_test], rows[n_test:]
     return ClientData(
         partition_id,
@@ -235,10 +298,14 @@ def client_data(preset: Preset, partition_id: int, root: str | Path | None = Non
 
 
 def class_histogram(preset: Preset, root: str | Path | None = None) -> torch.Tensor:
-    """(clients, classes) counts of the training labels each client holds."""
+    """(clients, classes) counts of the training labels each client holds.
+
+    Raises ``ValueError`` (naming the preset and the fix) if a client would hold no training
+    record; the server reads this before round 1.
+    """
     key = str(root) if root is not None else None
     labels = cached_dataset(preset.dataset, key).train_y
-    parts = _partitions(preset.dataset, key, preset.partitioning)
+    parts = _client_rows(preset, key)
     return torch.stack(
         [torch.bincount(labels[p], minlength=preset.spec.num_classes) for p in parts]
     )

@@ -21,6 +21,7 @@ from typing import Any
 
 from fedcl_dd.scenarios.federated import Preset, parse_preset
 
+from fedcl_dd.privacy import PrivacyBudgetError, noise_for_target
 from fedcl_dd.recipe import STORAGE_DTYPES, Recipe
 from fedcl_dd.registry import OBJECTIVES, PARAMETERIZATIONS, declared_options, get_objective
 from fedcl_dd.screen import DEFAULT_SCREEN_THRESHOLD
@@ -134,6 +135,43 @@ class FedConfig:
         _ = self.preset_obj  # a bad preset name fails here, not in a client
         if self.algorithm == "synthetic":
             self.recipe()  # options that do not apply to the method or are out of range fail here too
+        if self.private:
+            self._check_privacy_budget()
+
+    def _check_privacy_budget(self) -> None:
+        """Refuse an (epsilon, delta) that the clients cannot keep over the whole run, before round 1.
+
+        The clients calibrate their noise with :func:`fedcl_dd.privacy.noise_for_target` for
+        every release of the run (dm-dp: ``rounds x iterations``); this asks it the same
+        question up front, at sample rate 1. What makes a target unreachable is the
+        RDP-to-DP conversion's floor, which moves by under 1e-5 with the rate up to 1e5
+        releases, while the accountant takes seconds per evaluation at rates such as 0.5
+        (and this runs wherever a configuration is read: every client message).
+        """
+        if self.algorithm == "synthetic":
+            releases = self.planned_iterations
+            who = f"{self.method} clients"
+            over = f"rounds={self.rounds} x iterations={self.iterations} = {releases} releases"
+            fix = "use iterations >= 1"
+        else:
+            # DP-SGD: rounds x local-epochs x batches per epoch steps at rate batch / records; a
+            # client whose records fit one batch takes the fewest, at rate 1.
+            releases = self.rounds * self.local_epochs
+            who = f"{self.algorithm} clients (DP-SGD)"
+            over = f"rounds={self.rounds} x local-epochs={self.local_epochs} epochs or more"
+            fix = "use local-epochs >= 1"
+        if releases < 1:  # nothing would be learned from the private data: a useless run
+            raise ValueError(
+                f"epsilon={self.epsilon:g} is set, but the {who} would make no private release "
+                f"over {over}; {fix}"
+            )
+        try:
+            noise_for_target(self.epsilon, self.delta, 1.0, releases)
+        except PrivacyBudgetError as exc:
+            raise PrivacyBudgetError(
+                f"the {who} cannot keep epsilon={self.epsilon:g} (delta={self.delta:g}) over "
+                f"{over}: {exc}"
+            ) from exc
 
     @property
     def preset_obj(self) -> Preset:

@@ -1,0 +1,267 @@
+"""Bad federated input fails before round 1 with the value and the fix; grids never read the test set."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+from fedcl_dd.scenarios.federated import (
+    Partitioning,
+    Preset,
+    class_histogram,
+    client_data,
+    parse_preset,
+)
+from fedcl_dd.strategies.flower.config import FedConfig
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from opacus.accountants.utils import MAX_SIGMA
+
+from fedcl_dd.privacy import PrivacyBudgetError, epsilon_for
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+DIGITS_TRAIN = 1347  # records in digits' fixed training split (fedcl_dd.data)
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    """benchmarks/federated.py, the module whose grid selection the benchmark runs."""
+    # benchmarks/ is a folder of scripts, not a package: federated.py imports its sibling
+    # targets.py as a top-level module, as it does when run as a script.
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "benchmarks_federated", BENCHMARKS / "federated.py"
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+# --- presets split too thin --------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:The specified min_partition_size")
+def test_dirichlet_preset_with_too_many_clients_is_refused_with_the_fix():
+    with pytest.raises(ValueError) as err:
+        class_histogram(parse_preset("digits-dir0.5-1000"))  # what the server reads before round 1
+    msg = str(err.value)
+    assert "digits-dir0.5-1000" in msg and f"{DIGITS_TRAIN} training records" in msg
+    assert "fewer clients than 1000" in msg and "larger alpha than 0.5" in msg
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    clients=st.integers(DIGITS_TRAIN + 1, 20 * DIGITS_TRAIN),
+    kind=st.sampled_from(["iid", "dir0.5", "path2"]),
+)
+def test_more_clients_than_records_is_refused_by_server_and_clients(clients: int, kind: str):
+    preset = parse_preset(f"digits-{kind}-{clients}")
+    for read in (lambda: class_histogram(preset), lambda: client_data(preset, 0)):
+        with pytest.raises(ValueError) as err:
+            read()
+        msg = str(err.value)
+        assert preset.name in msg and f"for {clients} clients" in msg
+        assert f"Use at most {DIGITS_TRAIN} clients" in msg
+
+
+def test_pathological_preset_whose_classes_cannot_feed_their_clients_is_refused():
+    # About 268 clients share each class of about 134 records.
+    with pytest.raises(ValueError) as err:
+        class_histogram(parse_preset("digits-path2-1340"))
+    msg = str(err.value)
+    assert "digits-path2-1340" in msg
+    assert "fewer clients than 1340 or fewer classes per client than 2" in msg
+
+
+def test_clients_left_without_training_records_are_named():
+    # Two or three records per client, all kept for local evaluation at this test share.
+    preset = Preset("digits-iid-600", "digits", Partitioning("iid", 600), test_fraction=0.99)
+    with pytest.raises(ValueError) as err:
+        class_histogram(preset)
+    msg = str(err.value)
+    assert "digits-iid-600" in msg and "get no training record" in msg
+    assert "600 of them (partition ids 0, 1, 2," in msg
+    assert "fewer clients than 600" in msg
+
+
+def test_a_malformed_alpha_names_itself():
+    with pytest.raises(ValueError, match=r"alpha '0\.5\.1' is not a number.*digits-dir0\.5-4"):
+        parse_preset("digits-dir0.5.1-4")
+
+
+def test_presets_that_fit_still_split():
+    hist = class_histogram(parse_preset("digits-dir0.5-4"))
+    assert hist.shape == (4, 10) and int(hist.sum(1).min()) > 0
+
+
+# --- epsilon the run cannot meet -------------------------------------------------------------
+
+
+with warnings.catch_warnings():  # Opacus notes that the optimal order is its largest
+    warnings.simplefilter("ignore")
+    FLOOR = epsilon_for(MAX_SIGMA, 1.0, 1, 1e-5)  # the accountant's least epsilon at delta 1e-5
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    epsilon=st.floats(1e-4, FLOOR * 0.99),
+    rounds=st.integers(1, 20),
+    iterations=st.integers(1, 500),
+)
+def test_unreachable_epsilon_is_refused_when_the_config_is_built(epsilon, rounds, iterations):
+    values = {"method": "dm-dp", "epsilon": epsilon, "rounds": rounds, "iterations": iterations}
+    with pytest.raises(PrivacyBudgetError) as err:
+        FedConfig.from_mapping(values)  # the server's first step, before any round
+    msg = str(err.value)
+    assert f"epsilon={epsilon:g}" in msg
+    assert f"rounds={rounds} x iterations={iterations} = {rounds * iterations} releases" in msg
+    assert "Use a larger epsilon (above 0.103) or a larger delta" in msg
+
+
+@settings(max_examples=25, deadline=None)
+@given(epsilon=st.floats(0.5, 100.0), rounds=st.integers(1, 20), iterations=st.integers(1, 500))
+def test_reachable_epsilon_is_accepted(epsilon, rounds, iterations):
+    cfg = FedConfig(method="dm-dp", epsilon=epsilon, rounds=rounds, iterations=iterations)
+    assert cfg.planned_iterations == rounds * iterations
+
+
+def test_unreachable_epsilon_is_refused_whatever_the_sample_rate():
+    with pytest.raises(PrivacyBudgetError, match=r"epsilon=0\.05 .*Use a larger epsilon"):
+        FedConfig(method="dm-dp", epsilon=0.05, options={"sample-rate": 0.5})
+
+
+@settings(max_examples=10, deadline=None)
+@given(epsilon=st.floats(1e-4, FLOOR * 0.99), rounds=st.integers(1, 50))
+def test_dp_sgd_baseline_with_unreachable_epsilon_is_refused(epsilon, rounds):
+    with pytest.raises(PrivacyBudgetError) as err:
+        FedConfig(algorithm="fedavg", epsilon=epsilon, rounds=rounds)
+    msg = str(err.value)
+    assert "fedavg clients (DP-SGD)" in msg and f"epsilon={epsilon:g}" in msg
+    assert "Use a larger epsilon" in msg
+
+
+@pytest.mark.parametrize(
+    ("values", "fix"),
+    [
+        ({"method": "dm-dp", "iterations": 0}, "use iterations >= 1"),
+        ({"algorithm": "fedavg", "local_epochs": 0}, "use local-epochs >= 1"),
+    ],
+)
+def test_private_run_without_releases_is_refused(values: dict[str, Any], fix: str):
+    with pytest.raises(ValueError, match="no private release") as err:
+        FedConfig(epsilon=8.0, **values)
+    assert fix in str(err.value) and "epsilon=8" in str(err.value)
+
+
+# --- grid selection ------------------------------------------------------------------------
+
+
+def _entry(bench: ModuleType, i: int, val: float | None, test: float | None) -> dict:
+    results = {"rounds": [{"round": 1, "accuracy": test, "validation_accuracy": val}]}
+    return bench.grid_entry({"i": i}, results, 1.0, 1.0)
+
+
+finite = st.floats(0.0, 1.0)
+maybe = st.one_of(finite, st.just(float("nan")), st.none())
+
+
+@settings(
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    vals=st.lists(maybe, min_size=1, max_size=8).filter(
+        lambda v: any(x is not None and math.isfinite(x) for x in v)
+    ),
+    data=st.data(),
+)
+def test_choice_is_best_validation_whatever_the_test_accuracies(bench, vals, data):
+    tests = data.draw(st.lists(maybe, min_size=len(vals), max_size=len(vals)))
+    poisoned = data.draw(st.lists(maybe, min_size=len(vals), max_size=len(vals)))
+    chosen = bench.choose_setting(
+        [_entry(bench, i, v, t) for i, (v, t) in enumerate(zip(vals, tests, strict=True))]
+    )
+    again = bench.choose_setting(
+        [_entry(bench, i, v, t) for i, (v, t) in enumerate(zip(vals, poisoned, strict=True))]
+    )
+    scores = [v if v is not None and math.isfinite(v) else -math.inf for v in vals]
+    assert chosen["setting"] == again["setting"] == {"i": scores.index(max(scores))}
+
+
+@settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(vals=st.lists(st.sampled_from([None, float("nan")]), min_size=1, max_size=6))
+def test_grid_without_validation_accuracy_is_an_error_with_the_fix(bench, vals):
+    grid = [_entry(bench, i, v, 0.9) for i, v in enumerate(vals)]
+    with pytest.raises(ValueError) as err:
+        bench.choose_setting(grid, "fedavg")
+    msg = str(err.value)
+    assert "the fedavg grid selects nothing" in msg and f"none of its {len(vals)} settings" in msg
+    assert "fraction-evaluate" in msg
+
+
+def test_empty_grid_is_an_error_with_the_fix(bench):
+    with pytest.raises(ValueError, match=r"the synthetic grid has no settings.*GRIDS"):
+        bench.choose_setting([], "synthetic")
+
+
+def test_benchmark_grid_choice_ignores_poisoned_test_labels(bench, monkeypatch, tmp_path):
+    """benchmarks/federated.py --grid, its runs replaced by fixed predictions: permuting the test
+    labels changes which setting is best on test, never the one chosen."""
+    gen = torch.Generator().manual_seed(0)
+    classes, n = 10, 200
+    val_y = torch.randint(classes, (n,), generator=gen)
+    test_y = torch.randint(classes, (n,), generator=gen)
+    # Setting i is right on the first share_i of each split, wrong (label + 1) on the rest.
+    val_share, test_share = [0.6, 0.8, 0.7, 0.5], [0.6, 0.9, 0.7, 0.5]
+    poison = torch.roll(torch.arange(classes), 1)  # a permutation of the label values
+
+    def predict(y: torch.Tensor, share: float) -> torch.Tensor:
+        k = int(share * len(y))
+        return torch.cat([y[:k], (y[k:] + 1) % classes])
+
+    # Setting 3 predicts what the poisoned labels say: best on the poisoned test set.
+    test_pred = [predict(test_y, s) for s in test_share[:3]] + [poison[test_y]]
+
+    def run(labels: torch.Tensor) -> tuple[dict, dict]:
+        """The benchmark's chosen setting, and the setting best on ``labels``."""
+
+        def fake_run_once(cfg: FedConfig, out: Path, reuse: bool, data_root: str | None):
+            i = bench.GRIDS["fedavg"].index(
+                {"local-epochs": cfg.local_epochs, "local-lr": cfg.local_lr}
+            )
+            val_pred = predict(val_y, val_share[i])
+            row = {
+                "round": 1,
+                "accuracy": float((test_pred[i] == labels).float().mean()),
+                "validation_accuracy": float((val_pred == val_y).float().mean()),
+                "upload_bytes": 10,
+                "upload_bytes_total": 10,
+                "epsilon_max": 0.0,
+            }
+            return {"config": cfg.to_dict(), "rounds": [row]}, 1.0, 1.0
+
+        monkeypatch.setattr(bench, "run_once", fake_run_once)
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        argv = ["--grid", "--strategies", "fedavg", "--fedavg-rounds", "1", "--out", str(out)]
+        assert bench.main(argv) == 0
+        summary = json.loads((out / "summary.json").read_text())["summary"]
+        (row,) = [r for r in summary if r.get("strategy") == "fedavg"]
+        return row["chosen"], max(row["grid"], key=lambda g: g["test_accuracy"])["setting"]
+
+    chosen, best_on_test = run(test_y)
+    chosen_poisoned, best_on_poisoned_test = run(poison[test_y])
+    assert best_on_poisoned_test != best_on_test, "the poison does not change the test ranking"
+    assert chosen == chosen_poisoned == bench.GRIDS["fedavg"][1]
