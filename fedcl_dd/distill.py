@@ -253,14 +253,17 @@ def _finite(params: list[torch.Tensor]) -> bool:
 
 def make_optimizer(
     syn: SyntheticSet, objective: Objective, config: DistillConfig
-) -> torch.optim.SGD:
-    """SGD over S (labels at ``lr_labels`` when learnable) and the objective's own parameters."""
+) -> torch.optim.Optimizer:
+    """The objective's optimizer (SGD with momentum, or AdamW: ``Objective.optimizer``) over S
+    (labels at ``lr_labels`` when learnable) and the objective's own parameters."""
     groups: list[dict[str, Any]] = [
         {"params": [p for n, p in syn.named_parameters() if n != "label_logits"]}
     ]
     if syn.label_logits is not None:
         groups.append({"params": [syn.label_logits], "lr": config.lr_labels})
     groups += objective.parameter_groups()
+    if objective.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr_images, weight_decay=objective.weight_decay)
     return torch.optim.SGD(groups, lr=config.lr_images, momentum=config.momentum)
 
 

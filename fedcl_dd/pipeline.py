@@ -48,6 +48,8 @@ class Distillation:
     :param noise_source: the private draws of a private method (default: the objective's
         own, OS entropy); e.g. ``PrivateRandom(key, context)`` for runs only the key's holder
         can reproduce. Never derived from ``seed``.
+    :param public: data you may disclose (e.g. a public data set of the same classes), which a
+        private method's model pool may train on (``pool_data="public"``).
 
     ``syn``, ``objective``, ``ctx`` and ``config`` are ready after construction (e.g. to
     restore an objective's state before :meth:`run`).
@@ -71,6 +73,7 @@ class Distillation:
         cache_dir: str | Path | None = None,
         info: dict[str, Any] | None = None,
         noise_source: PrivateRandom | None = None,
+        public: ClassSampler | None = None,
     ) -> None:
         if (seed is None) == (generator is None):
             raise ValueError("give exactly one of seed or generator")
@@ -85,6 +88,7 @@ class Distillation:
             generator=gen,
             device=torch.device(device) if device is not None else real.device,
             network_source=network_source,
+            public=public,
         )
         if syn is None:
             syn = recipe.init_synthetic(real, spec, gen, classes=classes, info=info)

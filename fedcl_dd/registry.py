@@ -22,8 +22,10 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from .objectives import (
+    CharacteristicFunctionMatching,
     DistributionMatching,
     GradientMatching,
+    ImprovedDistributionMatching,
     Objective,
     PrivateDistributionMatching,
     TrajectoryMatching,
@@ -152,6 +154,8 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 for _objective in (
     DistributionMatching,
     PrivateDistributionMatching,
+    ImprovedDistributionMatching,
+    CharacteristicFunctionMatching,
     GradientMatching,
     TrajectoryMatching,
 ):

@@ -9,12 +9,16 @@ from .base import REAL_PER_CLASS, MatchingContext, Objective, Plan, PrivateRelea
 from .dm import DistributionMatching
 from .dm_dp import PrivateDistributionMatching
 from .gm import GradientMatching
+from .idm import ImprovedDistributionMatching
+from .ncfm import CharacteristicFunctionMatching
 from .tm import TrajectoryMatching
 
 __all__ = [
     "REAL_PER_CLASS",
+    "CharacteristicFunctionMatching",
     "DistributionMatching",
     "GradientMatching",
+    "ImprovedDistributionMatching",
     "MatchingContext",
     "Objective",
     "Plan",

@@ -51,7 +51,8 @@ class MatchingContext:
 
     ``network_source`` replaces fresh initializations, e.g. FedDM's networks sampled
     around the current global model; it receives this context and returns a network on
-    ``device``.
+    ``device``. ``public`` is data the user may disclose, which a private objective's model
+    pool may train on (:mod:`fedcl_dd.pool`).
     """
 
     real: ClassSampler
@@ -61,6 +62,7 @@ class MatchingContext:
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     network_source: NetworkSource | None = None
+    public: ClassSampler | None = None
 
     def fresh_network(self) -> nn.Module:
         """A network from ``network_source`` if set, else freshly initialized from ``generator``."""
@@ -115,7 +117,8 @@ class Objective(abc.ABC):
     starts (``default_init``), whether its release is differentially private (``private``:
     it then never starts from real data), whether it trains networks, ``quick``:
     the cheapest options that still run every code path (tests and smoke runs), and the
-    ``paper`` whose published figures it is compared with (benchmarks). The
+    ``paper`` whose published figures it is compared with (benchmarks), and the optimizer of
+    its images (``optimizer``: SGD with ``momentum``, or AdamW with ``weight_decay``). The
     registry (:mod:`fedcl_dd.registry`) derives flags and configuration keys from these.
     """
 
@@ -123,6 +126,8 @@ class Objective(abc.ABC):
     options: ClassVar[tuple[Option, ...]] = ()
     lr_by_ipc: ClassVar[tuple[tuple[int, float], ...]] = ((1, 1.0),)
     momentum: ClassVar[float] = 0.5
+    optimizer: ClassVar[str] = "sgd"  # or "adamw"
+    weight_decay: ClassVar[float] = 0.0  # AdamW's (decoupled) weight decay on the images
     default_init: ClassVar[str] = "real"
     private: ClassVar[bool] = False
     trains_networks: ClassVar[bool] = False

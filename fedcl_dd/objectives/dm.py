@@ -4,11 +4,14 @@ Each iteration samples a freshly initialized network, freezes it, and matches,
 class by class, the mean embedding of a real batch to the mean embedding of the
 class's synthetic images (squared L2), both augmented with the same DSA draw.
 All classes go through the network in one batched forward pass per side.
+
+Subclasses (IDM, NCFM, dm-dp) may match with networks from a :class:`~fedcl_dd.pool.ModelPool`
+instead; plain DM never does.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -16,6 +19,7 @@ from torch import nn
 from ..augment import AugParams
 from ..models import embed
 from ..options import Option
+from ..pool import ModelPool, PoolMember, PoolSettings
 from ..synthetic import SyntheticSet
 from .base import REAL_PER_CLASS, MatchingContext, Objective, class_means
 
@@ -41,17 +45,37 @@ class DistributionMatching(Objective):
     quick = {"real_per_class": 16}
     paper = "dm"
 
-    def __init__(self, real_per_class: int = 256) -> None:
+    def __init__(self, real_per_class: int = 256, pool: PoolSettings | None = None) -> None:
         if real_per_class < 1:
             raise ValueError(f"real_per_class must be >= 1, got {real_per_class}")
         self.real_per_class = real_per_class
+        self.pool = ModelPool(pool) if pool is not None else None
+        self.member: PoolMember | None = None  # the pool network this iteration matches with
+        self._syn: SyntheticSet | None = None
+
+    def setup(self, ctx: MatchingContext, syn: SyntheticSet) -> None:
+        self._syn = syn  # a pool may train on it (optimized in place, so this stays current)
 
     def network(self, ctx: MatchingContext) -> nn.Module:
-        # The network is only a random feature map: no weight gradients are needed, which
-        # makes the backward pass compute input gradients alone. Channels-last weights make
-        # the activations channels-last too, where oneDNN's forward convolutions and pooling
-        # run faster on CPU (forward ~18% here; it slows weight-gradient training, hence DM only).
-        return ctx.fresh_network().requires_grad_(False).to(memory_format=torch.channels_last)
+        if self.pool is None:
+            net = ctx.fresh_network().requires_grad_(False)
+        else:
+            assert self._syn is not None, "setup(ctx, syn) runs before the first network"
+            self.pool.advance(ctx, self._syn)
+            self.member = self.pool.pick(ctx)
+            net = self.pool.matching_network(ctx, self.member)
+        # The network is only a feature map: no weight gradients are needed, which makes the
+        # backward pass compute input gradients alone. Channels-last weights make the
+        # activations channels-last too, where oneDNN's forward convolutions and pooling run
+        # faster on CPU (forward ~18% here; it slows weight-gradient training, hence here only).
+        return net.to(memory_format=torch.channels_last)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pool": self.pool.state_dict()} if self.pool is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.pool is not None:
+            self.pool.load_state_dict(state.get("pool", {}))
 
     def real_means(
         self, ctx: MatchingContext, net: nn.Module, classes: list[int], params: AugParams | None

@@ -65,6 +65,7 @@ from torch import nn
 from ..augment import AugParams
 from ..models import embed
 from ..options import Option
+from ..pool import POOL_OPTIONS, PoolSettings
 from ..privacy import PrivacyBudgetError, PrivacyLedger, PrivateRandom, noise_for_target
 from ..synthetic import SyntheticSet
 from .base import REAL_PER_CLASS, MatchingContext, Plan
@@ -129,6 +130,7 @@ class PrivateDistributionMatching(DistributionMatching):
     name = "dm-dp"
     options = (
         REAL_PER_CLASS,
+        *POOL_OPTIONS,
         Option(
             "clip",
             float,
@@ -177,6 +179,11 @@ class PrivateDistributionMatching(DistributionMatching):
         return {
             **super().defaults(plan),
             "iterations": plan.iterations if plan.iterations >= 1 else None,
+            # No pool unless asked for; one asked for trains on the released set by default.
+            **PoolSettings(
+                size=1, init=1, add_every=30, steps=5, train_nets=1, data="synthetic"
+            ).options(),
+            "pool_size": 0,
         }
 
     def __init__(
@@ -188,8 +195,17 @@ class PrivateDistributionMatching(DistributionMatching):
         sample_rate: float | None = None,
         iterations: int | None = None,
         real_per_class: int = 256,
+        **pool_options: Any,
     ) -> None:
-        super().__init__(real_per_class)
+        pool = PoolSettings.from_options(pool_options)
+        if pool is not None and pool.data == "real":
+            raise ValueError(
+                "dm-dp with pool_data='real' would match with networks trained on the private "
+                "records, and a network trained on private data leaks them (its releases would "
+                "not be covered by the privacy accounting): use pool_data='synthetic' (networks "
+                "trained on the released set), pool_data='public' with public data, or pool_size=0"
+            )
+        super().__init__(real_per_class, pool)
         if not (clip > 0 and math.isfinite(clip)):
             raise ValueError(f"clip must be a positive finite number, got {clip}")
         if (noise_multiplier is None) == (epsilon is None):
@@ -247,6 +263,7 @@ class PrivateDistributionMatching(DistributionMatching):
 
     def setup(self, ctx: MatchingContext, syn: SyntheticSet) -> None:
         """Resolve the data-dependent sample rate (from public class counts) and calibrate sigma."""
+        super().setup(ctx, syn)
         counts = self._held_counts(ctx, syn.classes)
         if self.requested_sample_rate is None:
             self.sample_rate = min(1.0, self.real_per_class / float(counts.mean()))
@@ -352,9 +369,14 @@ class PrivateDistributionMatching(DistributionMatching):
         return 2.0 * self.clip
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ledger": self.ledger.state_dict(), "noise_source": self.noise_source.state_dict()}
+        return {
+            **super().state_dict(),
+            "ledger": self.ledger.state_dict(),
+            "noise_source": self.noise_source.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
         self.ledger.load_state_dict(state["ledger"])
         if "noise_source" in state:
             self.noise_source.load_state_dict(state["noise_source"])
