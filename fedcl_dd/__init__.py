@@ -14,6 +14,7 @@ from .objectives import Objective
 from .options import Option
 from .parameterizations import Parameterization
 from .pipeline import Distillation
+from .precision import Precision
 from .recipe import Recipe
 from .registry import register_objective, register_parameterization
 from .sampling import ClassSampler
@@ -29,6 +30,7 @@ __all__ = [
     "Option",
     "Parameterization",
     "PeriodicEvaluation",
+    "Precision",
     "ProgressBar",
     "Recipe",
     "SyntheticSet",

@@ -31,6 +31,7 @@ from .io import write_json
 from .models import MODELS
 from .parameterizations import INITS
 from .pipeline import Distillation
+from .precision import PRECISIONS
 from .recipe import STORAGE_DTYPES, Recipe
 from .registry import OBJECTIVES, PARAMETERIZATIONS, add_option_flags, options_from_args
 from .sampling import ClassSampler
@@ -63,6 +64,13 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
         "--eval-epochs", type=positive_int, default=300, help="epochs per evaluated network"
     )
     p.add_argument("--eval-models", type=positive_int, default=3, help="networks to average over")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=PRECISIONS,
+        help="bf16: bfloat16 autocast for distilling and training where the device computes it "
+        "natively (else fp32, with a warning)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -165,12 +173,21 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         model=args.model,
         cache_dir=data_root(args.data_root),
         info={"seed": args.seed},
+        precision=args.precision,
     )
     syn = run.syn
 
     def watch(s: SyntheticSet) -> dict[str, float]:
         r = evaluate(
-            s, ds.test_x, ds.test_y, spec, args.eval_model, 1, args.eval_epochs, seed=args.seed
+            s,
+            ds.test_x,
+            ds.test_y,
+            spec,
+            args.eval_model,
+            1,
+            args.eval_epochs,
+            seed=args.seed,
+            precision=args.precision,
         )
         return {"test_accuracy_1net": r.mean}
 
@@ -201,6 +218,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         args.eval_epochs,
         seed=args.seed + 1000,
         device=device,
+        precision=args.precision,
     )
     results = {
         "dataset": args.dataset,
@@ -208,6 +226,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         "param": args.param,
         "ipc": args.ipc,
         "storage": args.storage,
+        "precision": args.precision,
         "budget_bytes": budget,
         "nbytes": syn.nbytes,
         "num_images": syn.num_images,
@@ -251,6 +270,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         args.eval_epochs,
         seed=args.seed,
         device=device,
+        precision=args.precision,
     )
     print(f"{args.file}: {ev}")
     if args.json:
@@ -262,6 +282,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 "accuracies": ev.accuracies,
                 "eval_model": ev.model,
                 "eval_epochs": ev.epochs,
+                "precision": args.precision,
                 "nbytes": syn.nbytes,
                 "num_images": syn.num_images,
             },

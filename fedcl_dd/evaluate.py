@@ -8,6 +8,9 @@ standard deviation over the networks. The test set never chooses a checkpoint.
 :func:`train_model` is the training half on its own: the Flower server trains
 the global model on the union of uploaded sets with it, and continual plugins
 retrain on their buffer with it.
+
+``precision="bf16"`` trains and tests under bfloat16 autocast where the device computes it
+natively (:mod:`fedcl_dd.precision`); the loss, the weights and the optimizer stay fp32.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import nn
 from .augment import DSA
 from .data import DatasetSpec
 from .models import make_model
+from .precision import Precision
 from .synthetic import SyntheticSet
 
 __all__ = ["EvalResult", "accuracy", "evaluate", "train_epochs", "train_model"]
@@ -59,6 +63,7 @@ def train_epochs(
     batch_size: int = 256,
     augment: DSA | None = None,
     generator: torch.Generator | None = None,
+    precision: str | Precision = "fp32",
 ) -> nn.Module:
     """Train ``model`` with ``optimizer`` at its current learning rate for ``epochs`` shuffled epochs.
 
@@ -66,8 +71,10 @@ def train_epochs(
     over between calls (DC keeps one network optimizer across all outer steps; MTT snapshots
     experts after every epoch).
     ``targets`` are class ids or (N, classes) probabilities; augmentation draws per sample.
+    ``precision`` is ``"fp32"`` or ``"bf16"`` (autocast of the forward pass and the loss).
     """
     device = images.device
+    mode = Precision.resolve(precision, device)
     images, targets = images.detach(), targets.detach()
     n = images.shape[0]
     model.train()
@@ -77,7 +84,9 @@ def train_epochs(
             x = images[batch]
             if augment is not None:
                 x = augment(x)
-            loss = F.cross_entropy(model(x), targets[batch])
+            with mode.autocast():
+                # Autocast computes cross-entropy in fp32 from bf16 logits; backward stays outside.
+                loss = F.cross_entropy(model(x), targets[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -95,35 +104,49 @@ def train_model(
     batch_size: int = 256,
     augment: DSA | None = None,
     generator: torch.Generator | None = None,
+    precision: str | Precision = "fp32",
 ) -> nn.Module:
     """Train ``model`` on ``(images, targets)``; lr drops tenfold at half of the epochs.
 
-    ``targets`` are int64 class ids or (N, classes) probabilities (soft labels).
+    ``targets`` are int64 class ids or (N, classes) probabilities (soft labels); ``precision``
+    is ``"fp32"`` or ``"bf16"`` (:func:`train_epochs`).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     device = next(model.parameters()).device
+    mode = Precision.resolve(precision, device)  # resolved once for both halves
     images, targets = images.detach().to(device), targets.detach().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     first = max(1, epochs // 2)
-    train_epochs(model, opt, images, targets, first, batch_size, augment, generator)
+    train_epochs(model, opt, images, targets, first, batch_size, augment, generator, mode)
     if epochs > first:
         for group in opt.param_groups:
             group["lr"] = lr / 10
-        train_epochs(model, opt, images, targets, epochs - first, batch_size, augment, generator)
+        train_epochs(
+            model, opt, images, targets, epochs - first, batch_size, augment, generator, mode
+        )
     return model
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
-    """Top-1 accuracy of ``model`` on ``(x, y)`` in eval mode."""
+def accuracy(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 1024,
+    precision: str | Precision = "fp32",
+) -> float:
+    """Top-1 accuracy of ``model`` on ``(x, y)`` in eval mode (forward under ``precision``)."""
     device = next(model.parameters()).device
+    mode = Precision.resolve(precision, device)
     was_training = model.training
     model.eval()
     correct = 0
     for start in range(0, x.shape[0], batch_size):
         xb = x[start : start + batch_size].to(device)
-        correct += int((model(xb).argmax(1) == y[start : start + batch_size].to(device)).sum())
+        with mode.autocast():
+            logits = model(xb)
+        correct += int((logits.argmax(1) == y[start : start + batch_size].to(device)).sum())
     model.train(was_training)
     return correct / max(1, x.shape[0])
 
@@ -141,12 +164,14 @@ def evaluate(
     device: torch.device | str | None = None,
     batch_size: int = 256,
     lr: float = 0.01,
+    precision: str | Precision = "fp32",
 ) -> EvalResult:
     """Train ``num_models`` fresh ``model`` networks on ``syn`` and test each on ``(test_x, test_y)``.
 
     ``syn`` is a synthetic set or an ``(images, targets)`` pair (e.g. a random real
     subset, the usual baseline). Seeds ``seed .. seed+num_models-1`` fix each network's
-    initialization, data order and augmentation.
+    initialization, data order and augmentation. ``precision="bf16"`` trains and tests under
+    bfloat16 autocast (falling back to fp32, with one warning, where the device lacks it).
     """
     if num_models < 1:
         raise ValueError(f"num_models must be >= 1, got {num_models}")
@@ -156,6 +181,7 @@ def evaluate(
     else:
         images, targets = syn
     device = torch.device(device) if device is not None else images.device
+    mode = Precision.resolve(precision, device)
     start = time.perf_counter()
     accs = []
     for k in range(num_models):
@@ -163,7 +189,16 @@ def evaluate(
         net = make_model(model, spec.channels, spec.num_classes, spec.image_size, gen, device)
         aug = DSA(spec.dsa_strategy, generator=gen) if augment else None
         train_model(
-            net, images, targets, epochs, lr=lr, batch_size=batch_size, augment=aug, generator=gen
+            net,
+            images,
+            targets,
+            epochs,
+            lr=lr,
+            batch_size=batch_size,
+            augment=aug,
+            generator=gen,
+            precision=mode,
         )
-        accs.append(accuracy(net, test_x, test_y))
-    return EvalResult(accs, model, epochs, time.perf_counter() - start)
+        accs.append(accuracy(net, test_x, test_y, precision=mode))
+    extra = {"precision": "bf16"} if mode.active else {}
+    return EvalResult(accs, model, epochs, time.perf_counter() - start, extra)

@@ -50,6 +50,8 @@ class Distillation:
         can reproduce. Never derived from ``seed``.
     :param public: data you may disclose (e.g. a public data set of the same classes), which a
         private method's model pool may train on (``pool_data="public"``).
+    :param precision: ``"fp32"`` or ``"bf16"`` (the loss under bfloat16 autocast where the
+        device computes it natively; :class:`~fedcl_dd.distill.DistillConfig`).
 
     ``syn``, ``objective``, ``ctx`` and ``config`` are ready after construction (e.g. to
     restore an objective's state before :meth:`run`).
@@ -74,6 +76,7 @@ class Distillation:
         info: dict[str, Any] | None = None,
         noise_source: PrivateRandom | None = None,
         public: ClassSampler | None = None,
+        precision: str = "fp32",
     ) -> None:
         if (seed is None) == (generator is None):
             raise ValueError("give exactly one of seed or generator")
@@ -100,7 +103,9 @@ class Distillation:
                     f"noise_source is for private methods; {recipe.method!r} releases no noise"
                 )
             self.objective.noise_source = noise_source
-        self.config = DistillConfig(recipe.iterations, recipe.lr, float(recipe.momentum or 0.0))
+        self.config = DistillConfig(
+            recipe.iterations, recipe.lr, float(recipe.momentum or 0.0), precision=precision
+        )
 
     def run(self, callbacks: Sequence[Callback] = ()) -> DistillResult:
         """Distill ``syn`` in place for the recipe's iterations (none: nothing is set up or run)."""

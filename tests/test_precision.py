@@ -1,0 +1,132 @@
+"""bfloat16 autocast on a flag: it applies where the chip computes bf16, runs distillation and
+evaluation to finite results, falls back to fp32 with one warning elsewhere, and leaves the
+fp32 default exactly as it was."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from fedcl_dd import precision as precision_mod
+from fedcl_dd.augment import DSA
+from fedcl_dd.cli import main
+from fedcl_dd.distill import DistillConfig, distill
+from fedcl_dd.evaluate import evaluate, train_model
+from fedcl_dd.models import make_model
+from fedcl_dd.objectives import DistributionMatching, MatchingContext
+from fedcl_dd.objectives.dm_dp import PrivateDistributionMatching
+from fedcl_dd.precision import Precision, autocast_context, bf16_unsupported_reason
+from fedcl_dd.synthetic import PixelSet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CPU_BF16 = bf16_unsupported_reason("cpu")
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings(monkeypatch):
+    """Each test starts with no reason warned yet (the module warns once per process)."""
+    monkeypatch.setattr(precision_mod, "_WARNED", set())
+
+
+def _run(digits, sampler, config, objective=None, seed=0):
+    ctx = MatchingContext(
+        sampler,
+        digits.spec,
+        augment=DSA(digits.spec.dsa_strategy, torch.Generator().manual_seed(seed + 1)),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    syn = PixelSet.from_real(sampler, 2, generator=torch.Generator().manual_seed(seed))
+    result = distill(syn, objective or DistributionMatching(16), ctx, config)
+    return result, syn
+
+
+def _fallback_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if "falls back to fp32" in str(w.message)]
+
+
+@pytest.mark.skipif(CPU_BF16 is not None, reason=f"no native bf16 here: {CPU_BF16}")
+def test_autocast_applies_on_a_cpu_with_bf16():
+    a, b = torch.randn(8, 8), torch.randn(8, 8)
+    with autocast_context("cpu", "bf16"):
+        assert (a @ b).dtype == torch.bfloat16
+    with autocast_context("cpu"):
+        assert (a @ b).dtype == torch.float32
+    assert Precision.resolve("bf16", "cpu").active
+    assert not Precision.resolve("fp32", "cpu").active
+
+
+def test_bf16_distillation_and_evaluation_are_finite(digits, digits_sampler):
+    result, syn = _run(digits, digits_sampler, DistillConfig(iterations=3, precision="bf16"))
+    assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    # S and its optimizer stay fp32 under autocast.
+    assert all(p.dtype == torch.float32 for p in syn.parameters())
+    assert torch.isfinite(syn.images()).all()
+
+    ev = evaluate(syn, digits.test_x, digits.test_y, digits.spec, num_models=1, epochs=4)
+    bf = evaluate(
+        syn, digits.test_x, digits.test_y, digits.spec, num_models=1, epochs=4, precision="bf16"
+    )
+    assert 0.0 < bf.mean <= 1.0 and abs(bf.mean - ev.mean) < 0.25
+    assert bf.extra == ({"precision": "bf16"} if CPU_BF16 is None else {})
+
+
+def test_fp32_default_is_bit_identical(digits, digits_sampler):
+    plain, syn = _run(digits, digits_sampler, DistillConfig(iterations=3))
+    named, syn2 = _run(digits, digits_sampler, DistillConfig(iterations=3, precision="fp32"))
+    assert plain.losses == named.losses
+    assert torch.equal(syn.images(), syn2.images())
+
+    args = (syn, digits.test_x, digits.test_y, digits.spec)
+    a = evaluate(*args, num_models=1, epochs=3)
+    b = evaluate(*args, num_models=1, epochs=3, precision="fp32")
+    assert a.accuracies == b.accuracies
+
+    def trained(**kw):
+        net = make_model("convnet", 1, 10, 8, torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(1)
+        return train_model(net, syn.images(), syn.targets(), 2, generator=gen, **kw)
+
+    for p, q in zip(trained().parameters(), trained(precision="fp32").parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_unsupported_device_falls_back_with_one_warning(digits, digits_sampler, monkeypatch):
+    monkeypatch.setattr(precision_mod, "_cpu_has_native_bf16", lambda: False)
+    args = ((digits.train_x[:40], digits.train_y[:40]), digits.test_x, digits.test_y, digits.spec)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        bf = evaluate(*args, num_models=2, epochs=2, precision="bf16")
+        mode = Precision.resolve("bf16", "cpu")  # asked again in the same process: no repeat
+    messages = _fallback_warnings(record)
+    assert len(messages) == 1 and "lacks native bfloat16" in messages[0]
+    assert not mode.active and bf.extra == {}
+    # The fallback is plain fp32, to the bit.
+    assert bf.accuracies == evaluate(*args, num_models=2, epochs=2).accuracies
+
+
+def test_private_objective_matches_in_fp32(digits, digits_sampler):
+    def private():
+        return PrivateDistributionMatching(real_per_class=16, noise_multiplier=1.0)
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        bf, _ = _run(
+            digits, digits_sampler, DistillConfig(1, lr_images=1e-3, precision="bf16"), private()
+        )
+    messages = _fallback_warnings(record)
+    assert len(messages) == 1 and "'dm-dp'" in messages[0] and "fp32" in messages[0]
+    assert all(torch.isfinite(torch.tensor(bf.losses)))
+
+
+def test_cli_evaluate_takes_the_flag(tmp_path, digits_sampler):
+    path = tmp_path / "s.safetensors"
+    PixelSet.from_real(digits_sampler, 1, generator=torch.Generator().manual_seed(0)).save(path)
+    out = tmp_path / "e.json"
+    argv = ["evaluate", str(path), "--dataset", "digits", "--eval-epochs", "2"]
+    assert main([*argv, "--eval-models", "1", "--precision", "bf16", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["precision"] == "bf16" and 0 <= result["accuracy_mean"] <= 1
+    with pytest.raises(SystemExit):
+        main([*argv, "--precision", "fp16"])
