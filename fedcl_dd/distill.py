@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -264,9 +263,7 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     """The objective's optimizer (SGD with momentum, or AdamW: ``Objective.optimizer``) over S
     (labels at ``lr_labels`` when learnable) and the objective's own parameters."""
-    groups: list[dict[str, Any]] = [
-        {"params": [p for n, p in syn.named_parameters() if n != "label_logits"]}
-    ]
+    groups = syn.param_groups(config.lr_images)
     if syn.label_logits is not None:
         groups.append({"params": [syn.label_logits], "lr": config.lr_labels})
     groups += objective.parameter_groups()

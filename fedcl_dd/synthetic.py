@@ -174,6 +174,14 @@ class SyntheticSet(nn.Module):
         device = self.class_ids.device
         self.label_logits = nn.Parameter(probs.log().to(device))
 
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The optimizer groups of the set's parameters (soft labels apart) for an image
+        learning rate ``lr``: one group at ``lr`` by default; a factored set scales each factor's
+        rate so that a step moves its images as a pixel step at ``lr`` would."""
+        return [
+            {"params": [p for n, p in self.named_parameters() if n != "label_logits"], "lr": lr}
+        ]
+
     def targets(self) -> torch.Tensor:
         """Training targets: int64 class ids (hard) or probabilities (N, classes) (soft)."""
         if self.label_logits is None:
@@ -701,6 +709,24 @@ class AddressingSet(SyntheticSet):
         if self.downsample == 1:
             return small
         return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Addresses and bases at rates scaled to their images: images are ``coef @ bases``, so
+        an SGD step on the bases moves them by ``coef coef^T`` times the gradient and one on the
+        addresses by ``bases bases^T`` times it; each rate is ``lr`` over the largest eigenvalue
+        of its factor's Gram matrix (taken when the optimizer is built), so neither step moves
+        an image further than a pixel step at ``lr`` (the PCA bases' Gram is the identity, while
+        the addresses' grows with the images and their norms: unscaled, it blows the set up)."""
+        with torch.no_grad():
+            k = self.addresses.shape[-1]
+            coef = self.addresses.detach().reshape(-1, k).double()
+            bases = self.bases.detach().double()
+            scale_b = float(torch.linalg.eigvalsh(coef.T @ coef)[-1].clamp_min(1e-12))
+            scale_a = float(torch.linalg.eigvalsh(bases @ bases.T)[-1].clamp_min(1e-12))
+        return [
+            {"params": [self.addresses], "lr": lr / scale_a},
+            {"params": [self.bases], "lr": lr / scale_b},
+        ]
 
     def images_at(self, index: torch.Tensor) -> torch.Tensor:
         c, h, w = self.image_shape

@@ -214,6 +214,10 @@ def class_means(
     Classes with no rows get a zero mean and count 0.
     """
     # A one-hot matmul rather than index_add: index_add with repeated indices is serial on CPU.
-    onehot = torch.nn.functional.one_hot(labels, num_classes).to(emb.dtype)  # (N, classes)
-    counts = onehot.sum(0)
-    return (onehot.T @ emb) / counts.clamp_min(1).unsqueeze(1), counts
+    # Accumulated in fp32 even under bfloat16 autocast: a mean over hundreds of rows rounded to
+    # bf16's 8 bits is what the matching losses then compare.
+    emb = emb if emb.dtype == torch.float64 else emb.float()
+    with torch.autocast(emb.device.type, enabled=False):
+        onehot = torch.nn.functional.one_hot(labels, num_classes).to(emb.dtype)  # (N, classes)
+        counts = onehot.sum(0)
+        return (onehot.T @ emb) / counts.clamp_min(1).unsqueeze(1), counts
