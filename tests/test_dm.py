@@ -72,3 +72,38 @@ def test_dm_beats_its_random_real_start_at_5_images_per_class(digits, digits_sam
         gains.append(after.mean - before.mean)
     # Measured: about +3 to +4 points at 150-200 iterations (real start ~89.5%).
     assert statistics.fmean(gains) > 0.02, gains
+
+
+def test_syn_per_class_matches_a_drawn_subset_and_builds_only_its_images(
+    digits, digits_sampler, monkeypatch
+):
+    from fedcl_dd.synthetic import AddressingSet
+
+    recipe = Recipe(param="addressing", ipc=5, options={"downsample": 1})
+    syn = recipe.init_synthetic(digits_sampler, digits.spec, torch.Generator().manual_seed(0))
+    assert isinstance(syn, AddressingSet) and syn.per_class > 3
+
+    def whole_set(self):
+        raise AssertionError("the whole addressing set was built")
+
+    monkeypatch.setattr(AddressingSet, "images", whole_set)
+    ctx = _ctx(digits, digits_sampler, 0)
+    dm = DistributionMatching(real_per_class=16, syn_per_class=3)
+    images, ids, targets = dm.synthetic_batch(ctx, syn)
+    assert torch.equal(torch.bincount(ids, minlength=10), torch.full((10,), 3))
+    assert images.shape[0] == 30 and torch.equal(targets, ids)
+    dm.loss(ctx, dm.network(ctx), syn).backward()
+    # Only the drawn address rows (3 of each class's per_class) receive a gradient.
+    touched = (syn.addresses.grad.abs().sum(-1) > 0).sum(0)
+    assert torch.equal(touched, torch.full((10,), 3))
+
+
+def test_syn_per_class_at_or_above_the_class_size_is_the_whole_set(digits, digits_sampler):
+    syn = Recipe(ipc=2).init_synthetic(
+        digits_sampler, digits.spec, torch.Generator().manual_seed(0)
+    )
+    ctx = _ctx(digits, digits_sampler, 0)
+    state = ctx.generator.get_state()
+    images, ids, _ = DistributionMatching(syn_per_class=2).synthetic_batch(ctx, syn)
+    assert torch.equal(images, syn.images()) and torch.equal(ids, syn.class_ids)
+    assert torch.equal(ctx.generator.get_state(), state)  # nothing drawn: runs stay as before

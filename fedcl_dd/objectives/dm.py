@@ -23,7 +23,7 @@ from ..pool import ModelPool, PoolMember, PoolSettings
 from ..synthetic import SyntheticSet
 from .base import REAL_PER_CLASS, MatchingContext, Objective, class_means
 
-__all__ = ["DistributionMatching"]
+__all__ = ["SYN_PER_CLASS", "DistributionMatching"]
 
 # On CPU the elementwise layers (norm, ReLU, pooling) are bound by memory bandwidth: a
 # 16-image chunk keeps each layer's activations in cache (~20% faster forward than one
@@ -35,20 +35,34 @@ def _chunks(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return x.split(_CPU_CHUNK) if x.device.type == "cpu" else (x,)
 
 
+SYN_PER_CLASS = Option(
+    "syn_per_class",
+    int,
+    0,
+    "synthetic images per class matched each iteration, drawn anew (0: all of them)",
+    low=0,
+)
+
+
 class DistributionMatching(Objective):
     """DM: ``sum_c || mean_real_c(embed) - mean_syn_c(embed) ||^2`` under a random frozen network."""
 
     name = "dm"
-    options: ClassVar[tuple[Option, ...]] = (REAL_PER_CLASS,)
+    options: ClassVar[tuple[Option, ...]] = (REAL_PER_CLASS, SYN_PER_CLASS)
     # The DM code's image learning rates.
     lr_by_ipc: ClassVar[tuple[tuple[int, float], ...]] = ((1, 1.0), (100, 10.0))
     quick = {"real_per_class": 16}
     paper = "dm"
 
-    def __init__(self, real_per_class: int = 256, pool: PoolSettings | None = None) -> None:
+    def __init__(
+        self, real_per_class: int = 256, pool: PoolSettings | None = None, syn_per_class: int = 0
+    ) -> None:
         if real_per_class < 1:
             raise ValueError(f"real_per_class must be >= 1, got {real_per_class}")
+        if syn_per_class < 0:
+            raise ValueError(f"syn_per_class must be >= 0 (0: all), got {syn_per_class}")
         self.real_per_class = real_per_class
+        self.syn_per_class = syn_per_class
         self.pool = ModelPool(pool) if pool is not None else None
         self.member: PoolMember | None = None  # the pool network this iteration matches with
         self._syn: SyntheticSet | None = None
@@ -86,11 +100,30 @@ class DistributionMatching(Objective):
             emb = torch.cat([embed(net, ctx.apply(part, params)) for part in _chunks(x)])
         return class_means(emb, y, ctx.spec.num_classes)[0]
 
+    def synthetic_batch(
+        self, ctx: MatchingContext, syn: SyntheticSet
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The synthetic images matched this iteration, their class ids and their targets: all
+        of them, or ``syn_per_class`` of each class drawn from the run's generator (only those
+        images are built: an addressing memory of thousands costs what the batch costs)."""
+        counts = syn.counts()
+        if not self.syn_per_class or self.syn_per_class >= int(counts.max()):
+            return syn.images(), syn.class_ids, syn.targets()
+        ids = syn.class_ids
+        picks = []
+        for c in syn.classes:
+            idx = (ids == c).nonzero().squeeze(1)
+            order = torch.randperm(idx.numel(), generator=ctx.generator)[: self.syn_per_class]
+            picks.append(idx[order.to(idx.device)])
+        index = torch.cat(picks)
+        return syn.images_at(index), ids[index], syn.targets()[index]
+
     def loss(self, ctx: MatchingContext, net: nn.Module, syn: SyntheticSet) -> torch.Tensor:
         classes = syn.classes
         params = ctx.siamese()
         real = self.real_means(ctx, net, classes, params)
-        emb = embed(net, ctx.apply(syn.images(), params))
-        fake, _ = class_means(emb, syn.class_ids, ctx.spec.num_classes)
+        images, ids, _ = self.synthetic_batch(ctx, syn)
+        emb = embed(net, ctx.apply(images, params))
+        fake, _ = class_means(emb, ids, ctx.spec.num_classes)
         held = torch.tensor(classes, device=emb.device)
         return ((real[held] - fake[held]) ** 2).sum()

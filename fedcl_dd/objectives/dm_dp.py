@@ -69,7 +69,7 @@ from ..pool import POOL_OPTIONS, PoolSettings
 from ..privacy import PrivacyBudgetError, PrivacyLedger, PrivateRandom, noise_for_target
 from ..synthetic import SyntheticSet
 from .base import REAL_PER_CLASS, MatchingContext, Plan
-from .dm import DistributionMatching
+from .dm import SYN_PER_CLASS, DistributionMatching
 
 __all__ = ["ClippedEmbedding", "PrivateDistributionMatching", "clip_rows"]
 
@@ -130,6 +130,7 @@ class PrivateDistributionMatching(DistributionMatching):
     name = "dm-dp"
     options = (
         REAL_PER_CLASS,
+        SYN_PER_CLASS,
         *POOL_OPTIONS,
         Option(
             "clip",
@@ -195,6 +196,7 @@ class PrivateDistributionMatching(DistributionMatching):
         sample_rate: float | None = None,
         iterations: int | None = None,
         real_per_class: int = 256,
+        syn_per_class: int = 0,
         **pool_options: Any,
     ) -> None:
         pool = PoolSettings.from_options(pool_options)
@@ -205,7 +207,7 @@ class PrivateDistributionMatching(DistributionMatching):
                 "not be covered by the privacy accounting): use pool_data='synthetic' (networks "
                 "trained on the released set), pool_data='public' with public data, or pool_size=0"
             )
-        super().__init__(real_per_class, pool)
+        super().__init__(real_per_class, pool, syn_per_class)
         if not (clip > 0 and math.isfinite(clip)):
             raise ValueError(f"clip must be a positive finite number, got {clip}")
         if (noise_multiplier is None) == (epsilon is None):

@@ -27,7 +27,7 @@ from ..options import Option
 from ..pool import POOL_OPTIONS, QUICK_POOL, PoolSettings
 from ..synthetic import SyntheticSet
 from .base import REAL_PER_CLASS, MatchingContext, Plan
-from .dm import DistributionMatching
+from .dm import SYN_PER_CLASS, DistributionMatching
 
 __all__ = ["ImprovedDistributionMatching"]
 
@@ -45,7 +45,12 @@ class ImprovedDistributionMatching(DistributionMatching):
     """IDM: DM under a pool of partially trained networks, plus the class-aware regularizer."""
 
     name = "idm"
-    options: ClassVar[tuple[Option, ...]] = (REAL_PER_CLASS, *POOL_OPTIONS, CE_WEIGHT)
+    options: ClassVar[tuple[Option, ...]] = (
+        REAL_PER_CLASS,
+        SYN_PER_CLASS,
+        *POOL_OPTIONS,
+        CE_WEIGHT,
+    )
     lr_by_ipc: ClassVar[tuple[tuple[int, float], ...]] = ((1, 0.2),)
     quick = {
         "real_per_class": 16,
@@ -66,7 +71,11 @@ class ImprovedDistributionMatching(DistributionMatching):
         }
 
     def __init__(
-        self, real_per_class: int = 256, ce_weight: float = 0.5, **pool_options: Any
+        self,
+        real_per_class: int = 256,
+        ce_weight: float = 0.5,
+        syn_per_class: int = 0,
+        **pool_options: Any,
     ) -> None:
         settings = PoolSettings.from_options(pool_options)
         if ce_weight < 0 or not math.isfinite(ce_weight):
@@ -77,14 +86,15 @@ class ImprovedDistributionMatching(DistributionMatching):
                 "network's training accuracy, but no pool network trains; give the pool "
                 "pool_steps and pool_train_nets (or pool_epochs), or set ce_weight=0"
             )
-        super().__init__(real_per_class, settings)
+        super().__init__(real_per_class, settings, syn_per_class)
         self.ce_weight = ce_weight
 
     def loss(self, ctx: MatchingContext, net: nn.Module, syn: SyntheticSet) -> torch.Tensor:
         loss = super().loss(ctx, net, syn)
         member = self.member
         if self.ce_weight and member is not None and not math.isnan(member.accuracy):
-            logits = net(ctx.apply(syn.images(), ctx.siamese()))
+            images, _, targets = self.synthetic_batch(ctx, syn)
+            logits = net(ctx.apply(images, ctx.siamese()))
             weight = self.ce_weight * 100 * member.accuracy
-            loss = loss + weight * F.cross_entropy(logits, syn.targets())
+            loss = loss + weight * F.cross_entropy(logits, targets)
         return loss

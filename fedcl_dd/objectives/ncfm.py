@@ -42,7 +42,7 @@ from ..options import Option
 from ..pool import POOL_OPTIONS, QUICK_POOL, PoolSettings
 from ..synthetic import SyntheticSet
 from .base import REAL_PER_CLASS, MatchingContext, Plan, class_means
-from .dm import DistributionMatching, _chunks
+from .dm import SYN_PER_CLASS, DistributionMatching, _chunks
 
 __all__ = ["CharacteristicFunctionMatching", "characteristic_distance"]
 
@@ -84,6 +84,7 @@ class CharacteristicFunctionMatching(DistributionMatching):
     name = "ncfm"
     options: ClassVar[tuple[Option, ...]] = (
         REAL_PER_CLASS,
+        SYN_PER_CLASS,
         *POOL_OPTIONS,
         Option("num_freqs", int, 4096, "random frequencies per characteristic function", low=1),
         Option("cf_alpha", float, 0.5, "weight of the amplitude term", low=0),
@@ -127,6 +128,7 @@ class CharacteristicFunctionMatching(DistributionMatching):
         cf_alpha: float = 0.5,
         cf_beta: float = 0.5,
         calib_weight: float = 1.0,
+        syn_per_class: int = 0,
         **pool_options: Any,
     ) -> None:
         settings = PoolSettings.from_options(pool_options)
@@ -144,7 +146,7 @@ class CharacteristicFunctionMatching(DistributionMatching):
                 "pool network trains; give the pool pool_steps and pool_train_nets (or "
                 "pool_epochs), or set calib_weight=0"
             )
-        super().__init__(real_per_class, settings)
+        super().__init__(real_per_class, settings, syn_per_class)
         self.num_freqs, self.alpha, self.beta = num_freqs, cf_alpha, cf_beta
         self.calib_weight = calib_weight
 
@@ -155,15 +157,16 @@ class CharacteristicFunctionMatching(DistributionMatching):
         with torch.no_grad():
             real = torch.cat([embed(net, ctx.apply(part, params)) for part in _chunks(x)])
             real = F.normalize(real, dim=1)
-        fake = F.normalize(embed(net, ctx.apply(syn.images(), params)), dim=1)
+        images, ids, targets = self.synthetic_batch(ctx, syn)
+        fake = F.normalize(embed(net, ctx.apply(images, params)), dim=1)
         freqs = torch.randn(self.num_freqs, real.shape[1], generator=ctx.generator).to(real)
         per_class = characteristic_distance(
-            real, y, fake, syn.class_ids, freqs, ctx.spec.num_classes, self.alpha, self.beta
+            real, y, fake, ids, freqs, ctx.spec.num_classes, self.alpha, self.beta
         )
         loss = _SCALE * per_class[torch.tensor(classes, device=per_class.device)].sum()
         member = self.member
         if self.calib_weight and member is not None and self.pool is not None:
             trained = self.pool.matching_network(ctx, member, blend=False)
-            logits = trained(ctx.apply(syn.images(), ctx.siamese()))
-            loss = loss + self.calib_weight * F.cross_entropy(logits, syn.targets())
+            logits = trained(ctx.apply(images, ctx.siamese()))
+            loss = loss + self.calib_weight * F.cross_entropy(logits, targets)
         return loss
