@@ -526,3 +526,15 @@ def test_the_screen_refuses_a_label_permuted_upload_and_the_round_goes_on(digits
     plain = SyntheticSetStrategy(CFG.replace(server_epochs=1))
     _round(plain, replies)
     assert plain.reports[-1].accepted == [0, 1, 2, 3] and plain.reports[-1].screen_scores == {}
+
+
+def test_bf16_server_training_runs_and_a_bad_precision_is_refused(good):
+    from fedcl_dd.strategies.flower.strategy import SyntheticSetStrategy
+
+    with pytest.raises(ValueError, match="precision must be one of"):
+        CFG.replace(precision="fp8")
+    strategy = SyntheticSetStrategy(CFG.replace(precision="bf16", server_epochs=1))
+    arrays, _ = _round(strategy, {10: synthetic_records(good, METRIC_VALUES)})
+    assert arrays is not None and strategy.reports[-1].accepted == [METRIC_VALUES["partition-id"]]
+    weights = arrays.to_torch_state_dict()
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())

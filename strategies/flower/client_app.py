@@ -148,6 +148,7 @@ def _distill(
         planned_iterations=cfg.planned_iterations,
         info={"partition-id": pid},
         noise_source=_noise_source(context, server_round, pid) if cfg.private else None,
+        precision=cfg.precision,
     )
     syn, objective = run.syn, run.objective
     ledger_before = state.ledger()

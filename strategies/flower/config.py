@@ -21,6 +21,7 @@ from typing import Any
 
 from fedcl_dd.scenarios.federated import Preset, parse_preset
 
+from fedcl_dd.precision import PRECISIONS
 from fedcl_dd.privacy import PrivacyBudgetError, noise_for_target
 from fedcl_dd.recipe import STORAGE_DTYPES, Recipe
 from fedcl_dd.registry import OBJECTIVES, PARAMETERIZATIONS, declared_options, get_objective
@@ -80,6 +81,9 @@ class FedConfig:
     # > 0: refuse uploads whose peers' class means classify fewer than this share of their
     # images as labelled, or whose pixel magnitude strays from theirs (fedcl_dd.screen)
     screen: float = 0.0
+    # "bf16": distillation losses and the server's training under bfloat16 autocast where the
+    # device computes it natively (fedcl_dd.precision; else fp32 with one warning)
+    precision: str = "fp32"
     # --- FedAvg / FedProx clients ---
     local_epochs: int = 1
     local_lr: float = 0.01
@@ -116,6 +120,8 @@ class FedConfig:
             raise ValueError(f"fraction-evaluate must lie in [0, 1], got {self.fraction_evaluate}")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ValueError(f"fraction-train must lie in (0, 1], got {self.fraction_train}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if not 0.0 <= self.screen <= 1.0:
             raise ValueError(
                 f"screen must lie in [0, 1] (0: off; e.g. {DEFAULT_SCREEN_THRESHOLD}), got {self.screen}"

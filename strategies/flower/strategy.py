@@ -518,6 +518,7 @@ class SyntheticSetStrategy(FedAvg):
             lr=self.cfg.server_lr,
             augment=augment,
             generator=gen,
+            precision=self.cfg.precision,
         )
 
     def record_evaluation(self, server_round: int, metrics: dict[str, float]) -> None:
