@@ -103,6 +103,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--soft-labels", action="store_true", help="learn labels too")
     d.add_argument(
+        "--teacher-epochs",
+        type=int,
+        default=0,
+        help="label the set by a network trained on the real data for N epochs (soft labels, "
+        "counted in the bytes; 0: off)",
+    )
+    d.add_argument(
         "--model", default="convnet", choices=sorted(MODELS), help="network to distill with"
     )
     d.add_argument("--no-augment", action="store_true", help="distill without DSA")
@@ -150,6 +157,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         momentum=args.momentum,
         init=args.init,
         soft_labels=args.soft_labels,
+        teacher_epochs=args.teacher_epochs,
         options=options_from_args(args),
     )
     out = Path(

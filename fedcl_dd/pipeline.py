@@ -11,6 +11,7 @@ same everywhere::
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from .privacy import PrivateRandom
 from .recipe import Recipe
 from .sampling import ClassSampler
 from .synthetic import SyntheticSet
+from .teacher import label_by_teacher, train_teacher
 
 __all__ = ["Distillation"]
 
@@ -108,7 +110,24 @@ class Distillation:
         )
 
     def run(self, callbacks: Sequence[Callback] = ()) -> DistillResult:
-        """Distill ``syn`` in place for the recipe's iterations (none: nothing is set up or run)."""
+        """Distill ``syn`` in place for the recipe's iterations (none: nothing is set up or run),
+        then label it by a teacher when the recipe asks (its seconds count in the result's)."""
         if self.config.iterations == 0:
-            return DistillResult([], 0.0, 0, {}, self.objective.report())
-        return distill(self.syn, self.objective, self.ctx, self.config, callbacks)
+            result = DistillResult([], 0.0, 0, {}, self.objective.report())
+        else:
+            result = distill(self.syn, self.objective, self.ctx, self.config, callbacks)
+        if self.recipe.teacher_epochs:
+            start = time.perf_counter()
+            teacher = train_teacher(
+                self.ctx.real,
+                self.ctx.spec,
+                self.recipe.teacher_epochs,
+                self.ctx.model,
+                self.ctx.generator,
+                self.ctx.device,
+            )
+            label_by_teacher(self.syn, teacher)
+            seconds = time.perf_counter() - start
+            result.seconds += seconds
+            result.report["teacher_seconds"] = seconds
+        return result

@@ -33,8 +33,10 @@ class Recipe:
     ``ipc`` sets the budget as the bytes of ``ipc`` labelled images per class at the
     storage dtype, unless ``budget_bytes`` is given. A pixel set holds as many images
     as fit; an addressing memory spends the same bytes on bases and addresses.
-    ``lr_images``, ``momentum`` and ``init`` default to what the method's objective
-    class declares; ``options`` are the objective's and the parameterization's own
+    ``teacher_epochs`` > 0 trains a network on the real data for that many epochs after
+    distilling and stores its predictions on the set's images as their soft labels (counted
+    in the bytes; :mod:`fedcl_dd.teacher`). ``lr_images``, ``momentum`` and ``init`` default
+    to what the method's objective class declares; ``options`` are the objective's and the parameterization's own
     (e.g. ``{"real_per_class": 64, "bases": 8}``), checked against their declarations.
     """
 
@@ -48,6 +50,7 @@ class Recipe:
     momentum: float | None = None
     init: str | None = None
     soft_labels: bool = False
+    teacher_epochs: int = 0
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -71,6 +74,15 @@ class Recipe:
             raise ValueError(
                 f"{self.method} with init 'real' would publish real images (and, for addressing memories, "
                 f"principal directions of the real data): start private sets from noise (--init noise)"
+            )
+        if self.teacher_epochs < 0:
+            raise ValueError(
+                f"teacher_epochs must be >= 0 (0: hard labels), got {self.teacher_epochs}"
+            )
+        if cls.private and self.teacher_epochs:
+            raise ValueError(
+                f"{self.method} with teacher labels would publish the predictions of a network "
+                "trained on the private records, which leak them: use teacher_epochs=0"
             )
         if self.momentum is None:
             self.momentum = cls.momentum
