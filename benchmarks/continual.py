@@ -28,6 +28,7 @@ import torch
 from fedcl_dd.scenarios.continual import make_benchmark
 from fedcl_dd.strategies.avalanche.buffers import CondensedBuffer
 from fedcl_dd.strategies.avalanche.checkpoint import memories
+from fedcl_dd.strategies.avalanche.cli import parse_options
 from fedcl_dd.strategies.avalanche.runner import RunConfig, RunResult, run_stream
 from targets import target
 
@@ -179,6 +180,14 @@ def main() -> None:
     p.add_argument("--batch-size-mem", type=int, default=None)
     p.add_argument("--buffer-epochs", type=int, default=None)
     p.add_argument("--iterations", type=int, default=None)
+    p.add_argument("--method", default=None, help="distillation objective of the memories")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the method (e.g. syn-per-class=32), repeatable",
+    )
     p.add_argument(
         "--downsample", type=int, default=None, help="addressing bases at 1/N resolution"
     )
@@ -207,9 +216,10 @@ def main() -> None:
         model=args.model,
         epochs=args.epochs,
     )
-    for name in ("batch_size_mem", "buffer_epochs", "iterations", "downsample", "bases"):
+    for name in ("batch_size_mem", "buffer_epochs", "iterations", "downsample", "bases", "method"):
         if getattr(args, name) is not None:
             base = replace(base, **{name: getattr(args, name)})
+    base = replace(base, options=parse_options(args.option))
     stem = f"continual_{args.benchmark.replace('-', '_')}{args.tag}"
     RESULTS.mkdir(exist_ok=True)
     settings = {

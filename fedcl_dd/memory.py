@@ -99,6 +99,8 @@ class ByteBoundedMemory:
         the parameterization's plan for the budget).
     :param factor: the multi-formation memory's sub-images per side (default 2).
     :param seed: seeds every draw of the memory: networks, real batches, augmentation.
+    :param options: further options of the method or parameterization, by name (e.g.
+        ``{"syn_per_class": 32}``), checked against their declarations.
     """
 
     param: ClassVar[str] = ""
@@ -129,6 +131,7 @@ class ByteBoundedMemory:
         seed: int = 0,
         device: torch.device | str = "cpu",
         progress: bool = False,
+        options: dict[str, Any] | None = None,
     ) -> None:
         num_classes = spec.num_classes if num_classes is None else int(num_classes)
         if num_classes < 1:
@@ -162,7 +165,7 @@ class ByteBoundedMemory:
             iterations=iterations,
             lr_images=lr_images,
             init="real",
-            options={k: v for k, v in given.items() if k in declared},
+            options={**{k: v for k, v in given.items() if k in declared}, **(options or {})},
         )
         self.budget_bytes = int(budget_bytes)
         self.spec = spec

@@ -48,6 +48,31 @@ def test_continual_command_runs_a_stream_and_writes_results(tmp_path, capsys):
     assert "experience 4: accuracy" in capsys.readouterr().out
 
 
+def test_method_options_reach_the_memory_and_unknown_ones_are_refused(tmp_path, capsys):
+    args = [
+        "continual",
+        "--benchmark",
+        "split-digits",
+        "--buffer",
+        "condensed-addressing",
+        "--budget-images",
+        "20",
+        "--iterations",
+        "2",
+        "--real-per-class",
+        "8",
+        "--no-progress",
+    ]
+    out = tmp_path / "run"
+    assert main([*args, "--option", "syn-per-class=2", "--out", str(out)]) == 0
+    assert json.loads((out / "result.json").read_text())["config"]["options"] == {
+        "syn_per_class": "2"
+    }
+    code = main([*args, "--option", "no-such-option=1", "--out", str(tmp_path / "bad")])
+    assert code == 2
+    assert "option no-such-option does not apply to method 'dm'" in capsys.readouterr().err
+
+
 def test_continual_command_refuses_a_budget_below_one_image_per_class(tmp_path, capsys):
     code = main(
         [

@@ -98,6 +98,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="addressing bases (default: from the budget)",
     )
+    c.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the method or parameterization (e.g. syn-per-class=32), repeatable",
+    )
     c.add_argument("--storage", default="fp32", choices=("fp32", "fp16"))
     c.add_argument("--out", default=None, help="output folder (default runs/continual-...)")
     c.add_argument(
@@ -105,6 +112,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(handler=_run)
+
+
+def parse_options(items: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` strings as options by name (hyphens to underscores); the memory's recipe
+    parses each value against its declaration."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option takes KEY=VALUE (e.g. syn-per-class=32), got {item!r}")
+        out[key.replace("-", "_")] = value
+    return out
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -126,6 +145,7 @@ def _run(args: argparse.Namespace) -> int:
         "bases": args.bases,
     }
     cfg = RunConfig(
+        options=parse_options(args.option),
         benchmark=args.benchmark,
         buffer=args.buffer,
         budget_bytes=args.budget_bytes,

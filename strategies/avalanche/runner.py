@@ -81,6 +81,7 @@ class RunConfig:
     downsample: int | None = None  # addressing bases at 1/downsample resolution
     bases: int | None = None
     storage: str = "fp32"
+    options: dict[str, Any] = field(default_factory=dict)  # the method's (e.g. syn_per_class)
     data_root: str | None = None
     device: str = "cpu"
     progress: bool = False
@@ -168,6 +169,7 @@ def make_memory(cfg: RunConfig, bench: ContinualBenchmark, model: nn.Module) -> 
             seed=cfg.seed,
             device=cfg.device,
             progress=cfg.progress,
+            options=cfg.options,
         )
         plugin = CondensedReplayPlugin(
             buffer,
