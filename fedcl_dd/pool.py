@@ -298,6 +298,7 @@ class ModelPool:
             hard = yb.argmax(1) if yb.is_floating_point() else yb
             correct += int((logits.detach().argmax(1) == hard).sum())
             seen += yb.shape[0]
+        opt.zero_grad(set_to_none=True)  # no stale gradients copied with the matching network
         member.accuracy = correct / max(1, seen)
 
     # --- checkpoints -----------------------------------------------------------------------
