@@ -35,6 +35,7 @@ from .models import embed
 from .objectives.base import MatchingContext
 from .parameterizations import Addressing, MultiFormation
 from .pipeline import Distillation
+from .precision import PRECISIONS
 from .recipe import STORAGE_DTYPES, Recipe
 from .registry import get_objective, get_parameterization
 from .sampling import ClassSampler
@@ -99,6 +100,8 @@ class ByteBoundedMemory:
         the parameterization's plan for the budget).
     :param factor: the multi-formation memory's sub-images per side (default 2).
     :param seed: seeds every draw of the memory: networks, real batches, augmentation.
+    :param precision: ``"fp32"`` or ``"bf16"`` (the matching losses under bfloat16 autocast
+        where the device computes it natively; :mod:`fedcl_dd.precision`).
     :param options: further options of the method or parameterization, by name (e.g.
         ``{"syn_per_class": 32}``), checked against their declarations.
     """
@@ -132,7 +135,10 @@ class ByteBoundedMemory:
         device: torch.device | str = "cpu",
         progress: bool = False,
         options: dict[str, Any] | None = None,
+        precision: str = "fp32",
     ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
         num_classes = spec.num_classes if num_classes is None else int(num_classes)
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -174,6 +180,7 @@ class ByteBoundedMemory:
         self.augment = augment
         self.device = torch.device(device)
         self.progress = progress
+        self.precision = precision
         self.generator = torch.Generator().manual_seed(seed)
         self.check_budget(num_classes)  # one sample for every class the model can emit, up front
         self.syn = None
@@ -266,6 +273,7 @@ class ByteBoundedMemory:
             device=self.device,
             classes=classes,
             model=self.model,
+            precision=self.precision,
         )
         seconds = run.run([ProgressBar(f"distill {label}", disable=not self.progress)]).seconds
         return run.syn, seconds

@@ -64,7 +64,17 @@ def test_method_options_reach_the_memory_and_unknown_ones_are_refused(tmp_path, 
         "--no-progress",
     ]
     out = tmp_path / "run"
-    assert main([*args, "--option", "syn-per-class=2", "--out", str(out)]) == 0
+    # bf16 runs the memory's distillation and the fresh-model training under autocast.
+    extra = [
+        "--option",
+        "syn-per-class=2",
+        "--precision",
+        "bf16",
+        "--fresh",
+        "--buffer-epochs",
+        "2",
+    ]
+    assert main([*args, *extra, "--out", str(out)]) == 0
     assert json.loads((out / "result.json").read_text())["config"]["options"] == {
         "syn_per_class": "2"
     }

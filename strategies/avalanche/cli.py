@@ -105,6 +105,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="an option of the method or parameterization (e.g. syn-per-class=32), repeatable",
     )
+    c.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "bf16"),
+        help="bf16: the memory's distillation and the fresh-model training under bfloat16 autocast",
+    )
     c.add_argument("--storage", default="fp32", choices=("fp32", "fp16"))
     c.add_argument("--out", default=None, help="output folder (default runs/continual-...)")
     c.add_argument(
@@ -146,6 +152,7 @@ def _run(args: argparse.Namespace) -> int:
     }
     cfg = RunConfig(
         options=parse_options(args.option),
+        precision=args.precision,
         benchmark=args.benchmark,
         buffer=args.buffer,
         budget_bytes=args.budget_bytes,

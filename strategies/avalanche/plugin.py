@@ -27,6 +27,7 @@ from avalanche.training.plugins import ReplayPlugin
 
 from fedcl_dd.augment import DSA
 from fedcl_dd.evaluate import train_model
+from fedcl_dd.precision import PRECISIONS
 
 from .buffers import CondensedBuffer
 
@@ -54,6 +55,9 @@ class CondensedReplayPlugin(ReplayPlugin):
         and train it on the buffer only for this many epochs (SGD lr ``fresh_lr``, momentum 0.9,
         weight decay 5e-4, lr / 10 at half, the strategy's ``train_mb_size``, DSA if ``fresh_augment``).
     :param seed: seeds the fresh-model training's data order and augmentation.
+    :param precision: ``"fp32"`` or ``"bf16"``: the fresh-model training under bfloat16
+        autocast where the device computes it natively (the memory's distillation takes its
+        own ``precision``).
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class CondensedReplayPlugin(ReplayPlugin):
         fresh_lr: float = 0.01,
         fresh_augment: bool = False,
         seed: int = 0,
+        precision: str = "fp32",
     ) -> None:
         if not isinstance(buffer, CondensedBuffer):
             raise TypeError(f"buffer must be a CondensedBuffer, got {type(buffer).__name__}")
@@ -85,6 +90,9 @@ class CondensedReplayPlugin(ReplayPlugin):
         self.fresh_epochs = fresh_epochs
         self.fresh_lr = fresh_lr
         self.fresh_augment = fresh_augment
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
         self.generator = torch.Generator().manual_seed(seed)
         self.initial_state: dict[str, torch.Tensor] | None = None
 
@@ -132,4 +140,5 @@ class CondensedReplayPlugin(ReplayPlugin):
             batch_size=strategy.train_mb_size,
             augment=augment,
             generator=self.generator,
+            precision=self.precision,
         )

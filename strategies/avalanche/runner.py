@@ -82,6 +82,7 @@ class RunConfig:
     bases: int | None = None
     storage: str = "fp32"
     options: dict[str, Any] = field(default_factory=dict)  # the method's (e.g. syn_per_class)
+    precision: str = "fp32"  # bf16: distillation losses and fresh-model training under autocast
     data_root: str | None = None
     device: str = "cpu"
     progress: bool = False
@@ -170,12 +171,14 @@ def make_memory(cfg: RunConfig, bench: ContinualBenchmark, model: nn.Module) -> 
             device=cfg.device,
             progress=cfg.progress,
             options=cfg.options,
+            precision=cfg.precision,
         )
         plugin = CondensedReplayPlugin(
             buffer,
             batch_size_mem=cfg.batch_size_mem,
             fresh_epochs=cfg.buffer_epochs if cfg.fresh else 0,
             seed=cfg.seed,
+            precision=cfg.precision,
         )
         return plugin, buffer
     n = real_samples_for_budget(cfg.budget, spec.image_shape)
