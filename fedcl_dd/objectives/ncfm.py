@@ -62,7 +62,7 @@ def characteristic_distance(
 ) -> torch.Tensor:
     """Per class, NCFM's characteristic-function discrepancy between the rows of ``real`` and
     of ``fake`` with that label, at the frequencies ``freqs`` (T, D): a (num_classes,) tensor,
-    ``mean_t sqrt(alpha * amplitude + beta * phase)`` (zero-free classes give garbage: mask
+    ``mean_t sqrt(alpha * amplitude + beta * phase)`` (classes with no rows give meaningless values: mask
     them). Features are used as given (normalize them first)."""
     # Real and imaginary parts of phi per class: class means of cos and sin of the phases.
     phase_r, phase_f = real @ freqs.T, fake @ freqs.T
