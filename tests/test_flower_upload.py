@@ -538,3 +538,16 @@ def test_bf16_server_training_runs_and_a_bad_precision_is_refused(good):
     assert arrays is not None and strategy.reports[-1].accepted == [METRIC_VALUES["partition-id"]]
     weights = arrays.to_torch_state_dict()
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())
+
+
+def test_sent_bytes_counts_configs_as_flower_does_and_takes_empty_text():
+    from flwr.app import ConfigRecord
+
+    from fedcl_dd.strategies.flower.strategy import sent_bytes
+
+    full = FedConfig().to_dict()
+    assert "" in full.values()  # an unset text option: Flower's own count_bytes raises on it
+    nonempty = ConfigRecord({k: v for k, v in full.items() if v != ""})
+    assert sent_bytes(nonempty) == nonempty.count_bytes()
+    empty_keys = sum(len(k) for k, v in full.items() if v == "")
+    assert sent_bytes(ConfigRecord(full)) == nonempty.count_bytes() + empty_keys

@@ -71,6 +71,24 @@ class CheckpointMismatch(ValueError):
     """A checkpoint was written by a run with another configuration."""
 
 
+def sent_bytes(record: Any) -> int:
+    """Bytes of a record sent to a node, as Flower counts them (``count_bytes``: tensor data
+    plus names, shapes and dtypes; config values 1 byte a bool, 8 a number, their length for
+    text). Config records are counted here because Flower's own count refuses an empty string
+    (the run config's "unset" for a text option) as "not a config value"."""
+    if not isinstance(record, ConfigRecord):
+        return int(record.count_bytes())
+
+    def value_bytes(v: Any) -> int:
+        if isinstance(v, list):
+            return sum(value_bytes(x) for x in v)
+        if isinstance(v, bool):
+            return 1
+        return len(v) if isinstance(v, (str, bytes)) else 8
+
+    return sum(len(k) + value_bytes(v) for k, v in record.items())
+
+
 @dataclass
 class RoundReport:
     """What happened in one round, for logs, metrics and the results JSON."""
@@ -353,9 +371,8 @@ class SyntheticSetStrategy(FedAvg):
         report.accepted.sort()
         previous = self.reports[-1].upload_bytes_total if self.reports else 0
         report.upload_bytes_total = previous + report.upload_bytes
-        # As Flower counts records (tensor data plus names, shapes and dtypes).
         report.download_bytes = sum(
-            record.count_bytes() for m in self._outgoing for record in m.content.values()
+            sent_bytes(record) for m in self._outgoing for record in m.content.values()
         )
         report.epsilon = self.ledgers.epsilons() if self.ledgers is not None else {}
         arrays = self.train_on_pool(r, uploads, report)
