@@ -541,9 +541,8 @@ def test_bf16_server_training_runs_and_a_bad_precision_is_refused(good):
 
 
 def test_sent_bytes_counts_configs_as_flower_does_and_takes_empty_text():
-    from flwr.app import ConfigRecord
-
     from fedcl_dd.strategies.flower.strategy import sent_bytes
+    from flwr.app import ConfigRecord
 
     full = FedConfig().to_dict()
     assert "" in full.values()  # an unset text option: Flower's own count_bytes raises on it
