@@ -129,7 +129,7 @@ class CondensedReplayPlugin(ReplayPlugin):
         model.load_state_dict(self.initial_state)
         syn, spec = self.buffer.syn, self.buffer.spec
         with torch.no_grad():
-            images, targets = syn.images().detach(), syn.class_ids
+            images, targets = syn.images().detach(), syn.targets().detach()
         augment = DSA(spec.dsa_strategy, generator=self.generator) if self.fresh_augment else None
         train_model(
             model,
