@@ -417,7 +417,7 @@ class SyntheticSetStrategy(FedAvg):
         global model sent this round. The refused go to ``report.rejected``."""
         if not self.cfg.screen or not uploads:
             return uploads
-        peers = {pid: syn for pid, syn in self.pool.items()}
+        peers = dict(self.pool)
         peers.update({up.partition_id: up.syn for up in uploads})
         net = initial_model(self.cfg, self.device)
         if self._global is not None:
