@@ -1,4 +1,4 @@
-"""Condensed rehearsal against Avalanche's replay baselines at equal bytes.
+"""Our byte-bounded memories against Avalanche's replay baselines at equal bytes.
 
 Every row runs the same learner (model, epochs, minibatch, new/memory mix, seeds)
 through :func:`fedcl_dd.strategies.avalanche.runner.run_stream`; only the memory
@@ -6,8 +6,8 @@ differs. Prints a table (accuracy after each experience, final average accuracy,
 Avalanche's stream forgetting, buffer bytes, distinct samples replayed,
 distillation and training seconds per experience) and writes
 ``benchmarks/results/continual_<benchmark>.json``, a plot of accuracy after each
-experience per buffer (``continual_<benchmark>.png``) and a grid of each condensed
-buffer's images after the last experience (``continual_<benchmark>_<buffer>.png``).
+experience per buffer (``continual_<benchmark>.png``) and a grid of each of our
+memories' images after the last experience (``continual_<benchmark>_<buffer>.png``).
 
     python benchmarks/continual.py --benchmark split-mnist --seeds 0 1 2 --downsample 1 --bases 20
     python benchmarks/continual.py --benchmark split-mnist --seeds 0 --downsample 1 --bases 20 --sweep-mix 16 512
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from fedcl_dd.scenarios.continual import make_benchmark
-from fedcl_dd.strategies.avalanche.buffers import CondensedBuffer
+from fedcl_dd.strategies.avalanche.buffers import BUFFERS, MemoryBuffer
 from fedcl_dd.strategies.avalanche.checkpoint import memories
 from fedcl_dd.strategies.avalanche.cli import parse_options
 from fedcl_dd.strategies.avalanche.runner import RunConfig, RunResult, run_stream
@@ -43,14 +43,14 @@ REFERENCES = {
     "GDumb, 200 images": 0.78,
 }
 ROWS = (  # (buffer, fresh-model protocol)
-    ("condensed-addressing", True),
-    ("condensed-pixels", True),
+    ("addressing", True),
+    ("pixels", True),
     ("gdumb", False),
     ("replay", False),
     ("class-balanced", False),
     ("herding", False),
-    ("condensed-addressing", False),
-    ("condensed-pixels", False),
+    ("addressing", False),
+    ("pixels", False),
 )
 
 
@@ -73,14 +73,24 @@ def run_rows(
                 memory = memories(strategy)[0]
                 last = i == len(benches[cfg.seed].train_stream) - 1
                 keep = grids and cfg.seed == seeds[0] and last
-                if keep and isinstance(memory, CondensedBuffer) and memory.syn is not None:
+                if keep and isinstance(memory, MemoryBuffer) and memory.syn is not None:
                     tag = f"{cfg.buffer}{'-fresh' if cfg.fresh else ''}"
                     save_grid(memory.syn, RESULTS / f"{grids}_{tag}.png")
 
             runs.append(run_stream(cfg, benches[seed], on_experience=grid))
         acc, std = _mean_std([r.final_accuracy for r in runs])
+        iterations = runs[0].matching_iterations
         row = {
             "buffer": buffer,
+            # What the memory is: never "distilled" unless it ran matching iterations.
+            "memory": (
+                "real images"
+                if buffer not in BUFFERS
+                else f"{base.method} x{iterations}/update"
+                if iterations
+                else "initialization only"
+            ),
+            "matching_iterations": iterations,
             "protocol": "fresh model on buffer" if (fresh or buffer == "gdumb") else "replay mix",
             "accuracy_after": [
                 statistics.fmean(a) for a in zip(*(r.accuracy_after for r in runs), strict=True)
@@ -103,15 +113,15 @@ def run_rows(
 def _line(row: dict) -> str:
     after = " ".join(f"{a:.3f}" for a in row["accuracy_after"])
     return (
-        f"| {row['buffer']:<20} | {row['protocol']:<21} | {after} | {row['final_accuracy']:.3f} ± "
+        f"| {row['buffer']:<14} | {row['memory']:<19} | {row['protocol']:<21} | {after} | {row['final_accuracy']:.3f} ± "
         f"{row['final_accuracy_std']:.3f} | {row['forgetting']:.3f} | {row['buffer_bytes']:,} | "
         f"{row['distinct_samples']:,} | {row['distill_seconds_per_exp']:.1f} | {row['train_seconds_per_exp']:.1f} |"
     )
 
 
 HEADER = (
-    "| buffer | protocol | accuracy after each experience | final avg acc (mean ± std) | forgetting | "
-    "buffer bytes | distinct samples | distill s/exp | train s/exp |\n|---|---|---|---|---|---|---|---|---|"
+    "| buffer | memory | protocol | accuracy after each experience | final avg acc (mean ± std) | forgetting | "
+    "buffer bytes | distinct samples | distill s/exp | train s/exp |\n|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -124,7 +134,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row in rows:
         x = range(1, len(row["accuracy_after"]) + 1)
-        style = "-" if row["buffer"].startswith("condensed") else "--"
+        style = "-" if row["buffer"] in BUFFERS else "--"
         label = row["buffer"] + (
             " (fresh)" if row["protocol"].startswith("fresh") and row["buffer"] != "gdumb" else ""
         )
@@ -143,11 +153,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def targets(
     table: list[dict], benchmark: str, budget_images: int, command: str
 ) -> list[dict[str, Any]]:
-    """The continual issue's named targets that ``table`` measures: the best condensed
-    memory's final accuracy (SplitMNIST) or its gain over the best baseline (SplitCIFAR-10),
+    """The continual issue's named targets that ``table`` measures: the best of our
+    distilled memories' final accuracy (SplitMNIST) or its gain over the best baseline (SplitCIFAR-10),
     and the slowest memory build against the training of the same experience."""
-    ours = [r for r in table if r["buffer"].startswith("condensed")]
-    theirs = [r for r in table if not r["buffer"].startswith("condensed")]
+    ours = [r for r in table if r["buffer"] in BUFFERS and r["matching_iterations"]]
+    theirs = [r for r in table if r["buffer"] not in BUFFERS]
     out: list[dict[str, Any]] = []
     if not ours:
         return out
@@ -197,14 +207,14 @@ def main() -> None:
         nargs="+",
         default=None,
         help="only these rows: buffer names, '+fresh' for the fresh-model protocol "
-        "(e.g. condensed-addressing+fresh gdumb replay)",
+        "(e.g. addressing+fresh gdumb replay)",
     )
     p.add_argument(
         "--sweep-mix",
         type=int,
         nargs="+",
         default=None,
-        help="instead of the table: condensed-addressing and replay at these memory samples per batch",
+        help="instead of the table: addressing and replay at these memory samples per batch",
     )
     p.add_argument("--tag", default="", help="suffix of the result files")
     args = p.parse_args()
@@ -236,7 +246,7 @@ def main() -> None:
             rows = run_rows(
                 replace(base, batch_size_mem=mix),
                 args.seeds,
-                [("replay", False), ("condensed-addressing", False)],
+                [("replay", False), ("addressing", False)],
                 None,
             )
             sweep[mix] = rows

@@ -1,4 +1,4 @@
-"""Condensed rehearsal with real Avalanche strategies on SplitDigits (issue 3, section 6).
+"""Rehearsal from byte-bounded memories with real Avalanche strategies on SplitDigits (issue 3, section 6).
 
 Budgets are the bytes of N labelled 8x8 digit images (258 B each). Distillation runs
 few, small iterations so that the module stays within its time budget.
@@ -13,9 +13,9 @@ import torch
 
 pytest.importorskip("avalanche")
 
-from fedcl_dd.strategies.avalanche.buffers import AddressingBuffer, CondensedPixelBuffer
+from fedcl_dd.strategies.avalanche.buffers import AddressingBuffer, PixelBuffer
 from fedcl_dd.strategies.avalanche.checkpoint import memories, resume, save
-from fedcl_dd.strategies.avalanche.plugin import CondensedReplayPlugin
+from fedcl_dd.strategies.avalanche.plugin import MemoryReplayPlugin
 from fedcl_dd.strategies.avalanche.runner import RunConfig, make_strategy, run_stream
 
 from fedcl_dd.data import SPECS
@@ -53,24 +53,24 @@ def _same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_condensed_beats_reservoir_at_equal_bytes(streams):
+def test_distilled_pixels_beat_reservoir_at_equal_bytes(streams):
     """Mean final accuracy over two seeds, both memories at the bytes of 20 images, same learner and mix."""
     common = dict(
         benchmark="split-digits", budget_images=20, epochs=3, train_mb_size=10, batch_size_mem=10
     )
-    acc = {"replay": [], "condensed-pixels": []}
+    acc = {"replay": [], "pixels": []}
     for seed, bench in streams.items():
         for buffer in acc:
             result = run_stream(RunConfig(buffer=buffer, seed=seed, **common, **FAST), bench)
             acc[buffer].append(result.final_accuracy)
-    condensed, reservoir = (
-        statistics.fmean(acc["condensed-pixels"]),
+    distilled, reservoir = (
+        statistics.fmean(acc["pixels"]),
         statistics.fmean(acc["replay"]),
     )
-    assert condensed > reservoir + 0.03, acc
+    assert distilled > reservoir + 0.03, acc
 
 
-@pytest.mark.parametrize("kind", [CondensedPixelBuffer, AddressingBuffer])
+@pytest.mark.parametrize("kind", [PixelBuffer, AddressingBuffer])
 def test_bytes_never_exceed_the_budget_across_the_stream(digits, kind):
     budget = 30 * IMAGE
     buffer = kind(budget, SPEC, **FAST)
@@ -90,7 +90,7 @@ def test_bytes_never_exceed_the_budget_across_the_stream(digits, kind):
 
 def test_addressing_replays_more_distinct_samples_than_pixels(digits):
     budget = 50 * IMAGE
-    pixels, addressing = CondensedPixelBuffer(budget, SPEC, **FAST), AddressingBuffer(budget, SPEC)
+    pixels, addressing = PixelBuffer(budget, SPEC, **FAST), AddressingBuffer(budget, SPEC)
     for classes in ([0, 1], [2, 3], [4, 5], [6, 7], [8, 9]):
         for buffer in (pixels, addressing):
             buffer.add(*_by_class(digits, classes))
@@ -103,7 +103,7 @@ def test_plugin_composes_with_ewc_and_the_evaluation_plugin(streams):
     result = run_stream(
         RunConfig(
             benchmark="split-digits",
-            buffer="condensed-pixels",
+            buffer="pixels",
             strategy="ewc",
             budget_images=50,
             epochs=3,
@@ -123,7 +123,7 @@ def test_storage_policy_works_inside_avalanches_replay_plugin(streams):
 
     from fedcl_dd.models import make_model
 
-    buffer = CondensedPixelBuffer(20 * IMAGE, SPEC, **FAST)
+    buffer = PixelBuffer(20 * IMAGE, SPEC, **FAST)
     plugin = ReplayPlugin(mem_size=buffer.max_size, batch_size_mem=10, storage_policy=buffer)
     model = make_model("mlp", 1, 10, 8, torch.Generator().manual_seed(0))
     strategy = make_strategy(RunConfig(epochs=1), model, [plugin])
@@ -136,9 +136,7 @@ def test_storage_policy_works_inside_avalanches_replay_plugin(streams):
 def test_checkpoint_round_trip_is_bit_exact_and_continues(streams, tmp_path):
     bench = streams[0]
     path = tmp_path / "ckpt.pkl"
-    cfg = RunConfig(
-        benchmark="split-digits", buffer="condensed-addressing", budget_images=20, **FAST
-    )
+    cfg = RunConfig(benchmark="split-digits", buffer="addressing", budget_images=20, **FAST)
 
     def fresh_strategy(config):
         from fedcl_dd.strategies.avalanche.runner import make_memory
@@ -165,7 +163,7 @@ def test_checkpoint_round_trip_is_bit_exact_and_continues(streams, tmp_path):
     assert _same(_state(memories(restarted)[0]), uninterrupted)
 
     other = fresh_strategy(
-        RunConfig(benchmark="split-digits", buffer="condensed-addressing", budget_images=30, **FAST)
+        RunConfig(benchmark="split-digits", buffer="addressing", budget_images=30, **FAST)
     )
     before = dict(other.__dict__)
     with pytest.raises(ValueError, match="another configuration.*budget_bytes"):
@@ -176,7 +174,7 @@ def test_checkpoint_round_trip_is_bit_exact_and_continues(streams, tmp_path):
 # -- bad input (issue section 5): a clear error, and the buffer unchanged ----------------------
 
 
-@pytest.mark.parametrize("kind", [CondensedPixelBuffer, AddressingBuffer])
+@pytest.mark.parametrize("kind", [PixelBuffer, AddressingBuffer])
 def test_budget_too_small_for_one_sample_per_class_is_refused(kind):
     with pytest.raises(ValueError, match="too small"):
         kind(300, SPEC)  # one basis and one address per class need 316 B; ten pixel images 2,580 B
@@ -184,7 +182,7 @@ def test_budget_too_small_for_one_sample_per_class_is_refused(kind):
 
 @pytest.fixture
 def filled(digits):
-    buffer = CondensedPixelBuffer(20 * IMAGE, SPEC, num_classes=6, **FAST)
+    buffer = PixelBuffer(20 * IMAGE, SPEC, num_classes=6, **FAST)
     buffer.add(*_by_class(digits, [0, 1]))
     return buffer
 
@@ -227,11 +225,11 @@ def test_diverging_distillation_leaves_the_buffer_unchanged(filled, digits):
 
 
 def test_plugin_refuses_bad_settings():
-    buffer = CondensedPixelBuffer(20 * IMAGE, SPEC)
+    buffer = PixelBuffer(20 * IMAGE, SPEC)
     with pytest.raises(ValueError, match="batch_size_mem"):
-        CondensedReplayPlugin(buffer, batch_size_mem=0)
-    with pytest.raises(TypeError, match="CondensedBuffer"):
-        CondensedReplayPlugin(object())
+        MemoryReplayPlugin(buffer, batch_size_mem=0)
+    with pytest.raises(TypeError, match="MemoryBuffer"):
+        MemoryReplayPlugin(object())
 
 
 def _digits_stream(digits, task_labels: bool = False, nan_in: int | None = None):
@@ -257,10 +255,10 @@ def test_a_bad_experience_is_refused_before_any_weight_changes(digits, stream_kw
     from fedcl_dd.models import make_model
 
     bench = _digits_stream(digits, **stream_kwargs)
-    buffer = CondensedPixelBuffer(20 * IMAGE, SPEC, **FAST)
+    buffer = PixelBuffer(20 * IMAGE, SPEC, **FAST)
     model = make_model("mlp", 1, 10, 8, torch.Generator().manual_seed(0))
     strategy = make_strategy(
-        RunConfig(epochs=1, train_mb_size=10), model, [CondensedReplayPlugin(buffer)]
+        RunConfig(epochs=1, train_mb_size=10), model, [MemoryReplayPlugin(buffer)]
     )
     first, second = bench.train_stream[0], bench.train_stream[1]  # classes 0-1, then 2-3
     strategy.train(first)
@@ -278,7 +276,7 @@ def test_a_flipped_byte_in_a_saved_memory_is_refused_on_resume(streams, tmp_path
     from fedcl_dd.models import make_model
 
     bench = streams[0]
-    cfg = RunConfig(benchmark="split-digits", buffer="condensed-addressing", budget_images=20)
+    cfg = RunConfig(benchmark="split-digits", buffer="addressing", budget_images=20)
 
     def fresh():
         model = make_model("mlp", 1, 10, 8, torch.Generator().manual_seed(0))

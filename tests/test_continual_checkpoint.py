@@ -1,4 +1,4 @@
-"""Avalanche's own ``save_checkpoint`` / ``maybe_load_checkpoint`` with the condensed replay plugin.
+"""Avalanche's own ``save_checkpoint`` / ``maybe_load_checkpoint`` with our memory replay plugin.
 
 Real Avalanche strategies on SplitDigits (5 experiences of 2 classes), no mocks: save after
 the second experience, load into a freshly built strategy, continue, and compare with the
@@ -22,12 +22,12 @@ from avalanche.checkpointing import maybe_load_checkpoint, save_checkpoint
 from avalanche.training.supervised import EWC, Naive
 from fedcl_dd.strategies.avalanche.buffers import (
     AddressingBuffer,
-    CondensedBuffer,
-    CondensedPixelBuffer,
+    MemoryBuffer,
+    PixelBuffer,
     _OnDemand,
 )
 from fedcl_dd.strategies.avalanche.checkpoint import memories, resume
-from fedcl_dd.strategies.avalanche.plugin import CondensedReplayPlugin
+from fedcl_dd.strategies.avalanche.plugin import MemoryReplayPlugin
 
 from fedcl_dd.data import SPECS
 from fedcl_dd.models import make_model
@@ -47,18 +47,18 @@ def bench() -> Any:
 
 
 def _strategy(kind: str) -> Any:
-    """A freshly built strategy (same seeds every time) replaying a condensed buffer."""
+    """A freshly built strategy (same seeds every time) replaying a memory buffer."""
     model = make_model("mlp", 1, 10, 8, torch.Generator().manual_seed(0))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     common: dict[str, Any] = dict(
         criterion=torch.nn.CrossEntropyLoss(), train_mb_size=16, train_epochs=1, evaluator=None
     )
     if kind == "naive-addressing":
-        buffer: CondensedBuffer = AddressingBuffer(BUDGET, SPEC)
-        plugin = CondensedReplayPlugin(buffer, batch_size_mem=16)
+        buffer: MemoryBuffer = AddressingBuffer(BUDGET, SPEC)
+        plugin = MemoryReplayPlugin(buffer, batch_size_mem=16)
         return Naive(model=model, optimizer=optimizer, plugins=[plugin], **common)
-    buffer = CondensedPixelBuffer(BUDGET, SPEC, iterations=3, real_per_class=32)
-    plugin = CondensedReplayPlugin(buffer, batch_size_mem=16)
+    buffer = PixelBuffer(BUDGET, SPEC, iterations=3, real_per_class=32)
+    plugin = MemoryReplayPlugin(buffer, batch_size_mem=16)
     return EWC(model=model, optimizer=optimizer, ewc_lambda=0.4, plugins=[plugin], **common)
 
 

@@ -80,13 +80,13 @@ def test_a_toy_objective_runs_in_a_federated_recipe_and_a_continual_buffer(
     toy, digits, digits_sampler
 ):
     pytest.importorskip("avalanche")
-    from fedcl_dd.strategies.avalanche.buffers import CondensedPixelBuffer
+    from fedcl_dd.strategies.avalanche.buffers import PixelBuffer
     from fedcl_dd.strategies.flower.config import FedConfig
 
     cfg = FedConfig.from_mapping({"method": toy.name, "toy-weight": 2.0, "ipc": 2, "iterations": 2})
     assert cfg.recipe().objective().toy_weight == 2.0
     assert FedConfig.from_mapping(cfg.to_dict()) == cfg
-    buf = CondensedPixelBuffer(20 * 260, digits.spec, method=toy.name, iterations=2)
+    buf = PixelBuffer(20 * 260, digits.spec, method=toy.name, iterations=2)
     buf.add(digits.train_x[digits.train_y < 2], digits.train_y[digits.train_y < 2])
     assert buf.classes == [0, 1] and buf.nbytes <= 20 * 260
 

@@ -1,4 +1,4 @@
-"""Avalanche adapters: condensed rehearsal buffers and the plugin that replays them.
+"""Avalanche adapters: rehearsal buffers of fixed bytes and the plugin that replays them.
 
 Names are imported on first use, so that ``fedcl-dd --help`` (which loads this package's
 ``cli`` module) does not import Avalanche.
@@ -10,11 +10,11 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "CondensedBuffer": ".buffers",
-    "CondensedPixelBuffer": ".buffers",
-    "CondensedMultiBuffer": ".buffers",
+    "MemoryBuffer": ".buffers",
+    "PixelBuffer": ".buffers",
+    "MultiFormationBuffer": ".buffers",
     "AddressingBuffer": ".buffers",
-    "CondensedReplayPlugin": ".plugin",
+    "MemoryReplayPlugin": ".plugin",
     "save": ".checkpoint",
     "resume": ".checkpoint",
     "RunConfig": ".runner",

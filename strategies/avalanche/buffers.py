@@ -5,9 +5,9 @@ by default, Zhao & Bilen, WACV 2023; any registered non-private objective by opt
 and the buffer replays the union over all classes seen, within a byte budget fixed for
 the whole stream:
 
-* :class:`CondensedPixelBuffer` over :class:`~fedcl_dd.memory.PixelMemory` (the budget
+* :class:`PixelBuffer` over :class:`~fedcl_dd.memory.PixelMemory` (the budget
   split among the classes seen; old classes shrink by herding);
-* :class:`CondensedMultiBuffer` over :class:`~fedcl_dd.memory.MultiFormationMemory` (the
+* :class:`MultiFormationBuffer` over :class:`~fedcl_dd.memory.MultiFormationMemory` (the
   same, each stored image a mosaic of ``factor``^2 sub-images);
 * :class:`AddressingBuffer` over :class:`~fedcl_dd.memory.AddressingMemory` (shared
   bases and per-class addresses; by default the bases and addresses are the
@@ -38,16 +38,16 @@ from fedcl_dd.synthetic import SyntheticSet
 
 from .pickling import register as _register_pickling
 
-# Every path that builds a condensed buffer imports this module: from here on Avalanche's own
+# Every path that builds a memory buffer imports this module: from here on Avalanche's own
 # save_checkpoint can pickle the strategy's torch optimizer (see .pickling for why it fails).
 _register_pickling()
 
 __all__ = [
     "BUFFERS",
     "AddressingBuffer",
-    "CondensedBuffer",
-    "CondensedMultiBuffer",
-    "CondensedPixelBuffer",
+    "MemoryBuffer",
+    "MultiFormationBuffer",
+    "PixelBuffer",
     "experience_tensors",
 ]
 
@@ -65,7 +65,7 @@ def experience_tensors(dataset: Any, batch_size: int = 1024) -> tuple[torch.Tens
     return torch.cat(xs), torch.cat(ys)
 
 
-class CondensedBuffer(ExemplarsBuffer):
+class MemoryBuffer(ExemplarsBuffer):
     """An Avalanche storage policy over a :class:`~fedcl_dd.memory.ByteBoundedMemory`.
 
     Takes the memory's arguments (``budget_bytes``, ``spec`` and its keyword options, see
@@ -143,7 +143,7 @@ class CondensedBuffer(ExemplarsBuffer):
         if tasks != [0]:
             raise ValueError(
                 f"experience {getattr(exp, 'current_experience', '?')} has task labels {tasks}; "
-                "the condensed buffers are for class-incremental streams (task label 0): build "
+                "the memory buffers are for class-incremental streams (task label 0): build "
                 "the benchmark without task labels (e.g. return_task_id=False)"
             )
         x, y = experience_tensors(exp.dataset)
@@ -176,20 +176,20 @@ class CondensedBuffer(ExemplarsBuffer):
         self.max_size = int(new_size)
 
 
-class CondensedPixelBuffer(CondensedBuffer):
+class PixelBuffer(MemoryBuffer):
     """Pixel memory: ``budget_bytes`` split evenly among the classes seen; old classes shrink by herding."""
 
     memory_class = PixelMemory
 
 
-class CondensedMultiBuffer(CondensedBuffer):
+class MultiFormationBuffer(MemoryBuffer):
     """Multi-formation pixel memory (IDC, Kim et al., ICML 2022): ``factor``^2 sub-images per
     stored image, the pixel memory's bytes."""
 
     memory_class = MultiFormationMemory
 
 
-class AddressingBuffer(CondensedBuffer):
+class AddressingBuffer(MemoryBuffer):
     """Addressing-matrix memory (Deng & Russakovsky, NeurIPS 2022): shared bases, per-class addresses."""
 
     memory_class = AddressingMemory
@@ -225,7 +225,6 @@ def _dataset(memory: ByteBoundedMemory) -> Any:
     )
 
 
-BUFFERS: dict[str, type[CondensedBuffer]] = {
-    f"condensed-{b.memory_class.param}": b
-    for b in (CondensedPixelBuffer, CondensedMultiBuffer, AddressingBuffer)
+BUFFERS: dict[str, type[MemoryBuffer]] = {
+    b.memory_class.param: b for b in (PixelBuffer, MultiFormationBuffer, AddressingBuffer)
 }

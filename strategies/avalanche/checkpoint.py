@@ -1,10 +1,10 @@
-"""Checkpoints of strategies that replay a condensed buffer, through Avalanche's own mechanism.
+"""Checkpoints of strategies that replay a memory buffer, through Avalanche's own mechanism.
 
 Avalanche's ``save_checkpoint`` / ``maybe_load_checkpoint`` work on their own once this
 package's buffers are imported (:mod:`.pickling` lets dill pickle torch's optimizers; each
-condensed buffer re-validates its memory when unpickled). :func:`save` adds an atomic write;
+memory buffer re-validates its memory when unpickled). :func:`save` adds an atomic write;
 :func:`resume` adds a refusal of a checkpoint whose memories were configured differently
-(another budget, buffer kind, dataset, method...) or whose condensed memories fail their
+(another budget, buffer kind, dataset, method...) or whose memories fail their
 check (the digest taken when they were stored, and the core's validator), leaving the
 strategy as it was. After resuming, use the returned strategy's plugins, not objects built
 before loading.
@@ -17,7 +17,7 @@ from typing import Any
 
 from fedcl_dd.io import atomic_write
 
-from .buffers import CondensedBuffer
+from .buffers import MemoryBuffer
 
 __all__ = ["memories", "resume", "save"]
 
@@ -32,7 +32,7 @@ def memories(strategy: Any) -> list[Any]:
 def _signature(strategy: Any) -> list[dict[str, Any]]:
     out = []
     for memory in memories(strategy):
-        if isinstance(memory, CondensedBuffer):
+        if isinstance(memory, MemoryBuffer):
             out.append(memory.config())
         else:
             out.append({"kind": type(memory).__name__, "max_size": memory.max_size})
@@ -51,7 +51,7 @@ def resume(strategy: Any, path: str | Path, map_location: Any = None) -> tuple[A
 
     A missing file returns ``(strategy, 0)``. Raises ``ValueError`` naming the differences
     when the checkpoint's memories are configured unlike ``strategy``'s, or naming the file
-    when a condensed memory fails its check; the strategy is then left untouched.
+    when a memory fails its check; the strategy is then left untouched.
     """
     from avalanche.checkpointing import maybe_load_checkpoint
 
@@ -61,7 +61,7 @@ def resume(strategy: Any, path: str | Path, map_location: Any = None) -> tuple[A
     try:
         strategy, start = maybe_load_checkpoint(strategy, str(path), map_location=map_location)
     except ValueError as exc:
-        # A condensed buffer refused its memory while being unpickled (CondensedBuffer.__setstate__),
+        # A memory buffer refused its memory while being unpickled (MemoryBuffer.__setstate__),
         # before maybe_load_checkpoint touched the strategy.
         raise ValueError(
             f"{path}: a memory fails its check ({exc}); the checkpoint is corrupted, use another "

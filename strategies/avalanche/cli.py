@@ -1,4 +1,4 @@
-"""``fedcl-dd continual``: one class-incremental run with a condensed or a baseline memory.
+"""``fedcl-dd continual``: one class-incremental run with one of our byte-bounded memories or a baseline memory.
 
 Avalanche is imported inside the handler, so ``fedcl-dd --help`` works without the
 ``avalanche`` extra.
@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     c = sub.add_parser(
         "continual",
-        help="class-incremental run with a condensed (or baseline) replay memory (needs the avalanche extra)",
+        help="class-incremental run with a byte-bounded (or baseline) replay memory (needs the avalanche extra)",
         description="Run a class-incremental stream with a replay memory of fixed bytes and print "
         "accuracy after each experience, forgetting, buffer bytes and distillation seconds.",
     )
@@ -28,10 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     c.add_argument(
         "--buffer",
-        default="condensed-pixels",
+        default="pixels",
         choices=(
-            "condensed-pixels",
-            "condensed-addressing",
+            "pixels",
+            "addressing",
             "replay",
             "class-balanced",
             "herding",
@@ -65,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--fresh",
         action="store_true",
-        help="condensed buffers: train a fresh model on the buffer alone after each experience",
+        help="our memory buffers: train a fresh model on the buffer alone after each experience",
     )
     c.add_argument(
         "--buffer-epochs",
@@ -139,7 +139,7 @@ def _run(args: argparse.Namespace) -> int:
     from fedcl_dd.io import write_json
     from fedcl_dd.viz import save_grid
 
-    from .buffers import CondensedBuffer
+    from .buffers import MemoryBuffer
     from .checkpoint import memories
     from .runner import RunConfig, RunResult, default_out, run_stream
 
@@ -184,7 +184,7 @@ def _run(args: argparse.Namespace) -> int:
             flush=True,
         )
         memory = memories(strategy)[0]
-        if isinstance(memory, CondensedBuffer) and memory.syn is not None:
+        if isinstance(memory, MemoryBuffer) and memory.syn is not None:
             save_grid(memory.syn, out / "buffer.png")
 
     result = run_stream(

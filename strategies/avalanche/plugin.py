@@ -1,9 +1,9 @@
-"""``CondensedReplayPlugin``: replay a condensed buffer inside any Avalanche ``SupervisedTemplate``.
+"""``MemoryReplayPlugin``: replay a byte-bounded memory buffer inside any Avalanche ``SupervisedTemplate``.
 
-One line turns a strategy the user already runs into condensed rehearsal::
+One line turns a strategy the user already runs into rehearsal from a memory of fixed bytes::
 
     strategy = EWC(model, optimizer, criterion, ewc_lambda=0.4,
-                   plugins=[CondensedReplayPlugin(CondensedPixelBuffer(313_800, SPECS["mnist"]))])
+                   plugins=[MemoryReplayPlugin(PixelBuffer(313_800, SPECS["mnist"]))])
 
 Two protocols:
 
@@ -29,9 +29,9 @@ from fedcl_dd.augment import DSA
 from fedcl_dd.evaluate import train_model
 from fedcl_dd.precision import PRECISIONS
 
-from .buffers import CondensedBuffer
+from .buffers import MemoryBuffer
 
-__all__ = ["DEFAULT_BATCH_SIZE_MEM", "CondensedReplayPlugin"]
+__all__ = ["DEFAULT_BATCH_SIZE_MEM", "MemoryReplayPlugin"]
 
 # Memory samples per minibatch (beside the strategy's train_mb_size new ones). The value came from
 # a sweep scored on SplitMNIST's test split (benchmarks/results/continual_split_mnist_mix.json);
@@ -39,15 +39,15 @@ __all__ = ["DEFAULT_BATCH_SIZE_MEM", "CondensedReplayPlugin"]
 DEFAULT_BATCH_SIZE_MEM = 128
 
 
-class CondensedReplayPlugin(ReplayPlugin):
-    """Replay a :class:`~fedcl_dd.strategies.avalanche.buffers.CondensedBuffer` (pixels or addressing memory).
+class MemoryReplayPlugin(ReplayPlugin):
+    """Replay a :class:`~fedcl_dd.strategies.avalanche.buffers.MemoryBuffer` (pixels or addressing memory).
 
     Avalanche's ``ReplayPlugin`` with the buffer as its storage policy: its minibatch mixing
     is used as it is; what this class adds is the fresh-model protocol. (Avalanche's
     ``FromScratchTrainingPlugin`` resets the model before each experience; the fresh protocol
     resets it after the experience, to train on the memory alone, so it keeps its own copy.)
 
-    :param buffer: the condensed memory, updated after every training experience.
+    :param buffer: the memory buffer, updated after every training experience.
     :param batch_size: new samples per minibatch (default: the strategy's ``train_mb_size``).
     :param batch_size_mem: memory samples per minibatch (default :data:`DEFAULT_BATCH_SIZE_MEM`).
     :param task_balanced_dataloader: balance memory samples over task labels (Avalanche's option).
@@ -62,7 +62,7 @@ class CondensedReplayPlugin(ReplayPlugin):
 
     def __init__(
         self,
-        buffer: CondensedBuffer,
+        buffer: MemoryBuffer,
         batch_size: int | None = None,
         batch_size_mem: int = DEFAULT_BATCH_SIZE_MEM,
         task_balanced_dataloader: bool = False,
@@ -72,8 +72,8 @@ class CondensedReplayPlugin(ReplayPlugin):
         seed: int = 0,
         precision: str = "fp32",
     ) -> None:
-        if not isinstance(buffer, CondensedBuffer):
-            raise TypeError(f"buffer must be a CondensedBuffer, got {type(buffer).__name__}")
+        if not isinstance(buffer, MemoryBuffer):
+            raise TypeError(f"buffer must be a MemoryBuffer, got {type(buffer).__name__}")
         for name, value in (("batch_size", batch_size), ("batch_size_mem", batch_size_mem)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")

@@ -7,7 +7,7 @@ same bytes: ``replay`` (``ReservoirSamplingBuffer``), ``class-balanced``
 (``ClassBalancedBuffer``), ``herding`` (``ParametricBuffer`` with
 ``HerdingSelectionStrategy``) inside ``ReplayPlugin``, and ``gdumb`` (``GDumbPlugin``).
 A baseline memory of real images holds ``budget_bytes // bytes_per_image`` samples,
-counted like the condensed ones (fp32 pixels plus a 2-byte label).
+counted like our memories (fp32 pixels plus a 2-byte label).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from fedcl_dd.data import SPECS
 from fedcl_dd.models import make_model
 from fedcl_dd.synthetic import bytes_per_image
 
-from .buffers import BUFFERS, CondensedBuffer
+from .buffers import BUFFERS, MemoryBuffer
 from .checkpoint import memories, resume, save
-from .plugin import DEFAULT_BATCH_SIZE_MEM, CondensedReplayPlugin
+from .plugin import DEFAULT_BATCH_SIZE_MEM, MemoryReplayPlugin
 
 __all__ = [
     "BUFFER_CHOICES",
@@ -40,8 +40,7 @@ __all__ = [
 ]
 
 BUFFER_CHOICES = (
-    "condensed-pixels",
-    "condensed-addressing",
+    *BUFFERS,
     "replay",
     "class-balanced",
     "herding",
@@ -56,10 +55,10 @@ _EMBEDDING_LAYER = {"mlp": "body"}  # layers with a flat embedding, for herding
 @dataclass
 class RunConfig:
     """A continual run. ``epochs`` are epochs over each experience; ``buffer_epochs`` are epochs of
-    the fresh model on its memory (``gdumb``, and condensed buffers when ``fresh`` is set)."""
+    the fresh model on its memory (``gdumb``, and our memory buffers when ``fresh`` is set)."""
 
     benchmark: str = "split-digits"
-    buffer: str = "condensed-pixels"
+    buffer: str = "pixels"
     budget_bytes: int | None = None
     budget_images: int = (
         100  # used when budget_bytes is None: the bytes of this many labelled images
@@ -125,6 +124,7 @@ class RunResult:
     buffer_bytes: int = 0
     buffer_samples: int = 0
     distinct_samples: int = 0
+    matching_iterations: int = 0  # per update of our memories: 0 means never distilled
     distill_seconds: list[float] = field(default_factory=list)
     train_seconds: list[float] = field(default_factory=list)
 
@@ -147,7 +147,7 @@ def real_samples_for_budget(budget_bytes: int, image_shape: tuple[int, int, int]
 
 
 def make_memory(cfg: RunConfig, bench: ContinualBenchmark, model: nn.Module) -> tuple[Any, Any]:
-    """The replay plugin and its storage policy for ``cfg.buffer`` (condensed or an Avalanche baseline)."""
+    """The replay plugin and its storage policy for ``cfg.buffer`` (one of ours or an Avalanche baseline)."""
     from avalanche.training.plugins import GDumbPlugin, ReplayPlugin
     from avalanche.training.storage_policy import (
         ClassBalancedBuffer,
@@ -158,7 +158,7 @@ def make_memory(cfg: RunConfig, bench: ContinualBenchmark, model: nn.Module) -> 
 
     spec = bench.spec
     if cfg.buffer in BUFFERS:
-        buffer: CondensedBuffer = BUFFERS[cfg.buffer](
+        buffer: MemoryBuffer = BUFFERS[cfg.buffer](
             cfg.budget,
             spec,
             method=cfg.method,
@@ -173,7 +173,7 @@ def make_memory(cfg: RunConfig, bench: ContinualBenchmark, model: nn.Module) -> 
             options=cfg.options,
             precision=cfg.precision,
         )
-        plugin = CondensedReplayPlugin(
+        plugin = MemoryReplayPlugin(
             buffer,
             batch_size_mem=cfg.batch_size_mem,
             fresh_epochs=cfg.buffer_epochs if cfg.fresh else 0,
@@ -284,8 +284,9 @@ def run_stream(
 
 
 def _describe_memory(result: RunResult, memory: Any) -> None:
-    if isinstance(memory, CondensedBuffer):
+    if isinstance(memory, MemoryBuffer):
         result.buffer_bytes, result.distinct_samples = memory.nbytes, memory.distinct_samples()
+        result.matching_iterations = memory.recipe.iterations
         result.buffer_samples = len(memory.buffer)
         return
     n = len(memory.buffer)
