@@ -13,6 +13,7 @@ _EXPORTS = {
     "MemoryBuffer": ".buffers",
     "PixelBuffer": ".buffers",
     "MultiFormationBuffer": ".buffers",
+    "CompressedRealBuffer": ".buffers",
     "AddressingBuffer": ".buffers",
     "MemoryReplayPlugin": ".plugin",
     "save": ".checkpoint",

@@ -9,6 +9,9 @@ the whole stream:
   split among the classes seen; old classes shrink by herding);
 * :class:`MultiFormationBuffer` over :class:`~fedcl_dd.memory.MultiFormationMemory` (the
   same, each stored image a mosaic of ``factor``^2 sub-images);
+* :class:`CompressedRealBuffer`, the multi-formation memory with no matching iteration: real
+  images at 1/``factor`` resolution and the ``storage`` dtype, the baseline for any memory
+  that stores more images than pixels;
 * :class:`AddressingBuffer` over :class:`~fedcl_dd.memory.AddressingMemory` (shared
   bases and per-class addresses; by default the bases and addresses are the
   parameterization's initialization, with no matching iteration).
@@ -45,6 +48,7 @@ _register_pickling()
 __all__ = [
     "BUFFERS",
     "AddressingBuffer",
+    "CompressedRealBuffer",
     "MemoryBuffer",
     "MultiFormationBuffer",
     "PixelBuffer",
@@ -187,6 +191,26 @@ class MultiFormationBuffer(MemoryBuffer):
     stored image, the pixel memory's bytes."""
 
     memory_class = MultiFormationMemory
+
+
+class CompressedRealBuffer(MultiFormationBuffer):
+    """Compressed real images: the multi-formation memory with ``iterations`` fixed at 0.
+
+    Each stored image is a mosaic of ``factor``^2 real images of one class, drawn at random
+    without replacement and average-pooled to 1/``factor`` resolution (IDC's
+    initialization), kept at the ``storage`` dtype (``fp16`` halves the bytes); old classes
+    keep the mosaics herding picks. ``factor=1, storage="fp16"`` stores full-resolution real
+    images at half precision. Bytes are counted as for every memory (what is stored).
+    """
+
+    def __init__(self, budget_bytes: int, spec: DatasetSpec, **options: Any) -> None:
+        if options.get("iterations") not in (None, 0):
+            raise ValueError(
+                f"compressed real images run no matching iteration (got iterations="
+                f"{options['iterations']}); to distill the same mosaics use MultiFormationBuffer "
+                "(--buffer multi)"
+            )
+        super().__init__(budget_bytes, spec, **{**options, "iterations": 0})
 
 
 class AddressingBuffer(MemoryBuffer):

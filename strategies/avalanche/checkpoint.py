@@ -23,8 +23,10 @@ __all__ = ["memories", "resume", "save"]
 
 
 def memories(strategy: Any) -> list[Any]:
-    """The storage policies of the strategy's replay plugins (ours and Avalanche's), in plugin order."""
-    return [
+    """The strategy's storage policies: its own first (Avalanche's ``ER_ACE`` and ``DER`` keep
+    one), then those of its replay plugins (ours and Avalanche's), in plugin order."""
+    own = [strategy.storage_policy] if hasattr(strategy, "storage_policy") else []
+    return own + [
         p.storage_policy for p in getattr(strategy, "plugins", []) if hasattr(p, "storage_policy")
     ]
 

@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "class-balanced",
             "herding",
             "gdumb",
+            "er-ace",
+            "der",
+            "compressed-real",
         ),
     )
     budget = c.add_mutually_exclusive_group()
@@ -51,7 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--seed", type=int, default=0, help="class order, model init, distillation draws"
     )
-    c.add_argument("--strategy", default="naive", choices=("naive", "ewc"))
+    c.add_argument(
+        "--strategy",
+        default="naive",
+        choices=("naive", "ewc"),
+        help="the learner around the memory (er-ace and der are strategies themselves: naive only)",
+    )
     c.add_argument("--ewc-lambda", type=float, default=0.4)
     c.add_argument("--model", default="mlp", help="learner: mlp, convnet, ... (herding needs mlp)")
     c.add_argument("--epochs", type=positive_int, default=1, help="epochs over each experience")
@@ -99,6 +107,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="addressing bases (default: from the budget)",
     )
     c.add_argument(
+        "--factor",
+        type=positive_int,
+        default=None,
+        help="compressed-real: N^2 real images at 1/N resolution per stored image (default 2)",
+    )
+    c.add_argument(
         "--option",
         action="append",
         default=[],
@@ -111,7 +125,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=("fp32", "bf16"),
         help="bf16: the memory's distillation and the fresh-model training under bfloat16 autocast",
     )
-    c.add_argument("--storage", default="fp32", choices=("fp32", "fp16"))
+    c.add_argument(
+        "--storage",
+        default="fp32",
+        choices=("fp32", "fp16"),
+        help="dtype of our memories' stored tensors (compressed-real: fp16 holds twice the images)",
+    )
     c.add_argument("--out", default=None, help="output folder (default runs/continual-...)")
     c.add_argument(
         "--checkpoint", action="store_true", help="save after each experience; resume if present"
@@ -149,6 +168,7 @@ def _run(args: argparse.Namespace) -> int:
         "real_per_class": args.real_per_class,
         "downsample": args.downsample,
         "bases": args.bases,
+        "factor": args.factor,
     }
     cfg = RunConfig(
         options=parse_options(args.option),

@@ -2,12 +2,20 @@
 
 The command line (``fedcl-dd continual``), the benchmark script and the tests run
 every configuration through :func:`run_stream`, so all rows share the model,
-epochs, seeds, batch mix and metrics. Baselines are Avalanche's own buffers at the
-same bytes: ``replay`` (``ReservoirSamplingBuffer``), ``class-balanced``
-(``ClassBalancedBuffer``), ``herding`` (``ParametricBuffer`` with
-``HerdingSelectionStrategy``) inside ``ReplayPlugin``, and ``gdumb`` (``GDumbPlugin``).
-A baseline memory of real images holds ``budget_bytes // bytes_per_image`` samples,
-counted like our memories (fp32 pixels plus a 2-byte label).
+epochs, seeds, batch mix and metrics. Baselines are at the same bytes:
+
+* Avalanche's own buffers inside ``ReplayPlugin``: ``replay`` (``ReservoirSamplingBuffer``),
+  ``class-balanced`` (``ClassBalancedBuffer``), ``herding`` (``ParametricBuffer`` with
+  ``HerdingSelectionStrategy``); and ``gdumb`` (``GDumbPlugin``);
+* Avalanche's own replay strategies, which take the place of ``Naive`` / ``EWC``:
+  ``er-ace`` (``ER_ACE``) and ``der`` (``DER`` at Avalanche's defaults, alpha 0.1 and
+  beta 0.5, i.e. DER++), each replaying ``batch_size_mem`` samples per minibatch (at
+  most their memory's size: they replay only once it holds that many);
+* ``compressed-real`` (:class:`~.buffers.CompressedRealBuffer`): real images at
+  1/``factor`` resolution and the ``storage`` dtype, more of them in the same bytes.
+
+A baseline memory of real images holds ``budget_bytes // sample_bytes`` samples, counted
+like our memories: fp32 pixels plus a 2-byte label, plus DER's fp32 logits per sample.
 """
 
 from __future__ import annotations
@@ -24,9 +32,9 @@ from torch import nn
 
 from fedcl_dd.data import SPECS
 from fedcl_dd.models import make_model
-from fedcl_dd.synthetic import bytes_per_image
+from fedcl_dd.synthetic import bytes_per_image, image_shape3
 
-from .buffers import BUFFERS, MemoryBuffer
+from .buffers import BUFFERS, CompressedRealBuffer, MemoryBuffer
 from .checkpoint import memories, resume, save
 from .plugin import DEFAULT_BATCH_SIZE_MEM, MemoryReplayPlugin
 
@@ -37,6 +45,7 @@ __all__ = [
     "RunResult",
     "real_samples_for_budget",
     "run_stream",
+    "sample_bytes",
 ]
 
 BUFFER_CHOICES = (
@@ -45,10 +54,15 @@ BUFFER_CHOICES = (
     "class-balanced",
     "herding",
     "gdumb",
+    "er-ace",
+    "der",
+    "compressed-real",
 )
 STRATEGIES = ("naive", "ewc")
 _STREAM_ACC = "Top1_Acc_Stream/eval_phase/test_stream/Task000"
 _STREAM_FORGETTING = "StreamForgetting/eval_phase/test_stream"
+STRATEGY_BUFFERS = ("er-ace", "der")  # Avalanche strategies that own their replay buffer
+_LOGIT_BYTES = torch.finfo(torch.float32).bits // 8  # DER stores fp32 logits
 _EMBEDDING_LAYER = {"mlp": "body"}  # layers with a flat embedding, for herding
 
 
@@ -79,6 +93,7 @@ class RunConfig:
     real_per_class: int = 64
     downsample: int | None = None  # addressing bases at 1/downsample resolution
     bases: int | None = None
+    factor: int | None = None  # compressed-real and multi: sub-images per side, each at 1/factor
     storage: str = "fp32"
     options: dict[str, Any] = field(default_factory=dict)  # the method's (e.g. syn_per_class)
     precision: str = "fp32"  # bf16: distillation losses and fresh-model training under autocast
@@ -104,6 +119,16 @@ class RunConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.budget_bytes is not None and self.budget_bytes < 1:
             raise ValueError(f"budget_bytes must be positive, got {self.budget_bytes}")
+        if self.buffer in STRATEGY_BUFFERS and self.strategy != "naive":
+            raise ValueError(
+                f"buffer {self.buffer!r} is Avalanche's own strategy and trains with its own loss; "
+                f"it does not combine with strategy {self.strategy!r}: use strategy 'naive'"
+            )
+        if self.buffer == "compressed-real" and self.iterations:
+            raise ValueError(
+                f"compressed-real runs no matching iteration (got iterations={self.iterations}); "
+                "use buffer 'multi' to distill the same mosaics"
+            )
 
     @property
     def budget(self) -> int:
@@ -136,18 +161,28 @@ class RunResult:
         return {**asdict(self), "final_accuracy": self.final_accuracy}
 
 
-def real_samples_for_budget(budget_bytes: int, image_shape: tuple[int, int, int]) -> int:
-    """Real fp32 images (with 2-byte labels) that fit in ``budget_bytes``."""
-    n = budget_bytes // bytes_per_image(image_shape)
+def sample_bytes(image_shape: tuple[int, int, int], logits: int = 0) -> int:
+    """Bytes of one real sample in a baseline memory: its fp32 image and 2-byte label, plus
+    ``logits`` fp32 logits (DER keeps the model's output for every sample)."""
+    return bytes_per_image(image_shape) + logits * _LOGIT_BYTES
+
+
+def real_samples_for_budget(
+    budget_bytes: int, image_shape: tuple[int, int, int], logits: int = 0
+) -> int:
+    """Real samples (see :func:`sample_bytes`) that fit in ``budget_bytes``."""
+    n = budget_bytes // sample_bytes(image_shape, logits)
     if n < 1:
         raise ValueError(
-            f"a budget of {budget_bytes} bytes holds no {image_shape} image; raise the budget"
+            f"a budget of {budget_bytes} bytes holds no {image_shape} image"
+            f"{f' with {logits} logits' if logits else ''}; raise the budget"
         )
     return n
 
 
 def make_memory(cfg: RunConfig, bench: ContinualBenchmark, model: nn.Module) -> tuple[Any, Any]:
-    """The replay plugin and its storage policy for ``cfg.buffer`` (one of ours or an Avalanche baseline)."""
+    """The replay plugin and its storage policy for ``cfg.buffer`` (one of ours or a baseline);
+    ``er-ace`` and ``der`` have none (:func:`make_strategy` builds them with their buffer)."""
     from avalanche.training.plugins import GDumbPlugin, ReplayPlugin
     from avalanche.training.storage_policy import (
         ClassBalancedBuffer,
@@ -157,8 +192,11 @@ def make_memory(cfg: RunConfig, bench: ContinualBenchmark, model: nn.Module) -> 
     )
 
     spec = bench.spec
-    if cfg.buffer in BUFFERS:
-        buffer: MemoryBuffer = BUFFERS[cfg.buffer](
+    if cfg.buffer in STRATEGY_BUFFERS:
+        raise ValueError(f"{cfg.buffer!r} is a strategy with its own buffer: use make_strategy")
+    kinds: dict[str, type[MemoryBuffer]] = {**BUFFERS, "compressed-real": CompressedRealBuffer}
+    if cfg.buffer in kinds:
+        buffer = kinds[cfg.buffer](
             cfg.budget,
             spec,
             method=cfg.method,
@@ -167,6 +205,7 @@ def make_memory(cfg: RunConfig, bench: ContinualBenchmark, model: nn.Module) -> 
             storage=cfg.storage,
             downsample=cfg.downsample,
             bases=cfg.bases,
+            factor=cfg.factor,
             seed=cfg.seed,
             device=cfg.device,
             progress=cfg.progress,
@@ -206,10 +245,11 @@ def make_memory(cfg: RunConfig, bench: ContinualBenchmark, model: nn.Module) -> 
 
 
 def make_strategy(cfg: RunConfig, model: nn.Module, plugins: list[Any]) -> Any:
-    """A ``Naive`` or ``EWC`` strategy over ``model`` with Avalanche's accuracy and forgetting metrics."""
+    """The strategy over ``model`` with Avalanche's accuracy and forgetting metrics: ``ER_ACE``
+    or ``DER`` with their buffer at the budget for those buffers, else ``Naive`` or ``EWC``."""
     from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics
     from avalanche.training.plugins import EvaluationPlugin
-    from avalanche.training.supervised import EWC, Naive
+    from avalanche.training.supervised import DER, ER_ACE, EWC, Naive
 
     evaluator = EvaluationPlugin(
         accuracy_metrics(experience=True, stream=True),
@@ -227,6 +267,17 @@ def make_strategy(cfg: RunConfig, model: nn.Module, plugins: list[Any]) -> Any:
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     criterion = nn.CrossEntropyLoss()
+    if cfg.buffer in STRATEGY_BUFFERS:
+        spec = SPECS[BENCHMARKS[cfg.benchmark]]
+        # DER keeps one logit per output of the model for every sample it stores.
+        logits = spec.num_classes if cfg.buffer == "der" else 0
+        mem_size = real_samples_for_budget(cfg.budget, spec.image_shape, logits)
+        # Both replay only once their buffer holds a whole memory batch (a drop_last loader):
+        # with a memory smaller than batch_size_mem they would never replay, so the memory part
+        # of each minibatch is capped at the memory's size.
+        replay = dict(mem_size=mem_size, batch_size_mem=min(cfg.batch_size_mem, mem_size))
+        learner = DER if cfg.buffer == "der" else ER_ACE
+        return learner(model=model, optimizer=optimizer, criterion=criterion, **replay, **kwargs)
     if cfg.strategy == "ewc":
         return EWC(model, optimizer, criterion, ewc_lambda=cfg.ewc_lambda, **kwargs)
     return Naive(model, optimizer, criterion, **kwargs)
@@ -256,8 +307,8 @@ def run_stream(
         spec.image_size,
         torch.Generator().manual_seed(cfg.seed),
     )
-    plugin, _ = make_memory(cfg, bench, model)
-    strategy = make_strategy(cfg, model, [plugin])
+    plugins = [] if cfg.buffer in STRATEGY_BUFFERS else [make_memory(cfg, bench, model)[0]]
+    strategy = make_strategy(cfg, model, plugins)
     strategy.fedcl_result = RunResult(config=asdict(cfg))  # travels inside the checkpoint
     start = 0
     if checkpoint is not None:
@@ -290,9 +341,13 @@ def _describe_memory(result: RunResult, memory: Any) -> None:
         result.buffer_samples = len(memory.buffer)
         return
     n = len(memory.buffer)
-    shape = tuple(memory.buffer[0][0].shape) if n else (0, 0, 0)
     result.buffer_samples = result.distinct_samples = n
-    result.buffer_bytes = n * bytes_per_image(shape) if n else 0
+    if not n:
+        result.buffer_bytes = 0
+        return
+    first = memory.buffer[0]  # (x, y, task) and, in DER's buffer, the stored logits
+    logits = first[3].numel() if len(first) > 3 else 0
+    result.buffer_bytes = n * sample_bytes(image_shape3(first[0].shape), logits)
 
 
 def default_out(cfg: RunConfig) -> Path:
