@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -293,6 +293,7 @@ def distill(
         else None
     )
     precision = Precision.resolve(config.precision, ctx.device, unusable)
+    ctx = replace(ctx, precision=precision)  # the objective's networks may depend on it
     objective.setup(ctx, syn)
     optimizer = make_optimizer(syn, objective, config)
     params = [p for g in optimizer.param_groups for p in g["params"]]  # S and objective parameters
@@ -338,11 +339,6 @@ def _iteration(
     network updates (gradient matching training on S) stay fp32.
     """
     net = objective.network(ctx)
-    if precision.active and precision.device_type == "cpu":
-        # DM hands out channels-last networks (faster in fp32), but PyTorch's bfloat16 GroupNorm
-        # is slow in that layout on CPU: 7.5 ms against 0.9 ms for the convolution of one
-        # 16-image MNIST chunk (measured), which made a bf16 DM iteration 1.5x slower than fp32.
-        net = net.to(memory_format=torch.contiguous_format)
     steps = objective.outer_steps(syn)
     lr = optimizer.param_groups[0]["lr"]
     total = 0.0

@@ -23,6 +23,7 @@ from ..augment import DSA, AugParams
 from ..data import DatasetSpec
 from ..models import make_model
 from ..options import Option, parse_declared
+from ..precision import Precision
 from ..privacy import PrivacyLedger, PrivateRandom
 from ..sampling import ClassSampler
 from ..synthetic import SyntheticSet
@@ -52,7 +53,8 @@ class MatchingContext:
     ``network_source`` replaces fresh initializations, e.g. FedDM's networks sampled
     around the current global model; it receives this context and returns a network on
     ``device``. ``public`` is data the user may disclose, which a private objective's model
-    pool may train on (:mod:`fedcl_dd.pool`).
+    pool may train on (:mod:`fedcl_dd.pool`). ``precision`` is what the losses run under,
+    set by :func:`~fedcl_dd.distill.distill` (fp32 until then).
     """
 
     real: ClassSampler
@@ -63,6 +65,7 @@ class MatchingContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     network_source: NetworkSource | None = None
     public: ClassSampler | None = None
+    precision: Precision = field(default_factory=lambda: Precision("fp32", "cpu"))
 
     def fresh_network(self) -> nn.Module:
         """A network from ``network_source`` if set, else freshly initialized from ``generator``."""

@@ -82,7 +82,11 @@ class DistributionMatching(Objective):
         # backward pass compute input gradients alone. Channels-last weights make the
         # activations channels-last too, where oneDNN's forward convolutions and pooling run
         # faster on CPU (forward ~18% here; it slows weight-gradient training, hence here only).
-        return net.to(memory_format=torch.channels_last)
+        # Not under bfloat16 on CPU: PyTorch's bf16 GroupNorm is slow in that layout (7.5 ms
+        # against 0.9 ms for the convolution of a 16-image MNIST chunk, measured), which made a
+        # bf16 DM iteration 1.5x slower than fp32.
+        bf16_cpu = ctx.precision.active and ctx.device.type == "cpu"
+        return net.to(memory_format=torch.contiguous_format if bf16_cpu else torch.channels_last)
 
     def state_dict(self) -> dict[str, Any]:
         return {"pool": self.pool.state_dict()} if self.pool is not None else {}
