@@ -36,19 +36,32 @@ from fedcl_dd.data import (
 )
 from fedcl_dd.io import atomic_write
 
-__all__ = ["BENCHMARKS", "ContinualBenchmark", "class_order", "make_benchmark", "prepare_mnist_raw"]
+__all__ = [
+    "BENCHMARKS",
+    "ContinualBenchmark",
+    "class_order",
+    "make_benchmark",
+    "prepare_mnist_raw",
+    "with_validation",
+]
 
 BENCHMARKS = {"split-digits": "digits", "split-mnist": "mnist", "split-cifar10": "cifar10"}
 
 
 @dataclass
 class ContinualBenchmark:
-    """An Avalanche class-incremental scenario with the facts the buffers need."""
+    """An Avalanche class-incremental scenario with the facts the buffers need.
+
+    ``eval_stream`` is what a run is scored on: the test stream, or for a benchmark made by
+    :func:`with_validation` the validation stream carved from the training data, so that a
+    choice made on it never sees a test sample.
+    """
 
     name: str
     spec: DatasetSpec
-    scenario: Any  # avalanche NCScenario: .train_stream, .test_stream
+    scenario: Any  # avalanche NCScenario: .train_stream, .test_stream (and .valid_stream)
     class_order: list[int]
+    eval_stream_name: str = "test"
 
     @property
     def train_stream(self) -> Any:
@@ -57,6 +70,39 @@ class ContinualBenchmark:
     @property
     def test_stream(self) -> Any:
         return self.scenario.test_stream
+
+    @property
+    def eval_stream(self) -> Any:
+        return self.scenario.streams[self.eval_stream_name]
+
+
+def with_validation(
+    bench: ContinualBenchmark, fraction: float = 0.1, seed: int = 0
+) -> ContinualBenchmark:
+    """``bench`` with ``fraction`` of each experience's training samples, per class, held out
+    as a validation stream, which becomes its ``eval_stream``; the train stream keeps the rest.
+
+    The split is Avalanche's own class-balanced one, drawn from a generator seeded by
+    ``seed`` (the global RNG is left as it was). The test stream is kept but never scored.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"the validation fraction must be in (0, 1), got {fraction}")
+    from avalanche.benchmarks.scenarios.dataset_scenario import split_validation_class_balanced
+    from avalanche.benchmarks.scenarios.validation_scenario import benchmark_with_validation_stream
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the split shuffles with torch's global generator
+        scenario = benchmark_with_validation_stream(
+            bench.scenario,
+            split_strategy=lambda data: split_validation_class_balanced(fraction, data),
+        )
+    for exp in scenario.valid_stream:
+        if len(exp.dataset) == 0:
+            raise ValueError(
+                f"a validation fraction of {fraction} leaves experience {exp.current_experience} "
+                "without validation samples; raise the fraction"
+            )
+    return ContinualBenchmark(bench.name, bench.spec, scenario, bench.class_order, "valid")
 
 
 class _LabelledTensors(TensorDataset):

@@ -59,8 +59,6 @@ BUFFER_CHOICES = (
     "compressed-real",
 )
 STRATEGIES = ("naive", "ewc")
-_STREAM_ACC = "Top1_Acc_Stream/eval_phase/test_stream/Task000"
-_STREAM_FORGETTING = "StreamForgetting/eval_phase/test_stream"
 STRATEGY_BUFFERS = ("er-ace", "der")  # Avalanche strategies that own their replay buffer
 _LOGIT_BYTES = torch.finfo(torch.float32).bits // 8  # DER stores fp32 logits
 _EMBEDDING_LAYER = {"mlp": "body"}  # layers with a flat embedding, for herding
@@ -90,6 +88,7 @@ class RunConfig:
     buffer_epochs: int = 50
     method: str = "dm"
     iterations: int | None = None  # the buffer's default
+    lr_images: float | None = None  # the method's default
     real_per_class: int = 64
     downsample: int | None = None  # addressing bases at 1/downsample resolution
     bases: int | None = None
@@ -201,6 +200,7 @@ def make_memory(cfg: RunConfig, bench: ContinualBenchmark, model: nn.Module) -> 
             spec,
             method=cfg.method,
             iterations=cfg.iterations,
+            lr_images=cfg.lr_images,
             real_per_class=cfg.real_per_class,
             storage=cfg.storage,
             downsample=cfg.downsample,
@@ -289,7 +289,9 @@ def run_stream(
     on_experience: Callable[[int, RunResult, Any], None] | None = None,
     checkpoint: str | Path | None = None,
 ) -> RunResult:
-    """Train over the whole stream, evaluating on the full test stream after each experience.
+    """Train over the whole stream, scoring the full ``bench.eval_stream`` (the test stream, or
+    the validation stream of :func:`~fedcl_dd.scenarios.continual.with_validation`) after each
+    experience.
 
     ``on_experience(i, result_so_far, strategy)`` is called after each experience (e.g. to
     print). With ``checkpoint``, the strategy is saved there after every experience through
@@ -323,15 +325,23 @@ def run_stream(
         distilled = getattr(memory, "distill_seconds", [])[done:]
         result.distill_seconds.append(sum(distilled))
         result.train_seconds.append(total - sum(distilled))
-        metrics = strategy.eval(bench.test_stream)
-        result.accuracy_after.append(float(metrics[_STREAM_ACC]))
-        result.forgetting = float(metrics.get(_STREAM_FORGETTING, float("nan")))
+        metrics = strategy.eval(bench.eval_stream)
+        result.accuracy_after.append(_stream_metric(metrics, "Top1_Acc_Stream", bench))
+        result.forgetting = _stream_metric(metrics, "StreamForgetting", bench)
         _describe_memory(result, memory)
         if checkpoint is not None:
             save(strategy, checkpoint)
         if on_experience is not None:
             on_experience(exp.current_experience, result, strategy)
     return strategy.fedcl_result
+
+
+def _stream_metric(metrics: dict[str, Any], name: str, bench: ContinualBenchmark) -> float:
+    """Avalanche's stream metric ``name`` on ``bench.eval_stream`` (NaN if it has none yet,
+    as forgetting before a second experience). The classic scenarios suffix the key with the
+    task label; the validation stream's experiences carry none."""
+    key = f"{name}/eval_phase/{bench.eval_stream_name}_stream"
+    return float(metrics.get(key, metrics.get(f"{key}/Task000", float("nan"))))
 
 
 def _describe_memory(result: RunResult, memory: Any) -> None:
