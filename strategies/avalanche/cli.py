@@ -31,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="pixels",
         choices=(
             "pixels",
+            "multi",
             "addressing",
             "replay",
             "class-balanced",
@@ -89,6 +90,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--iterations", type=int, default=None, help="distillation iterations per experience"
     )
     c.add_argument(
+        "--lr-images",
+        type=float,
+        default=None,
+        help="learning rate of the memory's images (default: the method's)",
+    )
+    c.add_argument(
         "--real-per-class",
         type=positive_int,
         default=None,
@@ -110,7 +117,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--factor",
         type=positive_int,
         default=None,
-        help="compressed-real: N^2 real images at 1/N resolution per stored image (default 2)",
+        help="multi, compressed-real: N^2 images at 1/N resolution per stored image (default 2)",
     )
     c.add_argument(
         "--option",
@@ -165,6 +172,7 @@ def _run(args: argparse.Namespace) -> int:
     overrides = {
         "batch_size_mem": args.batch_size_mem,
         "iterations": args.iterations,
+        "lr_images": args.lr_images,
         "real_per_class": args.real_per_class,
         "downsample": args.downsample,
         "bases": args.bases,
