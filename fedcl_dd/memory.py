@@ -248,7 +248,9 @@ class ByteBoundedMemory:
             return int(torch.unique(self.syn.images().detach().flatten(1), dim=0).shape[0])
 
     def config(self) -> dict[str, Any]:
-        """The settings a checkpoint must agree on to be resumed with this memory."""
+        """The settings a checkpoint must agree on to be resumed with this memory, the
+        parameterization's among them (``factor``; ``downsample``, ``bases``), declared
+        defaults filled in: a resumed memory keeps the checkpoint's, whatever this run asks."""
         return {
             "kind": type(self).__name__,
             "budget_bytes": self.budget_bytes,
@@ -257,6 +259,7 @@ class ByteBoundedMemory:
             "num_classes": self.num_classes,
             "method": self.recipe.method,
             "storage": self.recipe.storage,
+            **self.recipe.parameterization(self.spec).settings,
         }
 
     def _distill(

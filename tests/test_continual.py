@@ -16,7 +16,13 @@ pytest.importorskip("avalanche")
 from fedcl_dd.strategies.avalanche.buffers import AddressingBuffer, PixelBuffer
 from fedcl_dd.strategies.avalanche.checkpoint import memories, resume, save
 from fedcl_dd.strategies.avalanche.plugin import MemoryReplayPlugin
-from fedcl_dd.strategies.avalanche.runner import RunConfig, make_strategy, run_stream
+from fedcl_dd.strategies.avalanche.runner import (
+    RunConfig,
+    make_learner,
+    make_memory,
+    make_strategy,
+    run_stream,
+)
 
 from fedcl_dd.data import SPECS
 from fedcl_dd.synthetic import bytes_per_image
@@ -318,3 +324,64 @@ def test_replay_builds_addressing_images_on_demand(digits):
         x, y, task = buffer.buffer[i]
         assert torch.allclose(x, images[i], atol=1e-5)
         assert y == int(syn.class_ids[i]) and task == 0
+
+
+CIFAR = SPECS["cifar10"]
+
+
+def test_slim_resnet18_is_avalanches_own_seeded_and_takes_split_cifar10_input():
+    """``slim-resnet18`` is Avalanche's SlimResNet18 for the benchmark's classes, its weights a
+    function of the seed alone; the caller's random stream is left as it was."""
+    from avalanche.models.slim_resnet18 import ResNet
+
+    cfg = RunConfig(benchmark="split-cifar10", model="slim-resnet18", seed=0)
+    rng = torch.get_rng_state()
+    model = make_learner(cfg, CIFAR)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert isinstance(model, ResNet)
+    torch.manual_seed(123)  # another global state: the same weights
+    again = make_learner(cfg, CIFAR).state_dict()
+    other = make_learner(RunConfig(**{**vars(cfg), "seed": 1}), CIFAR).state_dict()
+    weights = model.state_dict()
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    assert not torch.equal(weights["conv1.weight"], other["conv1.weight"])
+    assert model(torch.randn(2, *CIFAR.image_shape)).shape == (2, CIFAR.num_classes)
+
+
+@pytest.mark.parametrize("benchmark", ["split-mnist", "split-digits"])
+def test_slim_resnet18_refuses_a_benchmark_that_is_not_3x32x32(benchmark):
+    """Avalanche's SlimResNet18 views every input as 3x32x32: a 1-channel benchmark fails
+    inside its forward, so the configuration refuses it first, naming the fix."""
+    with pytest.raises(
+        ValueError, match="takes 3-channel 32x32 images.*use benchmark split-cifar10"
+    ):
+        RunConfig(benchmark=benchmark, model="slim-resnet18")
+    with pytest.raises(ValueError, match="unknown model 'resnet-slim'"):
+        RunConfig(model="resnet-slim")
+
+
+def test_herding_refuses_slim_resnet18_which_has_no_flat_embedding_layer():
+    from types import SimpleNamespace
+
+    cfg = RunConfig(benchmark="split-cifar10", model="slim-resnet18", buffer="herding")
+    bench = SimpleNamespace(spec=CIFAR)  # make_memory reads only the spec
+    with pytest.raises(ValueError, match="herding selects in a flat embedding"):
+        make_memory(cfg, bench, make_learner(cfg, CIFAR))
+
+
+def test_slim_resnet18_trains_through_a_split_cifar10_shaped_stream():
+    """The whole run (Avalanche's reservoir replay) on 5 experiences of random 3x32x32 images."""
+    from avalanche.benchmarks import nc_benchmark
+    from fedcl_dd.scenarios.continual import ContinualBenchmark, _LabelledTensors
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(10).repeat(3)
+    data = _LabelledTensors(torch.randn(len(y), *CIFAR.image_shape, generator=g), y)
+    order = list(range(10))
+    scenario = nc_benchmark(data, data, 5, task_labels=False, seed=0, fixed_class_order=order)
+    bench = ContinualBenchmark("split-cifar10", CIFAR, scenario, order)
+    cfg = RunConfig(
+        benchmark="split-cifar10", model="slim-resnet18", buffer="replay", budget_images=10
+    )
+    result = run_stream(cfg, bench)
+    assert len(result.accuracy_after) == 5 and result.buffer_samples == 10

@@ -22,11 +22,12 @@ from avalanche.checkpointing import maybe_load_checkpoint, save_checkpoint
 from avalanche.training.supervised import EWC, Naive
 from fedcl_dd.strategies.avalanche.buffers import (
     AddressingBuffer,
+    CompressedRealBuffer,
     MemoryBuffer,
     PixelBuffer,
     _OnDemand,
 )
-from fedcl_dd.strategies.avalanche.checkpoint import memories, resume
+from fedcl_dd.strategies.avalanche.checkpoint import memories, resume, save
 from fedcl_dd.strategies.avalanche.plugin import MemoryReplayPlugin
 
 from fedcl_dd.data import SPECS
@@ -187,3 +188,41 @@ def test_replay_is_rebuilt_from_the_verified_memory_on_load(bench: Any, tmp_path
     assert torch.allclose(torch.stack([x for x, _, _ in reloaded.buffer]), held, atol=1e-5)
     # A deep copy goes through the same check.
     assert torch.equal(copy.deepcopy(reloaded).buffer[0][0], replayed)
+
+
+@pytest.mark.parametrize(
+    ("buffer", "saved", "asked"),
+    [
+        (CompressedRealBuffer, {"factor": 2}, {"factor": 4}),
+        (AddressingBuffer, {"bases": 2}, {"bases": 3}),
+        (AddressingBuffer, {}, {"downsample": 2}),  # the default (None) is a setting too
+    ],
+)
+def test_a_checkpoint_of_other_parameterization_settings_is_refused(
+    bench: Any,
+    tmp_path: Path,
+    buffer: type[MemoryBuffer],
+    saved: dict[str, int],
+    asked: dict[str, int],
+) -> None:
+    """Resuming keeps the checkpoint's memory, so a run asking for another ``factor``,
+    ``bases`` or ``downsample`` would silently run with the saved one: it is refused, naming
+    the setting, and the strategy is left as it was."""
+
+    def strategy(options: dict[str, Any]) -> Any:
+        model = make_model("mlp", 1, 10, 8, torch.Generator().manual_seed(0))
+        plugin = MemoryReplayPlugin(buffer(BUDGET, SPEC, **options), batch_size_mem=16)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        return Naive(model, optimizer, train_mb_size=16, evaluator=None, plugins=[plugin])
+
+    path = tmp_path / "ckpt.pkl"
+    first = strategy(saved)
+    first.train(bench.train_stream[0])
+    save(first, path)
+    assert resume(strategy(saved), path)[1] == 1
+    (name,) = asked
+    target = strategy(asked)
+    before = dict(target.__dict__)
+    with pytest.raises(ValueError, match=f"another configuration \\({name}: checkpoint "):
+        resume(target, path)
+    assert target.__dict__ == before

@@ -62,7 +62,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the learner around the memory (er-ace and der are strategies themselves: naive only)",
     )
     c.add_argument("--ewc-lambda", type=float, default=0.4)
-    c.add_argument("--model", default="mlp", help="learner: mlp, convnet, ... (herding needs mlp)")
+    c.add_argument(
+        "--model",
+        default="mlp",
+        help="learner: mlp, convnet, ..., or slim-resnet18 (Avalanche's SlimResNet18, "
+        "split-cifar10 only); herding needs mlp",
+    )
     c.add_argument("--epochs", type=positive_int, default=1, help="epochs over each experience")
     c.add_argument("--lr", type=float, default=0.01)
     c.add_argument(

@@ -16,6 +16,9 @@ epochs, seeds, batch mix and metrics. Baselines are at the same bytes:
 
 A baseline memory of real images holds ``budget_bytes // sample_bytes`` samples, counted
 like our memories: fp32 pixels plus a 2-byte label, plus DER's fp32 logits per sample.
+
+Learners: the core's models (``mlp``, ``convnet``, ...) and Avalanche's ``SlimResNet18``
+(``slim-resnet18``, the reduced ResNet-18 of GEM that Avalanche's SplitCIFAR baselines use).
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ import torch
 from fedcl_dd.scenarios.continual import BENCHMARKS, ContinualBenchmark, make_benchmark
 from torch import nn
 
-from fedcl_dd.data import SPECS
-from fedcl_dd.models import make_model
+from fedcl_dd.data import SPECS, DatasetSpec
+from fedcl_dd.models import MODELS, make_model
 from fedcl_dd.synthetic import bytes_per_image, image_shape3
 
 from .buffers import BUFFERS, CompressedRealBuffer, MemoryBuffer
@@ -40,9 +43,11 @@ from .plugin import DEFAULT_BATCH_SIZE_MEM, MemoryReplayPlugin
 
 __all__ = [
     "BUFFER_CHOICES",
+    "MODEL_CHOICES",
     "STRATEGIES",
     "RunConfig",
     "RunResult",
+    "make_learner",
     "real_samples_for_budget",
     "run_stream",
     "sample_bytes",
@@ -61,7 +66,13 @@ BUFFER_CHOICES = (
 STRATEGIES = ("naive", "ewc")
 STRATEGY_BUFFERS = ("er-ace", "der")  # Avalanche strategies that own their replay buffer
 _LOGIT_BYTES = torch.finfo(torch.float32).bits // 8  # DER stores fp32 logits
-_EMBEDDING_LAYER = {"mlp": "body"}  # layers with a flat embedding, for herding
+# Layers whose output is a flat embedding, for Avalanche's herding (it hooks a module's output).
+# SlimResNet18 has none: it pools and flattens functionally, so its last module output before
+# the classifier is layer4's 4-D map.
+_EMBEDDING_LAYER = {"mlp": "body"}
+SLIM_RESNET18 = "slim-resnet18"  # Avalanche's SlimResNet18
+_SLIM_RESNET18_INPUT = (3, 32, 32)  # its forward views every input as 3x32x32
+MODEL_CHOICES = (*MODELS, SLIM_RESNET18)
 
 
 @dataclass
@@ -123,6 +134,15 @@ class RunConfig:
                 f"buffer {self.buffer!r} is Avalanche's own strategy and trains with its own loss; "
                 f"it does not combine with strategy {self.strategy!r}: use strategy 'naive'"
             )
+        if self.model not in MODEL_CHOICES:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {list(MODEL_CHOICES)}")
+        shape = SPECS[BENCHMARKS[self.benchmark]].image_shape
+        if self.model == SLIM_RESNET18 and tuple(shape) != _SLIM_RESNET18_INPUT:
+            raise ValueError(
+                f"{SLIM_RESNET18} (Avalanche's SlimResNet18) takes 3-channel 32x32 images; "
+                f"{self.benchmark} has {'x'.join(map(str, shape))}: use benchmark split-cifar10, "
+                "or model mlp or convnet"
+            )
         if self.buffer == "compressed-real" and self.iterations:
             raise ValueError(
                 f"compressed-real runs no matching iteration (got iterations={self.iterations}); "
@@ -177,6 +197,20 @@ def real_samples_for_budget(
             f"{f' with {logits} logits' if logits else ''}; raise the budget"
         )
     return n
+
+
+def make_learner(cfg: RunConfig, spec: DatasetSpec) -> nn.Module:
+    """The learner ``cfg.model`` for ``spec``'s classes, freshly initialized from ``cfg.seed``."""
+    if cfg.model == SLIM_RESNET18:
+        from avalanche.models import SlimResNet18
+
+        # Avalanche's model initializes itself from the global RNG: seed a fork of it, so the
+        # weights depend on the seed alone and the caller's random stream is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            return SlimResNet18(spec.num_classes)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return make_model(cfg.model, spec.channels, spec.num_classes, spec.image_size, generator)
 
 
 def make_memory(cfg: RunConfig, bench: ContinualBenchmark, model: nn.Module) -> tuple[Any, Any]:
@@ -301,14 +335,7 @@ def run_stream(
     """
     bench = bench or make_benchmark(cfg.benchmark, seed=cfg.seed, root=cfg.data_root)
     torch.manual_seed(cfg.seed)  # Avalanche's data loaders shuffle with the global RNG
-    spec = bench.spec
-    model = make_model(
-        cfg.model,
-        spec.channels,
-        spec.num_classes,
-        spec.image_size,
-        torch.Generator().manual_seed(cfg.seed),
-    )
+    model = make_learner(cfg, bench.spec)
     plugins = [] if cfg.buffer in STRATEGY_BUFFERS else [make_memory(cfg, bench, model)[0]]
     strategy = make_strategy(cfg, model, plugins)
     strategy.fedcl_result = RunResult(config=asdict(cfg))  # travels inside the checkpoint
