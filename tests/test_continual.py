@@ -91,7 +91,7 @@ def test_bytes_never_exceed_the_budget_across_the_stream(digits, kind):
             t.numel() * t.element_size() for t in buffer.syn.state_tensors().values()
         )
         assert len(buffer.buffer) <= buffer.max_size
-    assert len(buffer.distill_seconds) == 5
+    assert len(buffer.build_seconds) == 5
 
 
 def test_addressing_replays_more_distinct_samples_than_pixels(digits):
@@ -200,7 +200,7 @@ def _refused(buffer, match, *args, **kwargs):
     assert (
         _same(_state(buffer), before)
         and buffer.buffer is dataset
-        and len(buffer.distill_seconds) == 1
+        and len(buffer.build_seconds) == 1
     )
 
 

@@ -73,7 +73,7 @@ def test_memory_stays_within_its_bytes_as_classes_arrive(kind, digits):
     for group in ([0, 1], [2, 3], [4, 5, 6]):
         memory.add(*_by_class(digits, group))
         assert memory.nbytes <= budget
-    assert memory.classes == list(range(7)) and len(memory.distill_seconds) == 3
+    assert memory.classes == list(range(7)) and len(memory.build_seconds) == 3
     assert memory.syn is not None and torch.isfinite(memory.syn.images()).all()
 
 

@@ -123,8 +123,8 @@ class MemoryBuffer(ExemplarsBuffer):
         return self.memory.nbytes
 
     @property
-    def distill_seconds(self) -> list[float]:
-        return self.memory.distill_seconds
+    def build_seconds(self) -> list[float]:
+        return self.memory.build_seconds
 
     def distinct_samples(self) -> int:
         return self.memory.distinct_samples()

@@ -213,7 +213,7 @@ def _run(args: argparse.Namespace) -> int:
         print(
             f"experience {i}: accuracy {result.accuracy_after[-1]:.4f}  forgetting {result.forgetting:.4f}  "
             f"buffer {result.buffer_bytes} B / {cfg.budget} B, {result.distinct_samples} distinct samples  "
-            f"train {result.train_seconds[-1]:.1f} s  distill {result.distill_seconds[-1]:.1f} s",
+            f"train {result.train_seconds[-1]:.1f} s  build {result.build_seconds[-1]:.1f} s",
             flush=True,
         )
         memory = memories(strategy)[0]

@@ -169,7 +169,7 @@ class RunResult:
     buffer_samples: int = 0
     distinct_samples: int = 0
     matching_iterations: int = 0  # per update of our memories: 0 means never distilled
-    distill_seconds: list[float] = field(default_factory=list)
+    build_seconds: list[float] = field(default_factory=list)
     train_seconds: list[float] = field(default_factory=list)
 
     @property
@@ -330,8 +330,9 @@ def run_stream(
     ``on_experience(i, result_so_far, strategy)`` is called after each experience (e.g. to
     print). With ``checkpoint``, the strategy is saved there after every experience through
     Avalanche's ``save_checkpoint``, and a run finding the file resumes after its last
-    experience (a checkpoint of another configuration is refused). Distillation time is
-    measured inside the buffer and reported apart from training time.
+    experience (a checkpoint of another configuration is refused). The time our memories
+    take to build (initialization, matching iterations, herding) is measured inside them and
+    reported apart from training time.
     """
     bench = bench or make_benchmark(cfg.benchmark, seed=cfg.seed, root=cfg.data_root)
     torch.manual_seed(cfg.seed)  # Avalanche's data loaders shuffle with the global RNG
@@ -345,13 +346,13 @@ def run_stream(
     for exp in bench.train_stream[start:]:
         result: RunResult = strategy.fedcl_result
         memory = memories(strategy)[0]
-        done = len(getattr(memory, "distill_seconds", []))
+        done = len(getattr(memory, "build_seconds", []))
         begin = time.perf_counter()
         strategy.train(exp)
         total = time.perf_counter() - begin
-        distilled = getattr(memory, "distill_seconds", [])[done:]
-        result.distill_seconds.append(sum(distilled))
-        result.train_seconds.append(total - sum(distilled))
+        built = getattr(memory, "build_seconds", [])[done:]
+        result.build_seconds.append(sum(built))
+        result.train_seconds.append(total - sum(built))
         metrics = strategy.eval(bench.eval_stream)
         result.accuracy_after.append(_stream_metric(metrics, "Top1_Acc_Stream", bench))
         result.forgetting = _stream_metric(metrics, "StreamForgetting", bench)

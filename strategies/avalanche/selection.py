@@ -64,7 +64,7 @@ def choose(
     for setting in selection.grid:
         result = run_stream(replace(base, **setting), bench)
         selection.scores.append(result.final_accuracy)
-        selection.seconds.append(sum(result.distill_seconds) + sum(result.train_seconds))
+        selection.seconds.append(sum(result.build_seconds) + sum(result.train_seconds))
         if on_setting is not None:
             on_setting(setting, result)
     return selection
