@@ -11,6 +11,8 @@ and writes JSON.
     python benchmarks/accuracy.py --dataset mnist --ipc 10 --methods dm --minutes 15
     # a full grid (needs a GPU for the published iteration counts)
     python benchmarks/accuracy.py --dataset cifar10 --ipc 1 10 50 --methods dm gm tm --iterations 20000
+    # the same CIFAR-10 set trained on ResNet-18-BN and an MLP besides the ConvNet
+    python benchmarks/accuracy.py --dataset cifar10 --ipc 10 --methods dm ncfm --minutes 60 --cross-models resnet18 mlp
     # private DM at epsilon 8 (any method option is a flag, given to the methods declaring it)
     python benchmarks/accuracy.py --dataset mnist --methods dm-dp --epsilon 8 --minutes 15
 """
@@ -148,6 +150,18 @@ def run_one(
             (start_images, start_targets), ds.test_x, ds.test_y, spec, **ev_kw
         )
     base = START_EVALS[key]
+    # Cross-architecture: the same set (and the same random real subset) trained on other models.
+    cross = {}
+    for name in args.cross_models:
+        kw = {**ev_kw, "model": name}
+        on_set = evaluate(syn, ds.test_x, ds.test_y, spec, **kw)
+        on_start = evaluate((start_images, start_targets), ds.test_x, ds.test_y, spec, **kw)
+        cross[name] = {
+            "accuracy_mean": on_set.mean,
+            "accuracy_std": on_set.std,
+            "start_accuracy_mean": on_start.mean,
+            "start_accuracy_std": on_start.std,
+        }
     return {
         "dataset": args.dataset,
         "method": method,
@@ -168,6 +182,7 @@ def run_one(
         "nbytes": syn.nbytes,
         "num_images": syn.num_images,
         "published": published(args.dataset, method, ipc),
+        "cross_architecture": cross,
         **result.report,
     }
 
@@ -196,6 +211,14 @@ def main() -> None:
     p.add_argument("--eval-model", default="convnet")
     p.add_argument("--eval-models", type=int, default=3)
     p.add_argument("--eval-epochs", type=int, default=300)
+    p.add_argument(
+        "--cross-models",
+        nargs="*",
+        default=[],
+        metavar="MODEL",
+        help="also train these models on each set and on its random real start (e.g. resnet18 "
+        "mlp: the survey's ResNet-18-BN and MLP), as many as --eval-models, --eval-epochs",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default="benchmarks/results/accuracy.json")
@@ -233,6 +256,11 @@ def main() -> None:
             f"{100 * r['accuracy_mean']:6.2f} ± {100 * r['accuracy_std']:4.2f} "
             f"{100 * r['start_accuracy_mean']:7.2f} ± {100 * r['start_accuracy_std']:4.2f} {pub:>11} {r['nbytes']:9d}"
         )
+        for name, c in r["cross_architecture"].items():
+            print(
+                f"  on {name:<10} {100 * c['accuracy_mean']:6.2f} ± {100 * c['accuracy_std']:4.2f} "
+                f"{100 * c['start_accuracy_mean']:7.2f} ± {100 * c['start_accuracy_std']:4.2f}"
+            )
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
