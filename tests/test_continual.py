@@ -96,7 +96,7 @@ def test_bytes_never_exceed_the_budget_across_the_stream(digits, kind):
 
 def test_addressing_replays_more_distinct_samples_than_pixels(digits):
     budget = 50 * IMAGE
-    pixels, addressing = PixelBuffer(budget, SPEC, **FAST), AddressingBuffer(budget, SPEC)
+    pixels, addressing = PixelBuffer(budget, SPEC, **FAST), AddressingBuffer(budget, SPEC, **FAST)
     for classes in ([0, 1], [2, 3], [4, 5], [6, 7], [8, 9]):
         for buffer in (pixels, addressing):
             buffer.add(*_by_class(digits, classes))
@@ -282,7 +282,7 @@ def test_a_flipped_byte_in_a_saved_memory_is_refused_on_resume(streams, tmp_path
     from fedcl_dd.models import make_model
 
     bench = streams[0]
-    cfg = RunConfig(benchmark="split-digits", buffer="addressing", budget_images=20)
+    cfg = RunConfig(benchmark="split-digits", buffer="addressing", budget_images=20, **FAST)
 
     def fresh():
         model = make_model("mlp", 1, 10, 8, torch.Generator().manual_seed(0))
@@ -312,7 +312,7 @@ def test_replay_builds_addressing_images_on_demand(digits):
     and yields the images the memory holds."""
     from fedcl_dd.strategies.avalanche.buffers import _OnDemand
 
-    buffer = AddressingBuffer(40 * IMAGE, SPEC)
+    buffer = AddressingBuffer(40 * IMAGE, SPEC, iterations=0)
     buffer.add(*_by_class(digits, [0, 1, 2]))
     syn = buffer.syn
     assert syn is not None and syn.num_images > 40  # more images than pixel images would fit

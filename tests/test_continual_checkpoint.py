@@ -55,7 +55,7 @@ def _strategy(kind: str) -> Any:
         criterion=torch.nn.CrossEntropyLoss(), train_mb_size=16, train_epochs=1, evaluator=None
     )
     if kind == "naive-addressing":
-        buffer: MemoryBuffer = AddressingBuffer(BUDGET, SPEC)
+        buffer: MemoryBuffer = AddressingBuffer(BUDGET, SPEC, iterations=2)
         plugin = MemoryReplayPlugin(buffer, batch_size_mem=16)
         return Naive(model=model, optimizer=optimizer, plugins=[plugin], **common)
     buffer = PixelBuffer(BUDGET, SPEC, iterations=3, real_per_class=32)

@@ -108,3 +108,20 @@ def test_a_multi_formation_memory_replays_four_times_the_pixel_memorys_images(di
     assert multi.syn.num_images == 4 * pixels.syn.num_images
     assert multi.max_samples() == 4 * pixels.max_samples()
     assert memory_for("multi") is MultiFormationMemory
+
+
+def test_the_addressing_memory_is_distilled_by_default_with_its_dm_settings(digits):
+    """By default an update runs 20 DM iterations at the memory's validated settings, so the
+    stored set differs from its initialization alone; another method keeps its own defaults."""
+    budget = 30 * bytes_per_image(digits.spec.image_shape)
+    default = AddressingMemory(budget, digits.spec)
+    recipe = default.recipe
+    assert recipe.method == "dm" and recipe.iterations == 20 and recipe.lr == 10.0
+    assert recipe.options["real_per_class"] == 16 and recipe.options["syn_per_class"] == 16
+    init_only = AddressingMemory(budget, digits.spec, iterations=0)
+    for memory in (default, init_only):
+        memory.add(*_by_class(digits, [0, 1]))
+    assert default.syn is not None and init_only.syn is not None
+    assert not torch.equal(default.syn.images(), init_only.syn.images())
+    ncfm = AddressingMemory(budget, digits.spec, method="ncfm").recipe
+    assert ncfm.lr != 10.0 and ncfm.options.get("real_per_class", 64) != 16

@@ -99,8 +99,8 @@ class RunConfig:
     buffer_epochs: int = 50
     method: str = "dm"
     iterations: int | None = None  # the buffer's default
-    lr_images: float | None = None  # the method's default
-    real_per_class: int = 64
+    lr_images: float | None = None  # the memory's default
+    real_per_class: int | None = None  # the memory's default
     downsample: int | None = None  # addressing bases at 1/downsample resolution
     bases: int | None = None
     factor: int | None = None  # compressed-real and multi: sub-images per side, each at 1/factor
