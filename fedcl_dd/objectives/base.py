@@ -133,7 +133,6 @@ class Objective(abc.ABC):
     weight_decay: ClassVar[float] = 0.0  # AdamW's (decoupled) weight decay on the images
     default_init: ClassVar[str] = "real"
     private: ClassVar[bool] = False
-    trains_networks: ClassVar[bool] = False
     quick: ClassVar[dict[str, Any]] = {}
     paper: ClassVar[str] = ""  # the paper whose published figures this objective compares with
 

@@ -133,7 +133,6 @@ class GradientMatching(Objective):
         Option("batch_net", int, 256, "batch size of the network's training on S", low=1),
     )
     lr_by_ipc = ((1, 0.1),)  # DC/DSA
-    trains_networks = True
     quick = {"real_per_class": 8, "outer_loop": 2, "inner_loop": 1}
     paper = "dsa"  # DC with DSA, as the loop applies it
 

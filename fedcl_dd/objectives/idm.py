@@ -56,7 +56,6 @@ class ImprovedDistributionMatching(DistributionMatching):
         "real_per_class": 16,
         **QUICK_POOL,
     }
-    trains_networks = True
     paper = "idm"
 
     @classmethod

@@ -107,7 +107,6 @@ class CharacteristicFunctionMatching(DistributionMatching):
         "num_freqs": 64,
         **QUICK_POOL,
     }
-    trains_networks = True
     paper = "ncfm"
 
     @classmethod

@@ -259,7 +259,6 @@ class TrajectoryMatching(Objective):
         Option("expert_seed", int, 0, "seed of the experts' training"),
     )
     lr_by_ipc = ((1, 100.0), (50, 1000.0))  # MTT's CIFAR-10 rows
-    trains_networks = True
     quick = {
         "num_experts": 1,
         "expert_train_epochs": 2,
