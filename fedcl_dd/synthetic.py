@@ -730,8 +730,11 @@ class AddressingSet(SyntheticSet):
 
     def images_at(self, index: torch.Tensor) -> torch.Tensor:
         c, h, w = self.image_shape
-        r, n, k = self.addresses.shape
-        coef = self.addresses.transpose(0, 1).reshape(n * r, k)[index]
+        r = self.addresses.shape[0]
+        # Image j is row j % r of class slot j // r (the order of images()); indexing the
+        # addresses directly, rather than a reshaped copy of them all, keeps one image's
+        # cost independent of the memory's size (replay builds images one at a time).
+        coef = self.addresses[index % r, index // r]
         small = (coef @ self.bases).view(-1, c, h // self.downsample, w // self.downsample)
         if self.downsample == 1:
             return small
