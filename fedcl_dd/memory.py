@@ -262,18 +262,28 @@ class ByteBoundedMemory:
             return int(torch.unique(self.syn.images().detach().flatten(1), dim=0).shape[0])
 
     def config(self) -> dict[str, Any]:
-        """The settings a checkpoint must agree on to be resumed with this memory, the
-        parameterization's among them (``factor``; ``downsample``, ``bases``), declared
-        defaults filled in: a resumed memory keeps the checkpoint's, whatever this run asks."""
+        """The settings a checkpoint must agree on to be resumed with this memory: the
+        matching (iterations, image learning rate, precision, the method's options) and the
+        parameterization's (``factor``; ``downsample``, ``bases``), declared defaults filled
+        in: a resumed memory keeps the checkpoint's, whatever this run asks."""
+        recipe = self.recipe
+        method_options = {
+            o.name: recipe.objective_options.get(o.name, o.default)
+            for o in recipe.objective_class.options
+        }
         return {
             "kind": type(self).__name__,
             "budget_bytes": self.budget_bytes,
             "dataset": self.spec.name,
             "image_shape": list(self.spec.image_shape),
             "num_classes": self.num_classes,
-            "method": self.recipe.method,
-            "storage": self.recipe.storage,
-            **self.recipe.parameterization(self.spec).settings,
+            "method": recipe.method,
+            "storage": recipe.storage,
+            "iterations": recipe.iterations,
+            "lr_images": recipe.lr_images,  # None: the method's published rate
+            "precision": self.precision,
+            **method_options,
+            **recipe.parameterization(self.spec).settings,
         }
 
     def _distill(

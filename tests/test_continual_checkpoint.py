@@ -196,9 +196,11 @@ def test_replay_is_rebuilt_from_the_verified_memory_on_load(bench: Any, tmp_path
         (CompressedRealBuffer, {"factor": 2}, {"factor": 4}),
         (AddressingBuffer, {"bases": 2}, {"bases": 3}),
         (AddressingBuffer, {}, {"downsample": 2}),  # the default (None) is a setting too
+        (AddressingBuffer, {"iterations": 1}, {"iterations": 2}),
+        (PixelBuffer, {"real_per_class": 8}, {"real_per_class": 16}),
     ],
 )
-def test_a_checkpoint_of_other_parameterization_settings_is_refused(
+def test_a_checkpoint_of_other_memory_settings_is_refused(
     bench: Any,
     tmp_path: Path,
     buffer: type[MemoryBuffer],
@@ -206,8 +208,8 @@ def test_a_checkpoint_of_other_parameterization_settings_is_refused(
     asked: dict[str, int],
 ) -> None:
     """Resuming keeps the checkpoint's memory, so a run asking for another ``factor``,
-    ``bases`` or ``downsample`` would silently run with the saved one: it is refused, naming
-    the setting, and the strategy is left as it was."""
+    ``bases``, ``downsample``, number of iterations or method option would silently run with
+    the saved one: it is refused, naming the setting, and the strategy is left as it was."""
 
     def strategy(options: dict[str, Any]) -> Any:
         model = make_model("mlp", 1, 10, 8, torch.Generator().manual_seed(0))
