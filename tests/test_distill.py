@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from dm_start import dm_start
 
-from fedcl_dd.augment import DSA
 from fedcl_dd.distill import (
     Callback,
     Checkpointer,
@@ -13,31 +13,19 @@ from fedcl_dd.distill import (
     distill,
 )
 from fedcl_dd.io import load_checkpoint
-from fedcl_dd.objectives import DistributionMatching, MatchingContext
-from fedcl_dd.synthetic import PixelSet
-
-
-def _setup(digits, sampler, seed=0):
-    ctx = MatchingContext(
-        sampler,
-        digits.spec,
-        augment=DSA(digits.spec.dsa_strategy, torch.Generator().manual_seed(seed + 1)),
-        generator=torch.Generator().manual_seed(seed),
-    )
-    syn = PixelSet.from_real(sampler, 2, generator=torch.Generator().manual_seed(seed))
-    return ctx, syn
+from fedcl_dd.objectives import DistributionMatching
 
 
 def test_resume_continues_exactly_where_the_run_stopped(digits, digits_sampler, tmp_path):
-    ctx, syn = _setup(digits, digits_sampler)
+    ctx, syn = dm_start(digits, digits_sampler)
     straight = distill(syn, DistributionMatching(32), ctx, DistillConfig(iterations=6))
 
-    ctx2, syn2 = _setup(digits, digits_sampler)
+    ctx2, syn2 = dm_start(digits, digits_sampler)
     ckpt = tmp_path / "ckpt.pt"
     distill(
         syn2, DistributionMatching(32), ctx2, DistillConfig(iterations=3), [Checkpointer(ckpt, 1)]
     )
-    ctx3, syn3 = _setup(
+    ctx3, syn3 = dm_start(
         digits, digits_sampler, seed=99
     )  # fresh objects, other seeds: state comes from the file
     resumed = distill(
@@ -53,7 +41,7 @@ def test_resume_continues_exactly_where_the_run_stopped(digits, digits_sampler, 
 
 
 def test_divergence_names_the_iteration_and_restores_the_set(digits, digits_sampler, tmp_path):
-    ctx, syn = _setup(digits, digits_sampler)
+    ctx, syn = dm_start(digits, digits_sampler)
     ckpt = tmp_path / "ckpt.pt"
     distill(
         syn, DistributionMatching(16), ctx, DistillConfig(iterations=2), [Checkpointer(ckpt, 1)]
@@ -84,14 +72,14 @@ def test_divergence_names_the_iteration_and_restores_the_set(digits, digits_samp
 
 
 def test_huge_learning_rate_diverges_cleanly(digits, digits_sampler):
-    ctx, syn = _setup(digits, digits_sampler)
+    ctx, syn = dm_start(digits, digits_sampler)
     with pytest.raises(DistillationDiverged, match="Try a smaller learning rate"):
         distill(syn, DistributionMatching(16), ctx, DistillConfig(iterations=5, lr_images=1e38))
     assert torch.isfinite(syn.images()).all()
 
 
 def test_callbacks_see_every_iteration_and_periodic_evaluation_logs(digits, digits_sampler):
-    ctx, syn = _setup(digits, digits_sampler)
+    ctx, syn = dm_start(digits, digits_sampler)
     seen = []
 
     class Record(Callback):
@@ -114,7 +102,7 @@ def test_bad_config_is_refused():
 
 
 def test_resuming_from_a_missing_checkpoint_names_the_file(digits, digits_sampler, tmp_path):
-    ctx, syn = _setup(digits, digits_sampler)
+    ctx, syn = dm_start(digits, digits_sampler)
     with pytest.raises(FileNotFoundError, match="no checkpoint at .*missing.pt"):
         distill(
             syn,
@@ -127,7 +115,7 @@ def test_resuming_from_a_missing_checkpoint_names_the_file(digits, digits_sample
 
 def test_every_callback_is_prepared_before_any_starts(digits, digits_sampler, tmp_path):
     """A restored checkpoint is seen by the callbacks that start after it (e.g. a progress bar's start)."""
-    ctx, syn = _setup(digits, digits_sampler)
+    ctx, syn = dm_start(digits, digits_sampler)
     ckpt = tmp_path / "ckpt.pt"
     distill(
         syn, DistributionMatching(16), ctx, DistillConfig(iterations=2), [Checkpointer(ckpt, 1)]
@@ -155,7 +143,7 @@ def test_a_long_run_says_how_long_it_will_take(digits, digits_sampler, capsys, m
     import fedcl_dd.distill as loop
     from fedcl_dd.distill import ProgressBar
 
-    ctx, syn = _setup(digits, digits_sampler)
+    ctx, syn = dm_start(digits, digits_sampler)
     clock = itertools.count(0.0, 1000.0)  # each reading 1000 s after the last: a slow machine
     monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
     distill(
@@ -168,7 +156,7 @@ def test_a_long_run_says_how_long_it_will_take(digits, digits_sampler, capsys, m
 def test_a_short_run_prints_no_estimate(digits, digits_sampler, capsys):
     from fedcl_dd.distill import ProgressBar
 
-    ctx, syn = _setup(digits, digits_sampler)
+    ctx, syn = dm_start(digits, digits_sampler)
     distill(
         syn, DistributionMatching(16), ctx, DistillConfig(iterations=8), [ProgressBar(disable=True)]
     )

@@ -7,14 +7,14 @@ import warnings
 
 import pytest
 import torch
+from dm_start import dm_start
 
 from fedcl_dd import precision as precision_mod
-from fedcl_dd.augment import DSA
 from fedcl_dd.cli import main
 from fedcl_dd.distill import DistillConfig, distill
 from fedcl_dd.evaluate import evaluate, train_model
 from fedcl_dd.models import make_model
-from fedcl_dd.objectives import DistributionMatching, MatchingContext
+from fedcl_dd.objectives import DistributionMatching
 from fedcl_dd.objectives.dm_dp import PrivateDistributionMatching
 from fedcl_dd.precision import Precision, autocast_context, bf16_unsupported_reason
 from fedcl_dd.synthetic import PixelSet
@@ -31,13 +31,7 @@ def fresh_warnings(monkeypatch):
 
 
 def _run(digits, sampler, config, objective=None, seed=0):
-    ctx = MatchingContext(
-        sampler,
-        digits.spec,
-        augment=DSA(digits.spec.dsa_strategy, torch.Generator().manual_seed(seed + 1)),
-        generator=torch.Generator().manual_seed(seed),
-    )
-    syn = PixelSet.from_real(sampler, 2, generator=torch.Generator().manual_seed(seed))
+    ctx, syn = dm_start(digits, sampler, seed)
     result = distill(syn, objective or DistributionMatching(16), ctx, config)
     return result, syn
 
