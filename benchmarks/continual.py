@@ -4,12 +4,12 @@ Every row runs the same learner (model, epochs, minibatch, seeds) through
 :func:`fedcl_dd.strategies.avalanche.runner.run_stream`; only the memory differs and,
 with ``--select``, the settings each row chose on a validation split held out of the
 training stream (never the test stream): the grids are :data:`SHARED_GRID` and
-:data:`MEMORY_GRIDS`, and the JSON records every setting's validation accuracy. Prints a table (accuracy after each experience, final average accuracy,
-Avalanche's stream forgetting, buffer bytes, distinct samples replayed,
-distillation and training seconds per experience) and writes
-``benchmarks/results/continual_<benchmark>.json``, a plot of accuracy after each
-experience per buffer (``continual_<benchmark>.png``) and a grid of each of our
-memories' images after the last experience (``continual_<benchmark>_<buffer>.png``).
+:data:`MEMORY_GRIDS`, and the JSON records every setting's validation accuracy.
+Prints a table (accuracy after each experience, final average accuracy, Avalanche's
+stream forgetting, buffer bytes, distinct samples replayed, seconds to build the memory
+and to train, per experience) and writes ``benchmarks/results/continual_<benchmark><tag>.json``,
+a plot of accuracy after each experience per buffer and a grid of each of our
+memories' images after the last experience (``..._<buffer>.png``).
 
     python benchmarks/continual.py --benchmark split-mnist --seeds 0 1 2 --select
     python benchmarks/continual.py --benchmark split-mnist --seeds 0 --rows addressing replay --select
