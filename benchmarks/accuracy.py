@@ -20,16 +20,19 @@ and writes JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 
 from fedcl_dd.cli import resolve_device
-from fedcl_dd.data import Dataset, data_root, load_dataset
-from fedcl_dd.distill import Callback, ProgressBar, TimeLimit
+from fedcl_dd.data import Dataset, data_root, holdout, load_dataset
+from fedcl_dd.distill import Callback, DistillResult, ProgressBar, TimeLimit
 from fedcl_dd.evaluate import EvalResult, evaluate
 from fedcl_dd.pipeline import Distillation
 from fedcl_dd.recipe import Recipe
@@ -76,62 +79,124 @@ ACCURACY_TARGETS = {("mnist", 10): 0.98, ("cifar10", 10): 0.60}
 
 
 def accuracy_targets(rows: list[dict], minutes: float | None, command: str) -> list[dict]:
-    """Per method other than DM: its accuracy against the issue's target (where one is set) and
-    its gain over DM run in the same invocation (same dataset, images per class and seed)."""
+    """Per row other than the reference (DM on plain pixels): its accuracy against the issue's
+    target (where one is set) and its gain over the reference run in the same invocation (same
+    dataset, images per class and seed)."""
     if not minutes:
         return []
     out = []
     for r in rows:
-        if r["method"] == "dm":
+        if (r["method"], r["param"]) == ("dm", "pixels"):
             continue
         stem = f"{r['dataset']}-ipc{r['ipc']}-{minutes:g}min"
+        which = r["method"] if r["param"] == "pixels" else f"{r['method']}-{r['param']}"
         goal = ACCURACY_TARGETS.get((r["dataset"], r["ipc"]))
         if goal is not None:
-            out.append(target(f"{stem}-acc", r["accuracy_mean"], goal, ">=", "accuracy", command))
+            out.append(
+                target(f"{stem}-acc-{which}", r["accuracy_mean"], goal, ">=", "accuracy", command)
+            )
         dm = [
             d
             for d in rows
-            if d["method"] == "dm"
+            if (d["method"], d["param"]) == ("dm", "pixels")
             and (d["dataset"], d["ipc"], d["seed"]) == (r["dataset"], r["ipc"], r["seed"])
         ]
         if dm:
             gain = r["accuracy_mean"] - dm[0]["accuracy_mean"]
-            out.append(target(f"{stem}-gain-over-dm", gain, 0.0, ">", "accuracy", command))
+            out.append(target(f"{stem}-gain-over-dm-{which}", gain, 0.0, ">", "accuracy", command))
     return out
 
 
 START_EVALS: dict[tuple[bytes, bytes], EvalResult] = {}
 
 
-def run_one(
-    args: argparse.Namespace, ds: Dataset, method: str, ipc: int, seed: int, device: torch.device
-) -> dict:
-    spec = ds.spec
-    real = ClassSampler(ds.train_x, ds.train_y, spec.num_classes, device)
+def distill(
+    args: argparse.Namespace,
+    ds: Dataset,
+    method: str,
+    param: str,
+    ipc: int,
+    seed: int,
+    device: torch.device,
+    lr: float | None,
+    minutes: float | None,
+) -> tuple[Distillation, DistillResult, tuple[torch.Tensor, torch.Tensor]]:
+    """One distillation of ``ds``'s training split: the run, its result and the set it started
+    from (images, targets)."""
     # The command line's method and parameterization options, each given where it is declared.
     declared = {o.name for o in get_objective(method).options}
-    declared |= {o.name for o in get_parameterization(args.param).options}
+    declared |= {o.name for o in get_parameterization(param).options}
     options = {k: v for k, v in options_from_args(args).items() if k in declared}
     recipe = Recipe(
         method=method,
         ipc=ipc,
-        param=args.param,
+        param=param,
         iterations=args.iterations,
-        lr_images=args.lr_images.get(method, args.lr_images.get("*")),
+        lr_images=lr,
         options=options,
     )
+    real = ClassSampler(ds.train_x, ds.train_y, ds.spec.num_classes, device)
     run = Distillation(
-        recipe, real, spec, seed=seed, device=device, cache_dir=data_root(args.data_root)
+        recipe, real, ds.spec, seed=seed, device=device, cache_dir=data_root(args.data_root)
     )
     with torch.no_grad():
-        start_images, start_targets = (
-            run.syn.images().detach().clone(),
-            run.syn.targets().detach().clone(),
+        start = (run.syn.images().detach().clone(), run.syn.targets().detach().clone())
+    callbacks: list[Callback] = [ProgressBar(f"{args.dataset} {method} {param} ipc{ipc}")]
+    if minutes:
+        callbacks.append(TimeLimit(60 * minutes))
+    return run, run.run(callbacks), start
+
+
+def choose_lr(
+    args: argparse.Namespace,
+    val: Dataset,
+    method: str,
+    param: str,
+    ipc: int,
+    device: torch.device,
+) -> tuple[float, list[dict]]:
+    """The image learning rate among ``--lr-grid`` multiples of the method's own (or the given
+    one), by the accuracy of one network on ``val``'s held-out split after
+    ``--select-minutes`` of distillation of the rest; the grid with every score."""
+    given = args.lr_images.get(method, args.lr_images.get("*"))
+    base = given if given is not None else get_objective(method).default_lr(ipc)
+    grid = []
+    for mult in args.lr_grid:
+        run, result, _ = distill(
+            args, val, method, param, ipc, args.seeds[0], device, base * mult, args.select_minutes
         )
-    callbacks: list[Callback] = [ProgressBar(f"{args.dataset} {method} ipc{ipc}")]
-    if args.minutes:
-        callbacks.append(TimeLimit(60 * args.minutes))
-    result = run.run(callbacks)
+        ev = evaluate(
+            run.syn,
+            val.test_x,
+            val.test_y,
+            val.spec,
+            model=args.eval_model,
+            num_models=1,
+            epochs=args.eval_epochs,
+            seed=args.seeds[0] + 1000,
+            device=device,
+        )
+        grid.append(
+            {"lr_images": base * mult, "iterations": result.iterations, "validation": ev.mean}
+        )
+        print(f"  select {method} {param} lr {base * mult:g}: validation {100 * ev.mean:.2f}%")
+    best = max(grid, key=lambda g: g["validation"])  # ties: the first, i.e. the grid's order
+    return best["lr_images"], grid
+
+
+def run_one(
+    args: argparse.Namespace,
+    ds: Dataset,
+    method: str,
+    param: str,
+    ipc: int,
+    seed: int,
+    device: torch.device,
+    selection: tuple[float, list[dict]] | None,
+) -> dict:
+    spec = ds.spec
+    lr = selection[0] if selection else args.lr_images.get(method, args.lr_images.get("*"))
+    run, result, start = distill(args, ds, method, param, ipc, seed, device, lr, args.minutes)
     syn = run.syn
     ev_kw = dict(
         model=args.eval_model,
@@ -144,18 +209,16 @@ def run_one(
     ev = evaluate(syn, ds.test_x, ds.test_y, spec, **ev_kw)
     eval_seconds = time.perf_counter() - t
     # Methods that start from the same set (same seed and init) share its evaluation.
-    key = (start_images.numpy().tobytes(), start_targets.numpy().tobytes())
+    key = (start[0].numpy().tobytes(), start[1].numpy().tobytes())
     if key not in START_EVALS:
-        START_EVALS[key] = evaluate(
-            (start_images, start_targets), ds.test_x, ds.test_y, spec, **ev_kw
-        )
+        START_EVALS[key] = evaluate(start, ds.test_x, ds.test_y, spec, **ev_kw)
     base = START_EVALS[key]
     # Cross-architecture: the same set (and the same random real subset) trained on other models.
     cross = {}
     for name in args.cross_models:
         kw = {**ev_kw, "model": name}
         on_set = evaluate(syn, ds.test_x, ds.test_y, spec, **kw)
-        on_start = evaluate((start_images, start_targets), ds.test_x, ds.test_y, spec, **kw)
+        on_start = evaluate(start, ds.test_x, ds.test_y, spec, **kw)
         cross[name] = {
             "accuracy_mean": on_set.mean,
             "accuracy_std": on_set.std,
@@ -166,13 +229,14 @@ def run_one(
         "dataset": args.dataset,
         "method": method,
         "ipc": ipc,
-        "param": args.param,
+        "param": param,
         "seed": seed,
         "iterations": result.iterations,
         "distill_seconds": result.seconds,
         "seconds_per_iteration": result.seconds / max(1, result.iterations),
-        "options": options,
-        "lr_images": recipe.lr,
+        "options": run.recipe.options,
+        "lr_images": run.recipe.lr,
+        "lr_selection": selection[1] if selection else None,
         "accuracy_mean": ev.mean,
         "accuracy_std": ev.std,
         "accuracies": ev.accuracies,
@@ -187,6 +251,18 @@ def run_one(
     }
 
 
+def combo_rows(args: argparse.Namespace, combo: tuple[int, str, str]) -> list[dict]:
+    """The rows of one (images per class, parameterization, method): its image lr chosen on a
+    held-out share of the training set (with ``--lr-grid``; the test split is never seen
+    there), then one run per seed."""
+    ipc, param, method = combo
+    device = resolve_device(args.device)
+    ds = load_dataset(args.dataset, args.data_root)
+    val = holdout(ds, args.val_fraction, seed=0) if args.lr_grid else None
+    selection = choose_lr(args, val, method, param, ipc, device) if val else None
+    return [run_one(args, ds, method, param, ipc, s, device, selection) for s in args.seeds]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -195,7 +271,12 @@ def main() -> None:
     p.add_argument("--data-root", default=None)
     p.add_argument("--ipc", type=int, nargs="+", default=[10])
     p.add_argument("--methods", nargs="+", default=["dm"])
-    p.add_argument("--param", default="pixels")
+    p.add_argument(
+        "--params",
+        nargs="+",
+        default=["pixels"],
+        help="parameterizations, each run with every method (e.g. pixels multi)",
+    )
     p.add_argument(
         "--iterations", type=int, default=20000, help="upper bound; --minutes may stop earlier"
     )
@@ -208,6 +289,19 @@ def main() -> None:
         help="image learning rate for every method, or per method (e.g. dm=10 ncfm=0.01); "
         "default: each method's own",
     )
+    p.add_argument(
+        "--lr-grid",
+        type=float,
+        nargs="*",
+        default=[],
+        metavar="MULT",
+        help="choose each run's image lr among these multiples of its own (or --lr-images') on a "
+        "validation split of the training set (one network, --select-minutes); default: no choice",
+    )
+    p.add_argument(
+        "--val-fraction", type=float, default=0.1, help="share of each class held out (--lr-grid)"
+    )
+    p.add_argument("--select-minutes", type=float, default=3.0, help="distillation per grid point")
     p.add_argument("--eval-model", default="convnet")
     p.add_argument("--eval-models", type=int, default=3)
     p.add_argument("--eval-epochs", type=int, default=300)
@@ -221,6 +315,7 @@ def main() -> None:
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--device", default="auto")
+    p.add_argument("--jobs", type=int, default=1, help="runs side by side, one process each (CPU)")
     p.add_argument("--json", default="benchmarks/results/accuracy.json")
     add_option_flags(p)
     args = p.parse_args()
@@ -229,22 +324,29 @@ def main() -> None:
         for m, _, v in map(lambda e: e.partition("="), args.lr_images)
     )
     device = resolve_device(args.device)
-    ds = load_dataset(args.dataset, args.data_root)
-    rows = [
-        run_one(args, ds, m, ipc, s, device)
-        for ipc in args.ipc
-        for m in args.methods
-        for s in args.seeds
-    ]
+    combos = [(ipc, param, m) for ipc in args.ipc for param in args.params for m in args.methods]
+    if args.jobs > 1:
+        # Separate processes (one thread each, with OMP_NUM_THREADS=1): on a small CPU two runs
+        # side by side finish sooner than one after the other, under the same load.
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+            rows = [r for rs in ex.map(functools.partial(combo_rows, args), combos) for r in rs]
+    else:
+        rows = [r for c in combos for r in combo_rows(args, c)]
 
     budget = (
         (f"{args.minutes} min" if args.minutes else f"{args.iterations} it")
         + f" of distillation, options {options_from_args(args) or 'default'}; eval {args.eval_models}x {args.eval_model}, "
         f"{args.eval_epochs} epochs; device {device}, {torch.get_num_threads()} threads"
+        + (
+            f"; image lr chosen among {args.lr_grid} x the method's on {args.val_fraction} of "
+            f"the training set held out, {args.select_minutes} min of distillation each"
+            if args.lr_grid
+            else ""
+        )
     )
-    print(f"\n{args.dataset} ({args.param}); budget: {budget}")
+    print(f"\n{args.dataset}; budget: {budget}")
     head = (
-        f"{'method':7} {'ipc':>4} {'iters':>6} {'s/it':>6} {'ours %':>13} {'start (real) %':>15} "
+        f"{'method':7} {'param':10} {'ipc':>4} {'iters':>6} {'s/it':>6} {'ours %':>13} {'start (real) %':>15} "
         f"{'published %':>11} {'bytes':>9}"
     )
     print(head)
@@ -252,7 +354,7 @@ def main() -> None:
     for r in rows:
         pub = f"{r['published']:.1f}" if r["published"] is not None else "-"
         print(
-            f"{r['method']:7} {r['ipc']:4d} {r['iterations']:6d} {r['seconds_per_iteration']:6.2f} "
+            f"{r['method']:7} {r['param']:10} {r['ipc']:4d} {r['iterations']:6d} {r['seconds_per_iteration']:6.2f} "
             f"{100 * r['accuracy_mean']:6.2f} ± {100 * r['accuracy_std']:4.2f} "
             f"{100 * r['start_accuracy_mean']:7.2f} ± {100 * r['start_accuracy_std']:4.2f} {pub:>11} {r['nbytes']:9d}"
         )

@@ -166,6 +166,31 @@ def load_dataset(name: str, root: str | Path | None = None, download: bool = Fal
     return loaders[name](data_root(root), download)
 
 
+def holdout(ds: Dataset, fraction: float, seed: int) -> Dataset:
+    """``ds`` with ``fraction`` of each class's training images moved into its test split.
+
+    The result's test split is the validation split that settings are chosen on: the real
+    test split is dropped, so nothing chosen with it can have seen the test labels. Which
+    images are held out depends only on ``seed`` and the training labels.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    g = torch.Generator().manual_seed(seed)
+    held = torch.zeros(len(ds.train_y), dtype=torch.bool)
+    for c in range(ds.spec.num_classes):
+        idx = torch.nonzero(ds.train_y == c).flatten()
+        n = round(fraction * len(idx))
+        if n < 1 or n >= len(idx):
+            raise ValueError(
+                f"class {c} has {len(idx)} training images; holding out {fraction} of them "
+                "leaves none on one side; choose another fraction"
+            )
+        held[idx[torch.randperm(len(idx), generator=g)[:n]]] = True
+    return Dataset(
+        ds.spec, ds.train_x[~held], ds.train_y[~held], ds.train_x[held], ds.train_y[held], ds.extra
+    )
+
+
 # --------------------------------------------------------------------------- loaders
 
 

@@ -202,9 +202,11 @@ class ModelPool:
     def advance(self, ctx: MatchingContext, syn: SyntheticSet) -> None:
         """One iteration: build the pool (first call), push a new network when due, train some."""
         s = self.settings
+        fresh = not self.members and self._pending is None
         if not self.members:
             self._build(ctx, syn)
-        elif s.add_every and self.iteration % s.add_every == 0:
+        # A restored pool is due its push as the uninterrupted run was; a fresh one is not.
+        if not fresh and s.add_every and self.iteration % s.add_every == 0:
             self.members.append(self._new_member(ctx))
             if len(self.members) > s.size:
                 self.members.pop(0)

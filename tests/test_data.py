@@ -20,6 +20,7 @@ from fedcl_dd.data import (
     ChecksumError,
     DatasetNotFoundError,
     data_root,
+    holdout,
     import_data,
     load_dataset,
 )
@@ -121,6 +122,26 @@ def test_digits_split_is_deterministic() -> None:
 def test_unknown_dataset_names_the_known_ones() -> None:
     with pytest.raises(ValueError, match="digits, mnist, cifar10"):
         load_dataset("imagenet")
+
+
+def test_holdout_is_class_balanced_disjoint_and_drops_the_test_split() -> None:
+    ds = load_dataset("digits")
+    val = holdout(ds, 0.2, seed=0)
+    # Every training image lands on exactly one side; none of the real test split remains.
+    assert len(val.train_y) + len(val.test_y) == len(ds.train_y)
+    rows = {tuple(x.flatten().tolist()) for x in ds.train_x}
+    assert {tuple(x.flatten().tolist()) for x in val.test_x} <= rows
+    assert {tuple(x.flatten().tolist()) for x in val.train_x} | {
+        tuple(x.flatten().tolist()) for x in val.test_x
+    } == rows
+    per_class = torch.bincount(ds.train_y, minlength=10)
+    held = torch.bincount(val.test_y, minlength=10)
+    assert torch.equal(held, (0.2 * per_class).round().long())
+    # The same seed holds out the same images; another seed others.
+    assert torch.equal(holdout(ds, 0.2, seed=0).test_x, val.test_x)
+    assert not torch.equal(holdout(ds, 0.2, seed=1).test_x, val.test_x)
+    with pytest.raises(ValueError, match="fraction"):
+        holdout(ds, 1.0, seed=0)
 
 
 # --------------------------------------------------------------------------- missing data

@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedcl_dd.distill import Checkpointer
+from fedcl_dd.distill import Checkpointer, DistillConfig, make_optimizer
 from fedcl_dd.evaluate import evaluate
-from fedcl_dd.objectives.ncfm import characteristic_distance
+from fedcl_dd.objectives.ncfm import FrequencySampler, characteristic_distance
 from fedcl_dd.options import OptionError
 from fedcl_dd.pipeline import Distillation
 from fedcl_dd.pool import PoolSettings
@@ -46,8 +46,9 @@ def test_a_pooled_run_is_deterministic_and_resumes_exactly(digits, digits_sample
     assert pool is not None and len(pool.members) == 3  # 2 to start, 2 pushed, the oldest dropped
     assert all(0 <= m.accuracy <= 1 for m in pool.members)
 
+    # Stopped where a network is due to be pushed (every 2 iterations): the resumed run pushes it.
     ckpt = tmp_path / "ckpt.pt"
-    _run(digits, digits_sampler, "ncfm", POOL, 3, [Checkpointer(ckpt, 0)])
+    _run(digits, digits_sampler, "ncfm", POOL, 4, [Checkpointer(ckpt, 0)])
     resumed, rest = _run(
         digits, digits_sampler, "ncfm", POOL, 6, [Checkpointer(ckpt, 0, resume=True)]
     )
@@ -86,6 +87,48 @@ def test_a_private_run_never_matches_with_networks_trained_on_private_data(digit
         digits, digits_sampler, "dm-dp", {**private, "pool_data": "public"}, 1, public=public
     )
     assert run.objective.ledger.steps == 1
+
+
+def test_adversarial_frequencies_climb_the_loss_and_resume_exactly(
+    digits, digits_sampler, tmp_path
+):
+    options = {**POOL, "adversarial_freqs": True, "freq_repeat": 4}
+    run, whole = _run(digits, digits_sampler, "ncfm", options, 4)
+    sampler = run.objective.sampler
+    assert isinstance(sampler, FrequencySampler)
+    trained = [p.detach().clone() for p in sampler.parameters()]
+    freqs = sampler(torch.Generator().manual_seed(0))
+    assert freqs.shape == (64, sampler.dim) and freqs.abs().max() <= 1  # tanh-bounded
+    assert torch.equal(freqs[:16], freqs[16:32])  # 16 distinct frequencies, each used 4 times
+
+    # The loop's own optimizer moves the sampler up the loss on the same noise and features.
+    optimizer = make_optimizer(run.syn, run.objective, DistillConfig(lr_images=1e-3))
+    g = torch.Generator().manual_seed(1)
+    real, fake = (
+        torch.randn(40, sampler.dim, generator=g),
+        torch.randn(20, sampler.dim, generator=g),
+    )
+    labels = torch.arange(40) % 10
+
+    def loss() -> torch.Tensor:
+        f = sampler(torch.Generator().manual_seed(2))
+        return characteristic_distance(real, labels, fake, labels[:20], f, 10).sum()
+
+    optimizer.zero_grad()
+    before = loss()
+    before.backward()
+    optimizer.step()
+    assert loss().item() > before.item()
+
+    # Its weights and optimizer state are part of the checkpoint: a resumed run is the same run.
+    ckpt = tmp_path / "ckpt.pt"
+    _run(digits, digits_sampler, "ncfm", options, 2, [Checkpointer(ckpt, 0)])
+    resumed, rest = _run(
+        digits, digits_sampler, "ncfm", options, 4, [Checkpointer(ckpt, 0, resume=True)]
+    )
+    assert rest.losses == pytest.approx(whole.losses, rel=1e-5)
+    for a, b in zip(resumed.objective.sampler.parameters(), trained, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 @pytest.mark.parametrize(

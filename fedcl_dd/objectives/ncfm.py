@@ -24,8 +24,10 @@ Where this differs from the paper's code, and why:
   so all classes go through one batched computation; the classes' losses are summed into one
   image step (the paper steps per class; each class's loss moves only its own images) and
   the calibration term joins the same step (the paper steps it separately).
-* The paper's adversarial frequency sampler (a network trained to maximize the loss) is not
-  built: every configuration the authors released turns it off.
+* The paper's min-max frequency sampler (``adversarial_freqs``) is off by default, as in every
+  configuration the authors released. On, the frequencies come from :class:`FrequencySampler`,
+  trained to *raise* the loss at the image learning rate by the same optimizer as the images
+  (its parameter group maximizes), as the authors' script sets it up.
 """
 
 from __future__ import annotations
@@ -37,14 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import embed
+from ..models import embed, init_parameters
 from ..options import Option
 from ..pool import POOL_OPTIONS, QUICK_POOL, PoolSettings
 from ..synthetic import SyntheticSet
 from .base import REAL_PER_CLASS, MatchingContext, Plan, class_means
 from .dm import SYN_PER_CLASS, DistributionMatching, _chunks
 
-__all__ = ["CharacteristicFunctionMatching", "characteristic_distance"]
+__all__ = ["CharacteristicFunctionMatching", "FrequencySampler", "characteristic_distance"]
 
 # NCFM's fixed loss scale.
 _SCALE = 300.0
@@ -78,6 +80,30 @@ def characteristic_distance(
     return torch.sqrt(alpha * amplitude + beta * phase).mean(1)
 
 
+class FrequencySampler(nn.Module):
+    """NCFM's adversarial frequency sampler: white noise through three linear layers with batch
+    norm (LeakyReLU 0.2, LeakyReLU, then tanh), ``ceil(num_freqs / repeat)`` distinct
+    frequencies each used ``repeat`` times. Its parameters are trained to maximize the loss."""
+
+    def __init__(self, dim: int, num_freqs: int, repeat: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(3):
+            layers += [nn.Linear(dim, dim), nn.BatchNorm1d(dim)]
+            layers.append(nn.Tanh() if i == 2 else nn.LeakyReLU(0.2))
+        self.body = nn.Sequential(*layers)
+        self.dim, self.num_freqs, self.repeat = dim, num_freqs, repeat
+
+    def forward(self, generator: torch.Generator) -> torch.Tensor:
+        """(num_freqs, dim) frequencies from a fresh draw of ``generator``'s noise."""
+        distinct = -(-self.num_freqs // self.repeat)
+        # Batch norm needs two rows to normalize over.
+        noise = torch.randn(max(2, distinct), self.dim, generator=generator)
+        device = next(self.parameters()).device
+        freqs: torch.Tensor = self.body(noise.to(device))[:distinct]
+        return freqs.repeat(self.repeat, 1)[: self.num_freqs]
+
+
 class CharacteristicFunctionMatching(DistributionMatching):
     """NCFM: characteristic functions of normalized features matched under blended pool networks."""
 
@@ -96,6 +122,13 @@ class CharacteristicFunctionMatching(DistributionMatching):
             "NCFM's calibration: cross-entropy of S under the unblended pool network, times this",
             low=0,
         ),
+        Option(
+            "adversarial_freqs",
+            bool,
+            False,
+            "NCFM's min-max: frequencies from a network trained to raise the loss",
+        ),
+        Option("freq_repeat", int, 16, "adversarial frequencies: uses of each distinct one", low=1),
     )
     # AdamW on normalized pixels (the paper's 1e-3 on [0, 1] pixels is ~3e-3 here; fewer CPU
     # iterations want a larger step).
@@ -128,6 +161,8 @@ class CharacteristicFunctionMatching(DistributionMatching):
         cf_beta: float = 0.5,
         calib_weight: float = 1.0,
         syn_per_class: int = 0,
+        adversarial_freqs: bool = False,
+        freq_repeat: int = 16,
         **pool_options: Any,
     ) -> None:
         settings = PoolSettings.from_options(pool_options)
@@ -148,6 +183,41 @@ class CharacteristicFunctionMatching(DistributionMatching):
         super().__init__(real_per_class, settings, syn_per_class)
         self.num_freqs, self.alpha, self.beta = num_freqs, cf_alpha, cf_beta
         self.calib_weight = calib_weight
+        if freq_repeat < 1:
+            raise ValueError(f"freq_repeat must be >= 1, got {freq_repeat}")
+        self.adversarial, self.freq_repeat = adversarial_freqs, freq_repeat
+        self.sampler: FrequencySampler | None = None
+
+    def setup(self, ctx: MatchingContext, syn: SyntheticSet) -> None:
+        super().setup(ctx, syn)
+        if self.adversarial and self.sampler is None:
+            # The feature width of the networks to come, from one probe network; the generator
+            # is put back so the run draws what it would have drawn without the probe.
+            state = ctx.generator.get_state()
+            with torch.no_grad():
+                probe = ctx.fresh_network()
+                dim = embed(probe, torch.zeros(1, *ctx.spec.image_shape, device=ctx.device))
+            ctx.generator.set_state(state)
+            self.sampler = FrequencySampler(dim.shape[1], self.num_freqs, self.freq_repeat)
+            init_parameters(self.sampler, ctx.generator).to(ctx.device)
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        # The loop's optimizer steps the sampler too, up the loss: the min-max game in one step.
+        if self.sampler is None:
+            return []
+        return [{"params": list(self.sampler.parameters()), "maximize": True}]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.sampler is not None:
+            state["sampler"] = {k: v.detach().clone() for k, v in self.sampler.state_dict().items()}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self.sampler is not None:
+            # In place: the loop's optimizer already holds these very parameters.
+            self.sampler.load_state_dict(state["sampler"])
 
     def loss(self, ctx: MatchingContext, net: nn.Module, syn: SyntheticSet) -> torch.Tensor:
         classes = syn.classes
@@ -158,7 +228,10 @@ class CharacteristicFunctionMatching(DistributionMatching):
             real = F.normalize(real, dim=1)
         images, ids, targets = self.synthetic_batch(ctx, syn)
         fake = F.normalize(embed(net, ctx.apply(images, params)), dim=1)
-        freqs = torch.randn(self.num_freqs, real.shape[1], generator=ctx.generator).to(real)
+        if self.sampler is not None:
+            freqs = self.sampler(ctx.generator).to(real.dtype)
+        else:
+            freqs = torch.randn(self.num_freqs, real.shape[1], generator=ctx.generator).to(real)
         per_class = characteristic_distance(
             real, y, fake, ids, freqs, ctx.spec.num_classes, self.alpha, self.beta
         )
