@@ -85,6 +85,7 @@ class DistillState:
     seconds: float = 0.0
     metrics: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     stop: bool = False  # a callback sets this to end the run after the current iteration
+    time_limit: float | None = None  # seconds after which a callback ends the run, if any
 
 
 @dataclass
@@ -135,11 +136,16 @@ class ProgressBar(Callback):
     def on_iteration(self, state: DistillState) -> None:
         if state.iteration - self.first == self.ETA_AFTER:
             per = (time.perf_counter() - self.started) / self.ETA_AFTER
-            left = per * (self.total - state.iteration)
+            remaining = self.total - state.iteration
+            left = per * remaining
+            if state.time_limit is not None and state.time_limit - state.seconds < left:
+                # The time limit ends the run first: say that, not the iteration count's time.
+                left = max(0.0, state.time_limit - state.seconds)
+                remaining = min(remaining, round(left / per))
             if left > 60:
                 print(
                     f"{self.desc}: {per:.2f} s per iteration, about {left / 60:.1f} more minutes "
-                    f"for the remaining {self.total - state.iteration} iterations",
+                    f"for the remaining {remaining} iterations",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -248,6 +254,10 @@ class TimeLimit(Callback):
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
+
+    def on_prepare(self, state: DistillState) -> None:
+        limits = [t for t in (state.time_limit, self.seconds) if t is not None]
+        state.time_limit = min(limits)  # what a progress bar's expected duration goes by
 
     def on_iteration(self, state: DistillState) -> None:
         if state.seconds >= self.seconds:

@@ -141,7 +141,7 @@ def test_a_long_run_says_how_long_it_will_take(digits, digits_sampler, capsys, m
     import itertools
 
     import fedcl_dd.distill as loop
-    from fedcl_dd.distill import ProgressBar
+    from fedcl_dd.distill import ProgressBar, TimeLimit
 
     ctx, syn = dm_start(digits, digits_sampler)
     clock = itertools.count(0.0, 1000.0)  # each reading 1000 s after the last: a slow machine
@@ -151,6 +151,19 @@ def test_a_long_run_says_how_long_it_will_take(digits, digits_sampler, capsys, m
     )
     err = capsys.readouterr().err
     assert "more minutes for the remaining 3 iterations" in err
+
+    # Under a time limit that ends the run first, the estimate is the limit's, not the count's.
+    ctx, syn = dm_start(digits, digits_sampler)
+    clock = itertools.count(0.0, 1000.0)
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
+    bar = ProgressBar(disable=True)
+    distill(
+        syn, DistributionMatching(16), ctx, DistillConfig(iterations=800), [bar, TimeLimit(2e4)]
+    )
+    # 5000 s of the 20000 are spent: 15000 s (~11 iterations) are left, not 795 iterations.
+    assert "1400.00 s per iteration, about 250.0 more minutes for the remaining 11 iterations" in (
+        capsys.readouterr().err
+    )
 
 
 def test_a_short_run_prints_no_estimate(digits, digits_sampler, capsys):
