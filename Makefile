@@ -24,8 +24,9 @@ lint: $(STAMP)
 
 # Lint and types, then the whole suite, slow real-data tests included (what CI runs), on one
 # pytest-xdist worker per core: the Flower/Ray tests mostly wait on processes, so they overlap.
+# The 20 slowest tests close the report: the suite must stay under 10 minutes.
 test: lint
-	$(PY) -m pytest -q -n auto --dist loadgroup
+	$(PY) -m pytest -q -n auto --dist loadgroup --durations=20
 
 # Lint and types, then everything but the tests marked slow.
 test-fast: lint

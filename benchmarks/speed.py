@@ -12,6 +12,9 @@ A second reference for DM: the same objective computed the way the original
 code does (one forward pass per class on each side), timed in the same run.
 
     python benchmarks/speed.py --dataset mnist --ipc 10 --real-per-class 64
+    # the scaling table: one factor at a time around 10 images and 64 real images per class
+    python benchmarks/speed.py --methods dm dm-dp idm ncfm gm tm --datasets mnist cifar10 \
+        --ipcs 1 10 50 --reals 64 256 1024 --iterations 3 --json benchmarks/results/speed_scaling.json
     # a method is "name[:option=value,...]": here one short expert for tm (set-up, not timed)
     python benchmarks/speed.py --methods dm gm dm-dp:noise_multiplier=1 \
         tm:num_experts=1,expert_train_epochs=2,max_start_epoch=0 \
@@ -21,22 +24,22 @@ code does (one forward pass per class on each side), timed in the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 from procmem import peak_since_reset, reset_peak
+from targets import target
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedcl_dd.cli import resolve_device
 from fedcl_dd.data import data_root, load_dataset
 from fedcl_dd.distill import Callback, DistillConfig, DistillState, distill
+from fedcl_dd.io import write_json
 from fedcl_dd.models import embed
 from fedcl_dd.objectives import DistributionMatching, MatchingContext
 from fedcl_dd.pipeline import Distillation
@@ -196,6 +199,15 @@ def main() -> None:
     p.add_argument("--param", default="pixels")
     p.add_argument("--real-per-class", type=int, default=64)
     p.add_argument("--methods", nargs="+", default=["dm", "dm-looped"])
+    p.add_argument(
+        "--datasets", nargs="+", default=None, help="scaling table: each of these datasets"
+    )
+    p.add_argument(
+        "--ipcs", type=int, nargs="+", default=None, help="scaling table: images per class"
+    )
+    p.add_argument(
+        "--reals", type=int, nargs="+", default=None, help="scaling table: real images per class"
+    )
     p.add_argument("--iterations", type=int, default=10, help="timed iterations per method")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None)
@@ -207,39 +219,80 @@ def main() -> None:
     device = resolve_device(args.device)
     rate = conv_rate(device)
     rows = []
-    for method in args.methods:
-        row = measure(args, method)
-        row["floor_seconds"] = row["flops"] / rate
-        row["ratio_to_floor"] = row["seconds_per_iteration"] / row["floor_seconds"]
-        row["achieved_tflops"] = row["flops"] / row["seconds_per_iteration"] / 1e12
-        row["peak_mib"] = peak_memory(args, method)
-        rows.append(row)
+    for cell in cells(args):
+        for method in args.methods:
+            name, _ = parse_method(method)
+            declared = {o.name for o in get_objective(name).options}
+            if cell.real_per_class != args.real_per_class and "real_per_class" not in declared:
+                continue  # the real batch is not this method's to set: that row is the centre's
+            row = {"dataset": cell.dataset, "ipc": cell.ipc, **measure(cell, method)}
+            row["real_per_class"] = cell.real_per_class if "real_per_class" in declared else None
+            row["floor_seconds"] = row["flops"] / rate
+            row["ratio_to_floor"] = row["seconds_per_iteration"] / row["floor_seconds"]
+            row["achieved_tflops"] = row["flops"] / row["seconds_per_iteration"] / 1e12
+            row["peak_mib"] = peak_memory(cell, method)
+            rows.append(row)
     print(
-        f"\n{args.dataset}, {args.ipc} images/class ({args.param}), {args.real_per_class} real/class, "
-        f"DSA on, device {device}, torch threads {torch.get_num_threads()}; "
+        f"\n{args.param}, DSA on, device {device}, torch threads {torch.get_num_threads()}; "
         f"reference conv rate {rate / 1e9:.1f} GFLOP/s"
     )
-    head = f"{'method':10} {'s/iter':>8} {'GFLOP':>8} {'floor s':>8} {'x floor':>8} {'TFLOP/s':>8} {'peak MiB':>9}"
+    head = (
+        f"{'dataset':8} {'ipc':>4} {'real':>5} {'method':10} {'s/iter':>8} {'GFLOP':>8} "
+        f"{'floor s':>8} {'x floor':>8} {'TFLOP/s':>8} {'peak MiB':>9}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
+        real = "-" if r["real_per_class"] is None else str(r["real_per_class"])
         print(
-            f"{r['method']:10} {r['seconds_per_iteration']:8.3f} {r['flops'] / 1e9:8.1f} "
-            f"{r['floor_seconds']:8.3f} {r['ratio_to_floor']:8.2f} {r['achieved_tflops']:8.3f} {r['peak_mib']:9.0f}"
+            f"{r['dataset']:8} {r['ipc']:4d} {real:>5} {r['method']:10} "
+            f"{r['seconds_per_iteration']:8.3f} {r['flops'] / 1e9:8.1f} {r['floor_seconds']:8.3f} "
+            f"{r['ratio_to_floor']:8.2f} {r['achieved_tflops']:8.3f} {r['peak_mib']:9.0f}"
         )
+    command = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
+    # Issue 11's target: DM on MNIST at 10 images per class within 1.15x of its FLOP floor.
+    targets = [
+        target(
+            f"dm-mnist-ipc10-real{r['real_per_class']}-x-floor",
+            r["ratio_to_floor"],
+            1.15,
+            "<=",
+            "ratio",
+            command,
+        )
+        for r in rows
+        if (r["method"], r["dataset"], r["ipc"]) == ("dm", "mnist", 10)
+    ]
+    for t in targets:
+        print(f"target {t['name']}: {t['value']:.2f} ({t['op']} {t['target']})")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "device": str(device),
-                    "conv_rate": rate,
-                    "rows": rows,
-                    "args": {k: v for k, v in vars(args).items() if k != "child"},
-                },
-                indent=2,
-            )
+        write_json(
+            {
+                "device": str(device),
+                "conv_rate": rate,
+                "rows": rows,
+                "targets": targets,
+                "args": {k: v for k, v in vars(args).items() if k != "child"},
+            },
+            args.json,
         )
+
+
+def cells(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """The settings to measure, one factor at a time around ``--ipc`` and ``--real-per-class``:
+    every dataset at the centre, then each of ``--ipcs`` and of ``--reals`` on its own."""
+    out = []
+    for dataset in args.datasets or [args.dataset]:
+        points = [(args.ipc, args.real_per_class)]
+        points += [(i, args.real_per_class) for i in args.ipcs or [] if i != args.ipc]
+        points += [(args.ipc, r) for r in args.reals or [] if r != args.real_per_class]
+        for ipc, real in points:
+            out.append(
+                argparse.Namespace(
+                    **{**vars(args), "dataset": dataset, "ipc": ipc, "real_per_class": real}
+                )
+            )
+    return out
 
 
 if __name__ == "__main__":
