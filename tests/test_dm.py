@@ -61,16 +61,17 @@ def test_dm_beats_its_random_real_start_at_5_images_per_class(digits, digits_sam
         syn = Recipe(ipc=5).init_synthetic(
             digits_sampler, digits.spec, torch.Generator().manual_seed(seed)
         )
-        before = evaluate(syn, digits.test_x, digits.test_y, digits.spec, num_models=2, seed=seed)
+        kw = {"num_models": 2, "epochs": 100, "seed": seed}  # 100 epochs: half the test's time
+        before = evaluate(syn, digits.test_x, digits.test_y, digits.spec, **kw)
         distill(
             syn,
             DistributionMatching(64),
             _ctx(digits, digits_sampler, seed),
             DistillConfig(150, 10.0),
         )
-        after = evaluate(syn, digits.test_x, digits.test_y, digits.spec, num_models=2, seed=seed)
+        after = evaluate(syn, digits.test_x, digits.test_y, digits.spec, **kw)
         gains.append(after.mean - before.mean)
-    # Measured: about +3 to +4 points at 150-200 iterations (real start ~89.5%).
+    # Measured: 83.7% -> 88.7% (seed 0), 84.9% -> 88.0% (seed 1).
     assert statistics.fmean(gains) > 0.02, gains
 
 

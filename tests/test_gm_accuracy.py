@@ -17,7 +17,7 @@ def test_gm_beats_its_random_real_start_at_5_images_per_class(digits16):
     for seed in (0, 1):
         gen = torch.Generator().manual_seed(seed)
         syn = PixelSet.from_real(real, 5, generator=gen)
-        before = evaluate(syn, test_x, test_y, spec, num_models=2, seed=seed)
+        before = evaluate(syn, test_x, test_y, spec, num_models=2, epochs=100, seed=seed)
         ctx = MatchingContext(
             real,
             spec,
@@ -27,7 +27,8 @@ def test_gm_beats_its_random_real_start_at_5_images_per_class(digits16):
         distill(
             syn, GradientMatching(real_per_class=32), ctx, DistillConfig(40, 0.1)
         )  # DC's image lr
-        after = evaluate(syn, test_x, test_y, spec, num_models=2, seed=seed)
+        after = evaluate(syn, test_x, test_y, spec, num_models=2, epochs=100, seed=seed)
         gains.append(after.mean - before.mean)
-    # Measured at 100 iterations and 64 real images per class: 90.6% -> 95.2% (seed 0).
+    # Networks trained 100 epochs (not 300: a third of the test's time). Measured: 89.7% ->
+    # 94.1% (seed 0) and 90.6% -> 93.7% (seed 1).
     assert sum(gains) / len(gains) > 0.02, gains

@@ -175,7 +175,8 @@ def test_the_characteristic_distance_is_zero_for_equal_sets_and_grows_with_a_shi
 
 @pytest.mark.slow
 def test_ncfm_lowers_its_loss_and_beats_the_random_real_start_on_digits(digits, digits_sampler):
-    recipe = Recipe(method="ncfm", ipc=2, iterations=150)
+    # 80 iterations (150 took twice the time), measured: 79.6% -> 86.2%.
+    recipe = Recipe(method="ncfm", ipc=2, iterations=80)
     run = Distillation(recipe, digits_sampler, digits.spec, seed=0)
     start = evaluate(run.syn, digits.test_x, digits.test_y, digits.spec, num_models=2)
     result = run.run()
