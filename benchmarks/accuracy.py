@@ -27,6 +27,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -108,14 +109,27 @@ def accuracy_targets(rows: list[dict], minutes: float | None, command: str) -> l
 
 
 START_EVALS: dict[tuple[bytes, bytes], EvalResult] = {}
+# One dataset load per process, whatever the number of cells it runs.
+cached_dataset = functools.cache(load_dataset)
+
+
+class Cell(NamedTuple):
+    """One (images per class, parameterization, method) of the table."""
+
+    ipc: int
+    param: str
+    method: str
+
+
+def given_lr(args: argparse.Namespace, method: str) -> float | None:
+    """The image lr ``--lr-images`` gives ``method`` (its own entry, else the catch-all)."""
+    return args.lr_images.get(method, args.lr_images.get("*"))
 
 
 def distill(
     args: argparse.Namespace,
     ds: Dataset,
-    method: str,
-    param: str,
-    ipc: int,
+    cell: Cell,
     seed: int,
     device: torch.device,
     lr: float | None,
@@ -123,6 +137,7 @@ def distill(
 ) -> tuple[Distillation, DistillResult, tuple[torch.Tensor, torch.Tensor]]:
     """One distillation of ``ds``'s training split: the run, its result and the set it started
     from (images, targets)."""
+    ipc, param, method = cell
     # The command line's method and parameterization options, each given where it is declared.
     declared = {o.name for o in get_objective(method).options}
     declared |= {o.name for o in get_parameterization(param).options}
@@ -148,22 +163,18 @@ def distill(
 
 
 def choose_lr(
-    args: argparse.Namespace,
-    val: Dataset,
-    method: str,
-    param: str,
-    ipc: int,
-    device: torch.device,
+    args: argparse.Namespace, val: Dataset, cell: Cell, device: torch.device
 ) -> tuple[float, list[dict]]:
     """The image learning rate among ``--lr-grid`` multiples of the method's own (or the given
     one), by the accuracy of one network on ``val``'s held-out split after
     ``--select-minutes`` of distillation of the rest; the grid with every score."""
-    given = args.lr_images.get(method, args.lr_images.get("*"))
+    ipc, param, method = cell
+    given = given_lr(args, method)
     base = given if given is not None else get_objective(method).default_lr(ipc)
     grid = []
     for mult in args.lr_grid:
         run, result, _ = distill(
-            args, val, method, param, ipc, args.seeds[0], device, base * mult, args.select_minutes
+            args, val, cell, args.seeds[0], device, base * mult, args.select_minutes
         )
         ev = evaluate(
             run.syn,
@@ -187,16 +198,15 @@ def choose_lr(
 def run_one(
     args: argparse.Namespace,
     ds: Dataset,
-    method: str,
-    param: str,
-    ipc: int,
+    cell: Cell,
     seed: int,
     device: torch.device,
     selection: tuple[float, list[dict]] | None,
 ) -> dict:
     spec = ds.spec
-    lr = selection[0] if selection else args.lr_images.get(method, args.lr_images.get("*"))
-    run, result, start = distill(args, ds, method, param, ipc, seed, device, lr, args.minutes)
+    ipc, param, method = cell
+    lr = selection[0] if selection else given_lr(args, method)
+    run, result, start = distill(args, ds, cell, seed, device, lr, args.minutes)
     syn = run.syn
     ev_kw = dict(
         model=args.eval_model,
@@ -251,16 +261,15 @@ def run_one(
     }
 
 
-def combo_rows(args: argparse.Namespace, combo: tuple[int, str, str]) -> list[dict]:
+def cell_rows(args: argparse.Namespace, cell: Cell) -> list[dict]:
     """The rows of one (images per class, parameterization, method): its image lr chosen on a
     held-out share of the training set (with ``--lr-grid``; the test split is never seen
     there), then one run per seed."""
-    ipc, param, method = combo
     device = resolve_device(args.device)
-    ds = load_dataset(args.dataset, args.data_root)
+    ds = cached_dataset(args.dataset, args.data_root)
     val = holdout(ds, args.val_fraction, seed=0) if args.lr_grid else None
-    selection = choose_lr(args, val, method, param, ipc, device) if val else None
-    return [run_one(args, ds, method, param, ipc, s, device, selection) for s in args.seeds]
+    selection = choose_lr(args, val, cell, device) if val else None
+    return [run_one(args, ds, cell, s, device, selection) for s in args.seeds]
 
 
 def main() -> None:
@@ -324,14 +333,14 @@ def main() -> None:
         for m, _, v in map(lambda e: e.partition("="), args.lr_images)
     )
     device = resolve_device(args.device)
-    combos = [(ipc, param, m) for ipc in args.ipc for param in args.params for m in args.methods]
+    cells = [Cell(ipc, param, m) for ipc in args.ipc for param in args.params for m in args.methods]
     if args.jobs > 1:
         # Separate processes (one thread each, with OMP_NUM_THREADS=1): on a small CPU two runs
         # side by side finish sooner than one after the other, under the same load.
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
-            rows = [r for rs in ex.map(functools.partial(combo_rows, args), combos) for r in rs]
+            rows = [r for rs in ex.map(functools.partial(cell_rows, args), cells) for r in rs]
     else:
-        rows = [r for c in combos for r in combo_rows(args, c)]
+        rows = [r for c in cells for r in cell_rows(args, c)]
 
     budget = (
         (f"{args.minutes} min" if args.minutes else f"{args.iterations} it")
