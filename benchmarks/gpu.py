@@ -49,7 +49,6 @@ import torch
 from procmem import peak_since_reset, reset_peak
 from speed import _Clock, _sync
 from targets import target
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedcl_dd.cli import resolve_device
@@ -57,8 +56,6 @@ from fedcl_dd.data import Dataset, load_dataset
 from fedcl_dd.distill import distill
 from fedcl_dd.evaluate import evaluate
 from fedcl_dd.models import make_model
-from fedcl_dd.objectives import MatchingContext
-from fedcl_dd.objectives.base import NetworkSource
 from fedcl_dd.pipeline import Distillation
 from fedcl_dd.precision import PRECISIONS, Precision
 from fedcl_dd.recipe import Recipe
@@ -128,26 +125,6 @@ def counted_flops(work: Callable[[], object]) -> float:
     return float(counter.get_total_flops())
 
 
-def _embed_of_class(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    # type(net).embed, not net.embed: compiled_networks replaces the instance's embed with a
-    # call of this function.
-    out: torch.Tensor = type(net).embed(net, x)  # type: ignore[attr-defined]
-    return out
-
-
-def compiled_networks(mode: str) -> NetworkSource:
-    """Fresh networks (the same draws as DM's own) whose ``embed`` runs through one
-    ``torch.compile``d function, so every iteration's new network reuses the compiled code."""
-    compiled = torch.compile(_embed_of_class, mode=mode)
-
-    def source(ctx: MatchingContext) -> nn.Module:
-        net = dataclasses.replace(ctx, network_source=None).fresh_network()
-        setattr(net, "embed", lambda x: compiled(net, x))  # noqa: B010 (nn.Module's typing)
-        return net
-
-    return source
-
-
 def dm_iteration(
     ds: Dataset,
     real: ClassSampler,
@@ -158,9 +135,9 @@ def dm_iteration(
 ) -> tuple[list[float], float, float]:
     """Seconds of every DM iteration (warm-up first), FLOPs of one, and peak MiB."""
     recipe = Recipe(ipc=10, options={"real_per_class": sizes.real_per_class})
-    run = Distillation(recipe, real, ds.spec, seed=0, device=device, precision=precision)
-    if compile_mode is not None:
-        run.ctx.network_source = compiled_networks(compile_mode)
+    run = Distillation(
+        recipe, real, ds.spec, seed=0, device=device, precision=precision, compile=compile_mode
+    )
     clock = _Clock(device)
     config = dataclasses.replace(run.config, iterations=sizes.warmup + sizes.iterations)
     with PeakMemory(device) as peak:

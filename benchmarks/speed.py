@@ -19,15 +19,19 @@ code does (one forward pass per class on each side), timed in the same run.
     python benchmarks/speed.py --methods dm gm dm-dp:noise_multiplier=1 \
         tm:num_experts=1,expert_train_epochs=2,max_start_epoch=0 \
         tm:num_experts=1,expert_train_epochs=2,max_start_epoch=0,constant_memory=true --json out/speed.json
+    # eager and torch.compile'd matching networks side by side (fedcl_dd.compiled)
+    python benchmarks/speed.py --methods dm --ipcs 1 10 50 --reals 64 256 --compile --iterations 5
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -37,6 +41,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedcl_dd.cli import resolve_device
+from fedcl_dd.compiled import COMPILE_MODES
 from fedcl_dd.data import data_root, load_dataset
 from fedcl_dd.distill import Callback, DistillConfig, DistillState, distill
 from fedcl_dd.io import write_json
@@ -130,27 +135,65 @@ class _Clock(Callback):
         self.last = now
 
 
-def measure(args: argparse.Namespace, method: str) -> dict:
+def measure(args: argparse.Namespace, method: str, compile_mode: str | None = None) -> dict:
+    """Median seconds per iteration after the first, and (eager only) the FLOPs of one.
+
+    Compiled, the first iteration also compiles, so its excess over the median is the compile
+    time (cold in :func:`in_fresh_process`); the FLOPs are the eager run's (the same work; the
+    counter would break the compiled graphs).
+    """
     device = resolve_device(args.device)
     run, recipe = build(args, method, device)
     syn, objective, ctx = run.syn, run.objective, run.ctx
     clock = _Clock(device)
-    distill(syn, objective, ctx, DistillConfig(args.iterations + 1, recipe.lr), [clock])
-    with FlopCounterMode(display=False) as counter:
-        distill(syn, objective, ctx, DistillConfig(1, recipe.lr))
-    return {
+    config = DistillConfig(args.iterations + 1, recipe.lr, compile=compile_mode)
+    distill(syn, objective, ctx, config, [clock])
+    median = statistics.median(clock.times[1:])  # the first one warms up (and compiles)
+    row = {
         "method": method,
-        "seconds_per_iteration": statistics.median(clock.times[1:]),  # the first one warms up
-        "flops": counter.get_total_flops(),
+        "compile": compile_mode,
+        "seconds_per_iteration": median,
+        "first_iteration_seconds": clock.times[0],
         "num_images": syn.num_images,
+    }
+    if compile_mode is None:
+        with FlopCounterMode(display=False) as counter:
+            distill(syn, objective, ctx, DistillConfig(1, recipe.lr))
+        row["flops"] = counter.get_total_flops()
+    return row
+
+
+def compiled_row(eager: dict, compiled: dict) -> dict:
+    """The compiled measurement beside its eager twin: FLOPs, compile seconds and payback."""
+    saved = eager["seconds_per_iteration"] - compiled["seconds_per_iteration"]
+    compile_seconds = compiled["first_iteration_seconds"] - compiled["seconds_per_iteration"]
+    return {
+        **eager,
+        **compiled,
+        "flops": eager["flops"],
+        "speedup_over_eager": eager["seconds_per_iteration"] / compiled["seconds_per_iteration"],
+        "compile_seconds": compile_seconds,
+        # Iterations after which the compile time is back (None: compiled is not faster).
+        "payback_iterations": compile_seconds / saved if saved > 0 else None,
     }
 
 
-def peak_memory(args: argparse.Namespace, method: str) -> float:
+def in_fresh_process(
+    args: argparse.Namespace, method: str, compile_mode: str | None, task: str
+) -> str:
+    """The last line this script prints as a child doing ``task`` ("peak" or "time") for one
+    method: a fresh process, with a TorchInductor cache folder of its own, so that a compiled
+    run compiles cold, as a user's first run does, whatever earlier rows compiled."""
+    cmd = [sys.executable, __file__, "--child", method, "--child-task", task, *_forward(args)]
+    cmd += ["--compile", compile_mode] if compile_mode else []
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="speed-inductor-")}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return out.strip().splitlines()[-1]
+
+
+def peak_memory(args: argparse.Namespace, method: str, compile_mode: str | None = None) -> float:
     """Peak memory of a fresh process that runs the method (MiB above its start-up)."""
-    cmd = [sys.executable, __file__, "--child", method, *_forward(args)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return float(out.strip().splitlines()[-1])
+    return float(in_fresh_process(args, method, compile_mode, "peak"))
 
 
 def _forward(args: argparse.Namespace) -> list[str]:
@@ -164,7 +207,7 @@ def _forward(args: argparse.Namespace) -> list[str]:
         "--param",
         args.param,
         "--iterations",
-        "2",
+        str(args.iterations),
         "--device",
         args.device,
     ]
@@ -172,6 +215,9 @@ def _forward(args: argparse.Namespace) -> list[str]:
 
 
 def child(args: argparse.Namespace) -> None:
+    if args.child_task == "time":
+        print(json.dumps(measure(args, args.child, args.compile)))
+        return
     device = resolve_device(args.device)
     run, recipe = build(args, args.child, device)
     syn, objective, ctx = run.syn, run.objective, run.ctx
@@ -182,7 +228,7 @@ def child(args: argparse.Namespace) -> None:
     else:
         # Reset the peak resident set (Linux: writing 5 to clear_refs), so data loading does not count.
         base = reset_peak()
-    distill(syn, objective, ctx, DistillConfig(iterations=2, lr_images=recipe.lr))
+    distill(syn, objective, ctx, DistillConfig(2, recipe.lr, compile=args.compile))
     if device.type == "cuda":
         print((torch.cuda.max_memory_allocated() - base) / 2**20)
     else:
@@ -209,9 +255,19 @@ def main() -> None:
         "--reals", type=int, nargs="+", default=None, help="scaling table: real images per class"
     )
     p.add_argument("--iterations", type=int, default=10, help="timed iterations per method")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        choices=COMPILE_MODES,
+        help="also measure every method with its matching networks compiled in this mode "
+        "(rows beside the eager ones, with compile seconds and payback iterations)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-task", default="peak", choices=["peak", "time"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(args)
@@ -225,35 +281,52 @@ def main() -> None:
             declared = {o.name for o in get_objective(name).options}
             if cell.real_per_class != args.real_per_class and "real_per_class" not in declared:
                 continue  # the real batch is not this method's to set: that row is the centre's
-            row = {"dataset": cell.dataset, "ipc": cell.ipc, **measure(cell, method)}
-            row["real_per_class"] = cell.real_per_class if "real_per_class" in declared else None
-            row["floor_seconds"] = row["flops"] / rate
-            row["ratio_to_floor"] = row["seconds_per_iteration"] / row["floor_seconds"]
-            row["achieved_tflops"] = row["flops"] / row["seconds_per_iteration"] / 1e12
-            row["peak_mib"] = peak_memory(cell, method)
-            rows.append(row)
+            eager = measure(cell, method)
+            variants = [(eager, None)]
+            if args.compile:
+                timed = json.loads(in_fresh_process(cell, method, args.compile, "time"))
+                compiled = compiled_row(eager, timed)
+                variants.append((compiled, args.compile))
+            for measured, mode in variants:
+                row = {"dataset": cell.dataset, "ipc": cell.ipc, **measured}
+                row["real_per_class"] = (
+                    cell.real_per_class if "real_per_class" in declared else None
+                )
+                row["floor_seconds"] = row["flops"] / rate
+                row["ratio_to_floor"] = row["seconds_per_iteration"] / row["floor_seconds"]
+                row["achieved_tflops"] = row["flops"] / row["seconds_per_iteration"] / 1e12
+                row["peak_mib"] = peak_memory(cell, method, mode)
+                rows.append(row)
     print(
         f"\n{args.param}, DSA on, device {device}, torch threads {torch.get_num_threads()}; "
         f"reference conv rate {rate / 1e9:.1f} GFLOP/s"
     )
     head = (
-        f"{'dataset':8} {'ipc':>4} {'real':>5} {'method':10} {'s/iter':>8} {'GFLOP':>8} "
-        f"{'floor s':>8} {'x floor':>8} {'TFLOP/s':>8} {'peak MiB':>9}"
+        f"{'dataset':8} {'ipc':>4} {'real':>5} {'method':10} {'compile':>8} {'s/iter':>8} "
+        f"{'GFLOP':>8} {'floor s':>8} {'x floor':>8} {'TFLOP/s':>8} {'peak MiB':>9} "
+        f"{'x eager':>8} {'comp. s':>8} {'payback':>8}"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
         real = "-" if r["real_per_class"] is None else str(r["real_per_class"])
+        extra = ""
+        if r["compile"]:
+            payback = r["payback_iterations"]
+            extra = (
+                f" {r['speedup_over_eager']:8.2f} {r['compile_seconds']:8.1f} "
+                f"{'never' if payback is None else f'{payback:.0f}':>8}"
+            )
         print(
-            f"{r['dataset']:8} {r['ipc']:4d} {real:>5} {r['method']:10} "
+            f"{r['dataset']:8} {r['ipc']:4d} {real:>5} {r['method']:10} {r['compile'] or 'eager':>8} "
             f"{r['seconds_per_iteration']:8.3f} {r['flops'] / 1e9:8.1f} {r['floor_seconds']:8.3f} "
-            f"{r['ratio_to_floor']:8.2f} {r['achieved_tflops']:8.3f} {r['peak_mib']:9.0f}"
+            f"{r['ratio_to_floor']:8.2f} {r['achieved_tflops']:8.3f} {r['peak_mib']:9.0f}" + extra
         )
     command = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
     # Issue 11's target: DM on MNIST at 10 images per class within 1.15x of its FLOP floor.
     targets = [
         target(
-            f"dm-mnist-ipc10-real{r['real_per_class']}-x-floor",
+            f"dm-mnist-ipc10-real{r['real_per_class']}{'-compiled' if r['compile'] else ''}-x-floor",
             r["ratio_to_floor"],
             1.15,
             "<=",

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .compiled import COMPILE_MODES
 from .io import CorruptCheckpoint, load_checkpoint, save_checkpoint
 from .objectives.base import DistillationDiverged, MatchingContext, Objective
 from .precision import PRECISIONS, Precision
@@ -51,7 +52,9 @@ class DistillConfig:
     """Optimizer and schedule for S: SGD with momentum, as in DC/DSA/DM.
 
     ``precision="bf16"`` computes the objective's loss (embeddings, matching) under bfloat16
-    autocast (:mod:`fedcl_dd.precision`); S and its optimizer stay fp32.
+    autocast (:mod:`fedcl_dd.precision`); S and its optimizer stay fp32. ``compile`` (a
+    :data:`~fedcl_dd.compiled.COMPILE_MODES` mode; None, the default, runs eager) compiles the
+    embeddings of the distribution-matching family's networks (:mod:`fedcl_dd.compiled`).
     """
 
     iterations: int = 1000
@@ -59,10 +62,15 @@ class DistillConfig:
     momentum: float = 0.5
     lr_labels: float = 1.0
     precision: str = "fp32"
+    compile: str | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise ValueError(
+                f"compile must be one of {COMPILE_MODES} (or None: eager), got {self.compile!r}"
+            )
         if self.iterations < 0:
             raise ValueError(f"iterations must be >= 0, got {self.iterations}")
         if not self.lr_images > 0:
@@ -303,7 +311,8 @@ def distill(
         else None
     )
     precision = Precision.resolve(config.precision, ctx.device, unusable)
-    ctx = replace(ctx, precision=precision)  # the objective's networks may depend on it
+    # The objective's networks may depend on both.
+    ctx = replace(ctx, precision=precision, compile=config.compile)
     objective.setup(ctx, syn)
     optimizer = make_optimizer(syn, objective, config)
     params = [p for g in optimizer.param_groups for p in g["params"]]  # S and objective parameters

@@ -54,6 +54,8 @@ class Distillation:
         private method's model pool may train on (``pool_data="public"``).
     :param precision: ``"fp32"`` or ``"bf16"`` (the loss under bfloat16 autocast where the
         device computes it natively; :class:`~fedcl_dd.distill.DistillConfig`).
+    :param compile: a :mod:`fedcl_dd.compiled` mode to compile the matching networks'
+        embeddings in (distribution-matching methods), or None (the default): eager.
 
     ``syn``, ``objective``, ``ctx`` and ``config`` are ready after construction (e.g. to
     restore an objective's state before :meth:`run`).
@@ -79,6 +81,7 @@ class Distillation:
         noise_source: PrivateRandom | None = None,
         public: ClassSampler | None = None,
         precision: str = "fp32",
+        compile: str | None = None,
     ) -> None:
         if (seed is None) == (generator is None):
             raise ValueError("give exactly one of seed or generator")
@@ -106,7 +109,11 @@ class Distillation:
                 )
             self.objective.noise_source = noise_source
         self.config = DistillConfig(
-            recipe.iterations, recipe.lr, float(recipe.momentum or 0.0), precision=precision
+            recipe.iterations,
+            recipe.lr,
+            float(recipe.momentum or 0.0),
+            precision=precision,
+            compile=compile,
         )
 
     def run(self, callbacks: Sequence[Callback] = ()) -> DistillResult:

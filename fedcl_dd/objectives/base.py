@@ -53,8 +53,9 @@ class MatchingContext:
     ``network_source`` replaces fresh initializations, e.g. FedDM's networks sampled
     around the current global model; it receives this context and returns a network on
     ``device``. ``public`` is data the user may disclose, which a private objective's model
-    pool may train on (:mod:`fedcl_dd.pool`). ``precision`` is what the losses run under,
-    set by :func:`~fedcl_dd.distill.distill` (fp32 until then).
+    pool may train on (:mod:`fedcl_dd.pool`). ``precision`` is what the losses run under, and
+    ``compile`` the :mod:`fedcl_dd.compiled` mode of the matching networks' embeddings (None:
+    eager), both set by :func:`~fedcl_dd.distill.distill` (fp32 and eager until then).
     """
 
     real: ClassSampler
@@ -66,6 +67,7 @@ class MatchingContext:
     network_source: NetworkSource | None = None
     public: ClassSampler | None = None
     precision: Precision = field(default_factory=lambda: Precision("fp32", "cpu"))
+    compile: str | None = None
 
     def fresh_network(self) -> nn.Module:
         """A network from ``network_source`` if set, else freshly initialized from ``generator``."""

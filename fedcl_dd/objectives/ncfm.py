@@ -44,7 +44,7 @@ from ..options import Option
 from ..pool import POOL_OPTIONS, QUICK_POOL, PoolSettings
 from ..synthetic import SyntheticSet
 from .base import REAL_PER_CLASS, MatchingContext, Plan, class_means
-from .dm import SYN_PER_CLASS, DistributionMatching, _chunks
+from .dm import SYN_PER_CLASS, DistributionMatching, embed_augmented
 
 __all__ = ["CharacteristicFunctionMatching", "FrequencySampler", "characteristic_distance"]
 
@@ -224,10 +224,9 @@ class CharacteristicFunctionMatching(DistributionMatching):
         params = ctx.siamese()
         x, y = ctx.real.sample_classes(classes, self.real_per_class, ctx.generator)
         with torch.no_grad():
-            real = torch.cat([embed(net, ctx.apply(part, params)) for part in _chunks(x)])
-            real = F.normalize(real, dim=1)
+            real = F.normalize(embed_augmented(ctx, net, x, params), dim=1)
         images, ids, targets = self.synthetic_batch(ctx, syn)
-        fake = F.normalize(embed(net, ctx.apply(images, params)), dim=1)
+        fake = F.normalize(embed_augmented(ctx, net, images, params), dim=1)
         if self.sampler is not None:
             freqs = self.sampler(ctx.generator).to(real.dtype)
         else:
