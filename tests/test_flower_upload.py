@@ -533,6 +533,8 @@ def test_bf16_server_training_runs_and_a_bad_precision_is_refused(good):
 
     with pytest.raises(ValueError, match="precision must be one of"):
         CFG.replace(precision="fp8")
+    with pytest.raises(ValueError, match="compile must be one of .*'default'.* or empty"):
+        CFG.replace(compile="fast")
     strategy = SyntheticSetStrategy(CFG.replace(precision="bf16", server_epochs=1))
     arrays, _ = _round(strategy, {10: synthetic_records(good, METRIC_VALUES)})
     assert arrays is not None and strategy.reports[-1].accepted == [METRIC_VALUES["partition-id"]]

@@ -149,6 +149,7 @@ def _distill(
         info={"partition-id": pid},
         noise_source=_noise_source(context, server_round, pid) if cfg.private else None,
         precision=cfg.precision,
+        compile=cfg.compile or None,
     )
     syn, objective = run.syn, run.objective
     ledger_before = state.ledger()
