@@ -127,7 +127,8 @@ class ProgressBar(Callback):
     """A tqdm progress bar showing the loss and the objective's report (e.g. epsilon).
 
     Whether or not the bar is shown, a run expected to last over a minute says so on stderr
-    once its first iterations are timed (``ETA_AFTER``), with the expected minutes.
+    once ``ETA_AFTER`` iterations after the first are timed, with the expected minutes (the
+    first is left out: it warms up caches and, with ``compile``, compiles).
     """
 
     ETA_AFTER = 5  # iterations timed before the expected duration is printed
@@ -139,10 +140,12 @@ class ProgressBar(Callback):
 
     def on_start(self, state: DistillState, total: int) -> None:
         self.bar = tqdm(total=total, initial=state.iteration, desc=self.desc, disable=self.disable)
-        self.total, self.first, self.started = total, state.iteration, time.perf_counter()
+        self.total, self.first = total, state.iteration
 
     def on_iteration(self, state: DistillState) -> None:
-        if state.iteration - self.first == self.ETA_AFTER:
+        if state.iteration - self.first == 1:
+            self.started = time.perf_counter()
+        if state.iteration - self.first == 1 + self.ETA_AFTER:
             per = (time.perf_counter() - self.started) / self.ETA_AFTER
             remaining = self.total - state.iteration
             left = per * remaining
