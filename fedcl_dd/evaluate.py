@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import DSA
+from .compiled import compile_embedding
 from .data import DatasetSpec
 from .models import make_model
 from .precision import Precision
@@ -165,6 +166,7 @@ def evaluate(
     batch_size: int = 256,
     lr: float = 0.01,
     precision: str | Precision = "fp32",
+    compile: str | None = None,
 ) -> EvalResult:
     """Train ``num_models`` fresh ``model`` networks on ``syn`` and test each on ``(test_x, test_y)``.
 
@@ -172,6 +174,8 @@ def evaluate(
     subset, the usual baseline). Seeds ``seed .. seed+num_models-1`` fix each network's
     initialization, data order and augmentation. ``precision="bf16"`` trains and tests under
     bfloat16 autocast (falling back to fp32, with one warning, where the device lacks it).
+    ``compile`` (a :mod:`fedcl_dd.compiled` mode; None, the default: eager) trains and tests
+    the networks with compiled embeddings, compiled once for all of them.
     """
     if num_models < 1:
         raise ValueError(f"num_models must be >= 1, got {num_models}")
@@ -187,6 +191,8 @@ def evaluate(
     for k in range(num_models):
         gen = torch.Generator().manual_seed(seed + k)
         net = make_model(model, spec.channels, spec.num_classes, spec.image_size, gen, device)
+        if compile is not None:
+            compile_embedding(net, compile)
         aug = DSA(spec.dsa_strategy, generator=gen) if augment else None
         train_model(
             net,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import shutil
 
 import pytest
@@ -9,10 +10,12 @@ import torch
 
 from fedcl_dd.compiled import compile_embedding
 from fedcl_dd.distill import DistillConfig
+from fedcl_dd.evaluate import evaluate
 from fedcl_dd.models import ConvNet, embed
 from fedcl_dd.pipeline import Distillation
 from fedcl_dd.privacy import PrivateRandom
 from fedcl_dd.recipe import Recipe
+from fedcl_dd.synthetic import PixelSet
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -55,6 +58,28 @@ def test_a_compiled_run_distills_the_same_images(digits, digits_sampler, method)
     ratio = float((compiled.syn.images() - eager.syn.images()).norm() / moved)
     print(f"{method}: compiled and eager steps differ by {ratio:.1e} of their length")
     assert ratio <= tolerance
+
+
+def test_a_compiled_evaluation_trains_the_same_networks(digits, digits_sampler, monkeypatch):
+    # The module, not the function of the same name that fedcl_dd exports.
+    evaluation = importlib.import_module("fedcl_dd.evaluate")
+    compiled = []  # the networks that evaluate compiled, by mode
+
+    def spy(net, mode):
+        compiled.append(mode)
+        return compile_embedding(net, mode)
+
+    monkeypatch.setattr(evaluation, "compile_embedding", spy)
+    syn = PixelSet.from_real(digits_sampler, 2, generator=torch.Generator().manual_seed(0))
+    results = {
+        mode: evaluate(
+            syn, digits.test_x, digits.test_y, digits.spec, num_models=1, epochs=4, compile=mode
+        )
+        for mode in (None, "default")
+    }
+    assert compiled == ["default"]
+    # Four SGD steps apart only by rounding: the same test predictions, bar a borderline one.
+    assert abs(results["default"].mean - results[None].mean) <= 1 / len(digits.test_y)
 
 
 def test_compile_embedding_routes_forward_and_embed_through_one_function(digits):
