@@ -283,7 +283,8 @@ def main() -> None:
                 continue  # the real batch is not this method's to set: that row is the centre's
             eager = measure(cell, method)
             variants = [(eager, None)]
-            if args.compile:
+            # Only the distribution-matching family's networks compile (fedcl_dd.compiled).
+            if args.compile and issubclass(get_objective(name), DistributionMatching):
                 timed = json.loads(in_fresh_process(cell, method, args.compile, "time"))
                 compiled = compiled_row(eager, timed)
                 variants.append((compiled, args.compile))
