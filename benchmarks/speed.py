@@ -282,13 +282,12 @@ def main() -> None:
             if cell.real_per_class != args.real_per_class and "real_per_class" not in declared:
                 continue  # the real batch is not this method's to set: that row is the centre's
             eager = measure(cell, method)
-            variants = [(eager, None)]
+            variants = [eager]
             # Only the distribution-matching family's networks compile (fedcl_dd.compiled).
             if args.compile and issubclass(get_objective(name), DistributionMatching):
                 timed = json.loads(in_fresh_process(cell, method, args.compile, "time"))
-                compiled = compiled_row(eager, timed)
-                variants.append((compiled, args.compile))
-            for measured, mode in variants:
+                variants.append(compiled_row(eager, timed))
+            for measured in variants:
                 row = {"dataset": cell.dataset, "ipc": cell.ipc, **measured}
                 row["real_per_class"] = (
                     cell.real_per_class if "real_per_class" in declared else None
@@ -296,7 +295,7 @@ def main() -> None:
                 row["floor_seconds"] = row["flops"] / rate
                 row["ratio_to_floor"] = row["seconds_per_iteration"] / row["floor_seconds"]
                 row["achieved_tflops"] = row["flops"] / row["seconds_per_iteration"] / 1e12
-                row["peak_mib"] = peak_memory(cell, method, mode)
+                row["peak_mib"] = peak_memory(cell, method, measured["compile"])
                 rows.append(row)
     print(
         f"\n{args.param}, DSA on, device {device}, torch threads {torch.get_num_threads()}; "
