@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from fedcl_dd.cli import resolve_device
+from fedcl_dd.cli import add_compile_flag, resolve_device
 from fedcl_dd.data import Dataset, data_root, holdout, load_dataset
 from fedcl_dd.distill import Callback, DistillResult, ProgressBar, TimeLimit
 from fedcl_dd.evaluate import EvalResult, evaluate
@@ -152,7 +152,13 @@ def distill(
     )
     real = ClassSampler(ds.train_x, ds.train_y, ds.spec.num_classes, device)
     run = Distillation(
-        recipe, real, ds.spec, seed=seed, device=device, cache_dir=data_root(args.data_root)
+        recipe,
+        real,
+        ds.spec,
+        seed=seed,
+        device=device,
+        cache_dir=data_root(args.data_root),
+        compile=args.compile,
     )
     with torch.no_grad():
         start = (run.syn.images().detach().clone(), run.syn.targets().detach().clone())
@@ -186,6 +192,7 @@ def choose_lr(
             epochs=args.eval_epochs,
             seed=args.seeds[0] + 1000,
             device=device,
+            compile=args.compile,
         )
         grid.append(
             {"lr_images": base * mult, "iterations": result.iterations, "validation": ev.mean}
@@ -214,6 +221,7 @@ def run_one(
         epochs=args.eval_epochs,
         seed=seed + 1000,
         device=device,
+        compile=args.compile,
     )
     t = time.perf_counter()
     ev = evaluate(syn, ds.test_x, ds.test_y, spec, **ev_kw)
@@ -324,6 +332,11 @@ def main() -> None:
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--device", default="auto")
+    add_compile_flag(
+        p,
+        "torch.compile the matching and evaluation networks of every run alike (MODE "
+        "default: 'default'); each process compiles once",
+    )
     p.add_argument("--jobs", type=int, default=1, help="runs side by side, one process each (CPU)")
     p.add_argument("--json", default="benchmarks/results/accuracy.json")
     add_option_flags(p)
@@ -346,6 +359,7 @@ def main() -> None:
         (f"{args.minutes} min" if args.minutes else f"{args.iterations} it")
         + f" of distillation, options {options_from_args(args) or 'default'}; eval {args.eval_models}x {args.eval_model}, "
         f"{args.eval_epochs} epochs; device {device}, {torch.get_num_threads()} threads"
+        + (f", compiled ({args.compile})" if args.compile else "")
         + (
             f"; image lr chosen among {args.lr_grid} x the method's on {args.val_fraction} of "
             f"the training set held out, {args.select_minutes} min of distillation each"

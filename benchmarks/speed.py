@@ -40,8 +40,7 @@ from targets import target
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedcl_dd.cli import resolve_device
-from fedcl_dd.compiled import COMPILE_MODES
+from fedcl_dd.cli import add_compile_flag, resolve_device
 from fedcl_dd.data import data_root, load_dataset
 from fedcl_dd.distill import Callback, DistillConfig, DistillState, distill
 from fedcl_dd.io import write_json
@@ -255,13 +254,9 @@ def main() -> None:
         "--reals", type=int, nargs="+", default=None, help="scaling table: real images per class"
     )
     p.add_argument("--iterations", type=int, default=10, help="timed iterations per method")
-    p.add_argument(
-        "--compile",
-        nargs="?",
-        const="default",
-        default=None,
-        choices=COMPILE_MODES,
-        help="also measure every method with its matching networks compiled in this mode "
+    add_compile_flag(
+        p,
+        "also measure every method with its matching networks compiled in this mode "
         "(rows beside the eager ones, with compile seconds and payback iterations)",
     )
     p.add_argument("--device", default="auto")

@@ -51,6 +51,20 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def add_compile_flag(p: argparse.ArgumentParser, help: str) -> None:
+    """``--compile [MODE]``: a :data:`~fedcl_dd.compiled.COMPILE_MODES` mode, ``default``
+    when given bare, None (eager) when absent."""
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        choices=COMPILE_MODES,
+        metavar="MODE",
+        help=help,
+    )
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     value = int(text)
@@ -114,13 +128,9 @@ def _parser() -> argparse.ArgumentParser:
         "--model", default="convnet", choices=sorted(MODELS), help="network to distill with"
     )
     d.add_argument("--no-augment", action="store_true", help="distill without DSA")
-    d.add_argument(
-        "--compile",
-        nargs="?",
-        const="default",
-        default=None,
-        choices=COMPILE_MODES,
-        help="torch.compile the matching networks' embeddings (distribution-matching methods) "
+    add_compile_flag(
+        d,
+        "torch.compile the matching networks' embeddings (distribution-matching methods) "
         "and the evaluation networks' (MODE default: 'default'). Each compiles once (~30-45 s "
         "on a 2-core CPU), then runs ~1.3x faster there: it pays in runs of a few hundred "
         "iterations",

@@ -23,11 +23,23 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["COMPILE_MODES", "compile_embedding"]
+__all__ = ["COMPILE_MODES", "check_mode", "compile_embedding", "compiled_forward"]
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
-_COMPILED: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {}
+_Call = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+_COMPILED: dict[str, _Call] = {}
+_FORWARDS: dict[str, _Call] = {}
+
+
+def check_mode(mode: str, eager: str) -> str:
+    """``mode`` if torch.compile knows it; else a ValueError naming the modes and ``eager``,
+    the caller's way to run uncompiled (e.g. ``"None"``)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(
+            f"compile must be one of {list(COMPILE_MODES)}, or {eager} to run eager; got {mode!r}"
+        )
+    return mode
 
 
 def _embed_of_class(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -44,8 +56,7 @@ def compile_embedding(net: nn.Module, mode: str = "default") -> nn.Module:
     Give it a network of its own (DM's are fresh or copied each iteration): a compiled
     ``embed`` is an instance attribute, which ``copy.deepcopy`` would carry along.
     """
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+    check_mode(mode, "no compile_embedding call")
     if not callable(getattr(type(net), "embed", None)):
         raise TypeError(
             f"{type(net).__name__} has no embed(x) method to compile; give it one returning the "
@@ -55,3 +66,21 @@ def compile_embedding(net: nn.Module, mode: str = "default") -> nn.Module:
         _COMPILED[mode] = torch.compile(_embed_of_class, mode=mode)
     setattr(net, "embed", functools.partial(_COMPILED[mode], net))  # noqa: B010 (nn.Module typing)
     return net
+
+
+def _forward_of_class(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out: torch.Tensor = type(net).forward(net, x)
+    return out
+
+
+def compiled_forward(mode: str = "default") -> _Call:
+    """The process-wide compiled ``net(x)`` of ``mode``, called as ``f(net, x)``.
+
+    For networks that train (a model pool's): like :func:`compile_embedding`, one compiled
+    function serves every network of a class, and nothing is attached to the network, so
+    copies of it stay plain modules. Give it a network whose ``embed`` is not compiled already.
+    """
+    check_mode(mode, "net(x)")
+    if mode not in _FORWARDS:
+        _FORWARDS[mode] = torch.compile(_forward_of_class, mode=mode)
+    return _FORWARDS[mode]

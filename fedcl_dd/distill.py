@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .compiled import COMPILE_MODES
+from .compiled import check_mode
 from .io import CorruptCheckpoint, load_checkpoint, save_checkpoint
 from .objectives.base import DistillationDiverged, MatchingContext, Objective
 from .precision import PRECISIONS, Precision
@@ -67,10 +67,8 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.compile is not None and self.compile not in COMPILE_MODES:
-            raise ValueError(
-                f"compile must be one of {COMPILE_MODES} (or None: eager), got {self.compile!r}"
-            )
+        if self.compile is not None:
+            check_mode(self.compile, "None")
         if self.iterations < 0:
             raise ValueError(f"iterations must be >= 0, got {self.iterations}")
         if not self.lr_images > 0:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .compiled import compiled_forward
 from .models import make_model
 from .options import Option
 
@@ -285,6 +286,9 @@ class ModelPool:
     ) -> None:
         """``steps`` SGD steps on random batches; records the accuracy on those batches."""
         net, opt, n = member.net, member.optimizer, x.shape[0]
+        # Compiled, the pool's training calls the process-wide compiled forward: members stay
+        # plain modules, so the matching copies carry no compiled code along.
+        forward = compiled_forward(ctx.compile) if ctx.compile else type(net).__call__
         net.train()
         correct = seen = 0
         for _ in range(steps):
@@ -292,7 +296,7 @@ class ModelPool:
             xb, yb = x[idx.to(x.device)], y[idx.to(y.device)]
             if ctx.augment is not None:
                 xb = ctx.augment(xb)
-            logits = net(xb)
+            logits = forward(net, xb)
             loss = F.cross_entropy(logits, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -8,7 +8,8 @@ import shutil
 import pytest
 import torch
 
-from fedcl_dd.compiled import compile_embedding
+import fedcl_dd.pool as pool_module
+from fedcl_dd.compiled import compile_embedding, compiled_forward
 from fedcl_dd.distill import DistillConfig
 from fedcl_dd.evaluate import evaluate
 from fedcl_dd.models import ConvNet, embed
@@ -33,6 +34,8 @@ def inductor():
 
 KEY = "a test key, never a real secret"
 
+IDM_POOL = {"pool_size": 2, "pool_init": 2, "pool_steps": 1, "pool_train_nets": 1}
+
 # A pool network (copied and blended each iteration, then compiled) and the centered, clipped
 # wrapper of dm-dp around a compiled network: the two ways a network reaches the loss. With
 # each, how far the compiled run's two steps may stray from the eager run's, as a share of
@@ -44,12 +47,21 @@ CASES = {
     "dm": ({"real_per_class": 16}, 1e-3),
     "ncfm": ({"real_per_class": 16, "num_freqs": 64, "pool_size": 2, "pool_init": 2}, 0.1),
     "dm-dp": ({"real_per_class": 16, "noise_multiplier": 1.0}, 1e-3),
+    # IDM's pool networks train a step every iteration, through the compiled forward.
+    "idm": ({"real_per_class": 16, **IDM_POOL}, 1e-3),
 }
 
 
 @pytest.mark.parametrize("method", sorted(CASES))
-def test_a_compiled_run_distills_the_same_images(digits, digits_sampler, method):
+def test_a_compiled_run_distills_the_same_images(digits, digits_sampler, method, monkeypatch):
     options, tolerance = CASES[method]
+    trained = []  # the modes the pool's training compiled its forward in
+
+    def spy(mode):
+        trained.append(mode)
+        return compiled_forward(mode)
+
+    monkeypatch.setattr(pool_module, "compiled_forward", spy)
     runs = {}
     for mode in (None, "default"):
         recipe = Recipe(method=method, ipc=2, iterations=2, options=options)
@@ -62,9 +74,11 @@ def test_a_compiled_run_distills_the_same_images(digits, digits_sampler, method)
         runs[mode] = (run, run.run())
     (eager, eager_result), (compiled, compiled_result) = runs[None], runs["default"]
     assert compiled_result.losses == pytest.approx(eager_result.losses, rel=1e-4)
-    moved = (eager.syn.images() - start).norm()
+    if method == "idm":  # a step per iteration, compiled in the compiled run only
+        assert trained == ["default"] * 2
+    moved = (eager.syn.images() - start).detach().norm()
     assert moved > 0
-    ratio = float((compiled.syn.images() - eager.syn.images()).norm() / moved)
+    ratio = float((compiled.syn.images() - eager.syn.images()).detach().norm() / moved)
     print(f"{method}: compiled and eager steps differ by {ratio:.1e} of their length")
     assert ratio <= tolerance
 
@@ -106,5 +120,32 @@ def test_compile_embedding_routes_forward_and_embed_through_one_function(digits)
 def test_an_unknown_compile_mode_is_refused_with_the_modes():
     with pytest.raises(ValueError, match="compile must be one of .*'default'"):
         DistillConfig(compile="fast")
-    with pytest.raises(ValueError, match="compile mode must be one of"):
+    with pytest.raises(ValueError, match="compile must be one of .*'default'"):
         compile_embedding(ConvNet(1, 10, 8), "fast")
+
+
+def test_the_server_trains_the_global_model_compiled_as_it_would_eager(digits_sampler, monkeypatch):
+    # Flower's adapter: the run config's compile also compiles the server's training.
+    from fedcl_dd.strategies.flower import strategy as strategy_module
+    from fedcl_dd.strategies.flower.config import FedConfig
+    from fedcl_dd.strategies.flower.payload import Upload
+    from fedcl_dd.strategies.flower.strategy import RoundReport, SyntheticSetStrategy
+
+    compiled = []
+
+    def spy(net, mode):
+        compiled.append(mode)
+        return compile_embedding(net, mode)
+
+    monkeypatch.setattr(strategy_module, "compile_embedding", spy)
+    syn = PixelSet.from_real(digits_sampler, 5, generator=torch.Generator().manual_seed(0))
+    metrics = {"num-examples": 100, "partition-id": 0, "upload-bytes": 1, "seconds": 1.0}
+    weights = {}
+    for mode in ("", "default"):
+        cfg = FedConfig(preset="digits-iid-4", ipc=5, server_epochs=2, compile=mode)
+        arrays = SyntheticSetStrategy(cfg).train_on_pool(1, [Upload(syn, metrics)], RoundReport(1))
+        assert arrays is not None
+        weights[mode] = arrays.to_torch_state_dict()
+    assert compiled == ["default"]
+    for name, eager in weights[""].items():  # a few SGD steps apart only by rounding
+        torch.testing.assert_close(weights["default"][name], eager, rtol=1e-3, atol=1e-4)

@@ -21,7 +21,7 @@ from typing import Any
 
 from fedcl_dd.scenarios.federated import Preset, parse_preset
 
-from fedcl_dd.compiled import COMPILE_MODES
+from fedcl_dd.compiled import check_mode
 from fedcl_dd.precision import PRECISIONS
 from fedcl_dd.privacy import PrivacyBudgetError, noise_for_target
 from fedcl_dd.recipe import STORAGE_DTYPES, Recipe
@@ -85,8 +85,9 @@ class FedConfig:
     # "bf16": distillation losses and the server's training under bfloat16 autocast where the
     # device computes it natively (fedcl_dd.precision; else fp32 with one warning)
     precision: str = "fp32"
-    # A fedcl_dd.compiled mode ("default" ...): the clients' matching networks run compiled
-    # (distribution-matching methods; each client process compiles once). "": eager.
+    # A fedcl_dd.compiled mode ("default" ...): the clients' matching networks (distribution-
+    # matching methods) and the server's training of the global model run compiled; each
+    # process compiles once. "": eager.
     compile: str = ""
     # --- FedAvg / FedProx clients ---
     local_epochs: int = 1
@@ -126,10 +127,8 @@ class FedConfig:
             raise ValueError(f"fraction-train must lie in (0, 1], got {self.fraction_train}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
-        if self.compile and self.compile not in COMPILE_MODES:
-            raise ValueError(
-                f"compile must be one of {list(COMPILE_MODES)} or empty (eager), got {self.compile!r}"
-            )
+        if self.compile:
+            check_mode(self.compile, "empty")
         if not 0.0 <= self.screen <= 1.0:
             raise ValueError(
                 f"screen must lie in [0, 1] (0: off; e.g. {DEFAULT_SCREEN_THRESHOLD}), got {self.screen}"

@@ -44,6 +44,7 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 from fedcl_dd.augment import DSA
+from fedcl_dd.compiled import compile_embedding
 from fedcl_dd.evaluate import accuracy, train_model
 from fedcl_dd.io import CorruptCheckpoint, load_checkpoint, save_checkpoint
 from fedcl_dd.models import make_model
@@ -524,6 +525,8 @@ class SyntheticSetStrategy(FedAvg):
         )
         if self.cfg.mode == "iterative" and self._global is not None:
             load_model_arrays(net, self._global)
+        if self.cfg.compile:
+            compile_embedding(net, self.cfg.compile)
         augment = DSA(
             self.spec.dsa_strategy, torch.Generator().manual_seed(int(gen.initial_seed()) + 1)
         )
