@@ -26,6 +26,7 @@ import math
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +42,27 @@ from fedcl_dd.io import write_json
 
 
 class PeakTreeMemory:
-    """Peak summed RSS (MiB) of this process and all its descendants while active."""
+    """Peak summed RSS (MiB) while active of this process and all its descendants, or of the
+    processes ``pids()`` names at each sample."""
 
-    def __init__(self, interval: float = 0.2) -> None:
+    def __init__(self, interval: float = 0.2, pids: Callable[[], list[int]] | None = None) -> None:
         self.interval, self.peak, self._stop = interval, 0.0, threading.Event()
+        self.pids = pids
+
+    def _processes(self) -> list[psutil.Process]:
+        if self.pids is None:
+            me = psutil.Process()
+            return [me, *me.children(recursive=True)]
+        found = []
+        for pid in self.pids():
+            with contextlib.suppress(psutil.Error):
+                found.append(psutil.Process(pid))
+        return found
 
     def _sample(self) -> None:
-        me = psutil.Process()
         while not self._stop.is_set():
             total = 0
-            for p in [me, *me.children(recursive=True)]:
+            for p in self._processes():
                 with contextlib.suppress(psutil.Error):
                     total += p.memory_info().rss
             self.peak = max(self.peak, total / 2**20)

@@ -115,3 +115,25 @@ def test_faulty_clients_are_refused_and_rounds_go_on(tmp_path):
         "checkpoint.pt",
     ):
         assert (tmp_path / name).is_file(), name
+
+
+def test_fedavg_rounds_are_metered_as_ours_are(tmp_path):
+    # Flower's own FedAvg: bytes up and down, client and server seconds, per round.
+    from fedcl_dd.strategies.flower.strategy import initial_model
+
+    cfg = FedConfig(preset="digits-iid-2", algorithm="fedavg", rounds=2, fraction_evaluate=0.0)
+    results = simulate(cfg, tmp_path, device=torch.device("cpu"))
+    rounds = {row["round"]: row for row in results["rounds"]}
+    assert sorted(rounds) == [0, 1, 2]
+    model_bytes = sum(
+        t.numel() * t.element_size() for t in initial_model(cfg).state_dict().values()
+    )
+    for r in (1, 2):
+        row = rounds[r]
+        assert row["accepted"] == 2
+        # Each node got the global model and its config, and sent back a model.
+        assert 2 * model_bytes < row["download_bytes"] < 2 * model_bytes * 1.1, row
+        assert 2 * model_bytes <= row["upload_bytes"] < 2 * model_bytes * 1.1, row
+        assert 0 < row["client_seconds_max"] <= row["client_seconds_sum"], row
+        assert row["server_seconds"] > 0, row
+    assert rounds[2]["upload_bytes_total"] == rounds[1]["upload_bytes"] + rounds[2]["upload_bytes"]

@@ -1,4 +1,4 @@
-"""Results a user can look at: accuracy against rounds and against uploaded megabytes."""
+"""Results a user can look at: accuracy against rounds, uploaded megabytes and client compute."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ __all__ = ["format_table", "plot_runs"]
 def plot_runs(
     runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, title: str = ""
 ) -> Path:
-    """Two panels, one line per run: accuracy by round, and by cumulative upload (MB)."""
+    """Three panels, one line per run: accuracy by round, by cumulative upload (MB) and by
+    cumulative client compute (the seconds every client reported, summed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,15 +21,23 @@ def plot_runs(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (by_round, by_bytes, by_compute) = plt.subplots(1, 3, figsize=(15, 3.8))
     for label, rows in runs.items():
-        rows = [r for r in rows if r.get("accuracy") is not None]
-        acc = [r["accuracy"] for r in rows]
-        by_round.plot([r["round"] for r in rows], acc, marker="o", label=label)
-        by_bytes.plot([r["upload_bytes_total"] / 1e6 for r in rows], acc, marker="o", label=label)
+        spent, compute = 0.0, []
+        for r in rows:
+            spent += r.get("client_seconds_sum") or 0.0
+            compute.append(spent / 60)
+        kept = [(r, c) for r, c in zip(rows, compute, strict=True) if r.get("accuracy") is not None]
+        acc = [r["accuracy"] for r, _ in kept]
+        by_round.plot([r["round"] for r, _ in kept], acc, marker="o", label=label)
+        by_bytes.plot(
+            [r["upload_bytes_total"] / 1e6 for r, _ in kept], acc, marker="o", label=label
+        )
+        by_compute.plot([c for _, c in kept], acc, marker="o", label=label)
     by_round.set_xlabel("round")
     by_bytes.set_xlabel("cumulative upload (MB, all clients)")
-    for ax in (by_round, by_bytes):
+    by_compute.set_xlabel("cumulative client compute (CPU-minutes, all clients)")
+    for ax in (by_round, by_bytes, by_compute):
         ax.set_ylabel("test accuracy (global model)")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -41,15 +50,19 @@ def plot_runs(
 
 
 def format_table(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
-    """A text table: per run and round, accuracy, uploaded MB and epsilon."""
+    """A text table: per run and round, accuracy, MB up (round and total) and down, client
+    seconds (the slowest client's and all clients' sum), server seconds and epsilon."""
     lines = [
-        f"{'run':<12}{'round':>6}{'accuracy':>10}{'MB round':>10}{'MB total':>10}{'eps max':>9}"
+        f"{'run':<12}{'round':>6}{'accuracy':>10}{'MB up':>9}{'MB total':>10}{'MB down':>9}"
+        f"{'client s max':>13}{'client s sum':>13}{'server s':>9}{'eps max':>9}"
     ]
     for label, rows in runs.items():
         for r in rows:
             acc = "-" if r.get("accuracy") is None else f"{r['accuracy']:.4f}"
             lines.append(
-                f"{label:<12}{r['round']:>6}{acc:>10}{r['upload_bytes'] / 1e6:>10.3f}"
-                f"{r['upload_bytes_total'] / 1e6:>10.3f}{r.get('epsilon_max', 0.0):>9.3f}"
+                f"{label:<12}{r['round']:>6}{acc:>10}{r['upload_bytes'] / 1e6:>9.3f}"
+                f"{r['upload_bytes_total'] / 1e6:>10.3f}{r.get('download_bytes', 0) / 1e6:>9.3f}"
+                f"{r.get('client_seconds_max', 0.0):>13.1f}{r.get('client_seconds_sum', 0.0):>13.1f}"
+                f"{r.get('server_seconds', 0.0):>9.1f}{r.get('epsilon_max', 0.0):>9.3f}"
             )
     return "\n".join(lines)

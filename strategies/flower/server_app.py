@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from fedcl_dd.scenarios.federated import (
@@ -22,7 +23,7 @@ from fedcl_dd.scenarios.federated import (
     format_histogram,
     plot_histogram,
 )
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx
 from torch import nn
@@ -35,7 +36,7 @@ from fedcl_dd.viz import save_grid
 from .config import FedConfig
 from .payload import ARRAYS, METRICS, load_model_arrays, metric_float, metric_int, model_arrays
 from .report import plot_runs
-from .strategy import SyntheticSetStrategy, initial_model
+from .strategy import SyntheticSetStrategy, initial_model, sent_bytes
 
 __all__ = ["SERVER_KEYS", "ServerRun", "app", "build_run", "run_server", "write_results"]
 
@@ -55,13 +56,17 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _sum_metrics(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-    """Baselines' train metrics: replies, examples and received bytes summed (not averaged)."""
+    """Baselines' train metrics: replies, examples and received bytes summed (not averaged);
+    the clients' seconds, the slowest and the sum."""
     metrics = [c.metric_records[METRICS] for c in contents]
+    seconds = [metric_float(m, "seconds", 0.0) for m in metrics]
     out: dict[str, int | float] = {
         "accepted": len(metrics),
         "num-examples": sum(metric_int(m, "num-examples") for m in metrics),
         # What the server received, not what the clients say they sent.
         "upload-bytes": sum(c.array_records[ARRAYS].count_bytes() for c in contents),
+        "client-seconds-max": max(seconds, default=0.0),
+        "client-seconds-sum": sum(seconds),
     }
     eps = [metric_float(m, "epsilon-total", 0.0) for m in metrics if "epsilon-total" in m]
     if eps:
@@ -94,6 +99,7 @@ class ServerRun:
             "accuracy": acc,
             "seconds": time.perf_counter() - self.started,
             "train": self.pending.pop("train", None),
+            "sent": self.pending.pop("sent", None),
         }
         if isinstance(self.strategy, SyntheticSetStrategy):
             self.strategy.record_evaluation(server_round, {"accuracy": acc})
@@ -154,6 +160,46 @@ def build_run(
     )
 
 
+# The counter below is a mixin over Flower's strategies; type-checked as one of them.
+if TYPE_CHECKING:
+    _Strategy = FedAvg
+else:
+    _Strategy = object
+
+
+class _Metered(_Strategy):
+    """Flower's baseline strategy, metered as our strategy meters itself: the bytes its train
+    messages carry (the global model and config to each sampled node; ``sent_bytes``) and
+    the seconds it takes to aggregate the replies, into ``pending["sent"]``."""
+
+    pending: dict[str, MetricRecord]
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        sent = sum(sent_bytes(rec) for m in messages for rec in m.content.values())
+        self.pending["sent"] = MetricRecord({"download-bytes": sent})
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        start = time.perf_counter()
+        out = super().aggregate_train(server_round, replies)
+        sent = self.pending.setdefault("sent", MetricRecord())
+        sent["server-seconds"] = time.perf_counter() - start
+        return out
+
+
+class MeteredFedAvg(_Metered, FedAvg):
+    """Flower's FedAvg, metered (bytes down, server seconds)."""
+
+
+class MeteredFedProx(_Metered, FedProx):
+    """Flower's FedProx, metered (bytes down, server seconds)."""
+
+
 def _baseline(cfg: FedConfig, pending: dict[str, MetricRecord]) -> FedAvg:
     """Flower's own FedAvg or FedProx; each round's summed train metrics go to ``pending``."""
 
@@ -169,9 +215,13 @@ def _baseline(cfg: FedConfig, pending: dict[str, MetricRecord]) -> FedAvg:
         min_available_nodes=cfg.nodes_required,
         train_metrics_aggr_fn=sum_train_metrics,
     )
-    if cfg.algorithm == "fedprox":
-        return FedProx(proximal_mu=cfg.proximal_mu, **common)
-    return FedAvg(**common)
+    strategy: _Metered = (
+        MeteredFedProx(proximal_mu=cfg.proximal_mu, **common)
+        if cfg.algorithm == "fedprox"
+        else MeteredFedAvg(**common)
+    )
+    strategy.pending = pending
+    return strategy
 
 
 def write_results(run: ServerRun, complete: bool) -> dict[str, Any]:
@@ -271,6 +321,7 @@ def _round_rows(strategy: FedAvg, history: dict[int, dict[str, Any]]) -> list[di
     total = 0
     for r in sorted(k for k in history if k > 0):
         m = history[r].get("train")
+        sent = history[r].get("sent") or {}
         up = int(m["upload-bytes"]) if m is not None else 0
         total += up
         rows.append(
@@ -284,6 +335,10 @@ def _round_rows(strategy: FedAvg, history: dict[int, dict[str, Any]]) -> list[di
                 if m is not None and "epsilon-max" in m
                 else 0.0,
                 "accepted": int(m["accepted"]) if m is not None else 0,
+                "server_seconds": float(sent.get("server-seconds", 0.0)),
+                "client_seconds_max": float(m["client-seconds-max"]) if m is not None else 0.0,
+                "client_seconds_sum": float(m["client-seconds-sum"]) if m is not None else 0.0,
+                "download_bytes": int(sent.get("download-bytes", 0)),
             }
         )
     return rows
