@@ -56,7 +56,7 @@ def compile_embedding(net: nn.Module, mode: str = "default") -> nn.Module:
     Give it a network of its own (DM's are fresh or copied each iteration): a compiled
     ``embed`` is an instance attribute, which ``copy.deepcopy`` would carry along.
     """
-    check_mode(mode, "no compile_embedding call")
+    check_mode(mode, "an uncompiled network")
     if not callable(getattr(type(net), "embed", None)):
         raise TypeError(
             f"{type(net).__name__} has no embed(x) method to compile; give it one returning the "
@@ -80,7 +80,7 @@ def compiled_forward(mode: str = "default") -> _Call:
     function serves every network of a class, and nothing is attached to the network, so
     copies of it stay plain modules. Give it a network whose ``embed`` is not compiled already.
     """
-    check_mode(mode, "net(x)")
+    check_mode(mode, "a plain net(x)")
     if mode not in _FORWARDS:
         _FORWARDS[mode] = torch.compile(_forward_of_class, mode=mode)
     return _FORWARDS[mode]
