@@ -70,6 +70,12 @@ class DatasetSpec:
     def image_shape(self) -> tuple[int, int, int]:
         return (self.channels, self.image_size, self.image_size)
 
+    def pixel_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per channel (shape (C,)), where the pixel values 0 and 1 land after normalization:
+        the range every real image lies in."""
+        mean, std = torch.tensor(self.mean), torch.tensor(self.std)
+        return -mean / std, (1 - mean) / std
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Map images in [0, 1] to the normalized space the models and synthetic sets live in."""
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)

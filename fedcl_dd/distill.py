@@ -381,6 +381,8 @@ def _iteration(
             raise DistillationDiverged(
                 _diverged_message(it, "synthetic set or a learned parameter", lr)
             )
+        if objective.projects:
+            syn.project_(*ctx.spec.pixel_bounds())
         total += float(loss.detach())
         if outer < steps - 1:
             objective.update_network(ctx, net, syn)

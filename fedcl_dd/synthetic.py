@@ -137,6 +137,11 @@ class SyntheticSet(nn.Module):
         self.info: dict[str, Any] = dict(info or {})
         self.label_logits: nn.Parameter | None = None
 
+    def project_(self, low: torch.Tensor, high: torch.Tensor) -> bool:
+        """Clamp the stored images into ``[low, high]`` (per channel, shape (C,)), in place, where
+        the parameterization can; returns whether it did (this base class cannot)."""
+        return False
+
     # -- what subclasses provide --------------------------------------------------------------
     def images(self) -> torch.Tensor:
         """All images, (N, C, H, W), in the normalized space of the real data."""
@@ -396,6 +401,14 @@ class PixelSet(SyntheticSet):
 
     def images(self) -> torch.Tensor:
         return self.pixels
+
+    def project_(self, low: torch.Tensor, high: torch.Tensor) -> bool:
+        # Multi-formation sets upsample bilinearly: convex combinations of clamped pixels stay
+        # within the bounds, so clamping what is stored bounds every materialized image.
+        shape = (1, -1, 1, 1)
+        with torch.no_grad():
+            self.pixels.clamp_(low.to(self.pixels).view(shape), high.to(self.pixels).view(shape))
+        return True
 
     @property
     def class_ids(self) -> torch.Tensor:

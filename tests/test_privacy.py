@@ -369,3 +369,20 @@ def test_epsilon_target_is_respected_and_survives_resume(digits, tmp_path):
     assert resumed.ledger.history == full.ledger.history
     assert resumed.report() == full.report()
     assert torch.allclose(resumed_syn.images(), full_syn.images())
+
+
+def test_private_images_stay_within_the_data_pixel_range(digits):
+    # Noisy targets pull images without bound; dm-dp clamps them to where real pixels lie
+    # after every step (post-processing: no privacy spent), so servers accept its uploads.
+    ctx = _ctx(digits)
+    syn = PixelSet.from_noise(
+        10, digits.spec.image_shape, 2, generator=torch.Generator().manual_seed(0)
+    )
+    low, high = digits.spec.pixel_bounds()
+    assert syn.images().max() > high.max()  # the noise start lies outside: projection must act
+    obj = PrivateDistributionMatching(clip=1.0, noise_multiplier=2.0, sample_rate=0.1)
+    obj.noise_source = PrivateRandom(KEY, "bounds")
+    distill(syn, obj, ctx, DistillConfig(iterations=10, lr_images=100.0))
+    x = syn.images().detach()
+    assert low.min() <= x.min() and x.max() <= high.max()
+    assert (x == high.max()).any()  # images pressed against the bound: what unclamped noise does

@@ -120,7 +120,9 @@ class Objective(abc.ABC):
     (keyword arguments of its constructor, with types and ranges), the image learning rate
     by images per class (``lr_by_ipc``: rows ``(from_ipc, lr)``) and momentum, how its set
     starts (``default_init``), whether its release is differentially private (``private``:
-    it then never starts from real data), whether it trains networks, ``quick``:
+    it then never starts from real data), whether its images are kept within the data's
+    pixel range after every step (``projects``, where the parameterization stores pixels),
+    whether it trains networks, ``quick``:
     the cheapest options that still run every code path (tests and smoke runs), and the
     ``paper`` whose published figures it is compared with (benchmarks), and the optimizer of
     its images (``optimizer``: SGD with ``momentum``, or AdamW with ``weight_decay``). The
@@ -135,6 +137,7 @@ class Objective(abc.ABC):
     weight_decay: ClassVar[float] = 0.0  # AdamW's (decoupled) weight decay on the images
     default_init: ClassVar[str] = "real"
     private: ClassVar[bool] = False
+    projects: ClassVar[bool] = False
     quick: ClassVar[dict[str, Any]] = {}
     paper: ClassVar[str] = ""  # the paper whose published figures this objective compares with
 

@@ -55,9 +55,7 @@ def max_pixel(spec: DatasetSpec) -> float:
     """The largest pixel magnitude an upload may hold: :data:`PIXEL_RANGE_FACTOR` times the
     largest magnitude a real pixel in [0, 1] takes after the dataset's normalization -- far
     beyond any image distillation produces, far below what makes training overflow."""
-    extreme = max(
-        max(abs(-m / s), abs((1 - m) / s)) for m, s in zip(spec.mean, spec.std, strict=True)
-    )
+    extreme = max(float(bound.abs().max()) for bound in spec.pixel_bounds())
     return PIXEL_RANGE_FACTOR * extreme
 
 
