@@ -6,7 +6,8 @@ and every message goes through the SuperLink over HTTP on 127.0.0.1
 (:class:`fedcl_dd.strategies.flower.loopback.Loopback`). Reported: the run's rounds (accuracy,
 bytes up and down, client and server seconds), seconds per round as the ServerApp's log shows
 them (from the round's start to the next), the start-up before round 1, and the peak memory
-of every process of the deployment together (resident set, sampled every 0.5 s).
+of every process of the deployment together (resident sets summed, sampled every 0.5 s: pages
+the processes share, such as torch's libraries, count once per process, so this overstates).
 
     python benchmarks/deployment.py --nodes 10 --preset mnist-dir0.5-10 --rounds 2 --set iterations=100
 """
