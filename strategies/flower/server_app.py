@@ -36,7 +36,7 @@ from fedcl_dd.viz import save_grid
 from .config import FedConfig
 from .payload import ARRAYS, METRICS, load_model_arrays, metric_float, metric_int, model_arrays
 from .report import plot_runs
-from .strategy import SyntheticSetStrategy, initial_model, sent_bytes
+from .strategy import SyntheticSetStrategy, initial_model, messages_bytes
 
 __all__ = ["SERVER_KEYS", "ServerRun", "app", "build_run", "run_server", "write_results"]
 
@@ -178,8 +178,7 @@ class _Metered(_Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        sent = sum(sent_bytes(rec) for m in messages for rec in m.content.values())
-        self.pending["sent"] = MetricRecord({"download-bytes": sent})
+        self.pending["sent"] = MetricRecord({"download-bytes": messages_bytes(messages)})
         return messages
 
     def aggregate_train(

@@ -90,6 +90,11 @@ def sent_bytes(record: Any) -> int:
     return sum(len(k) + value_bytes(v) for k, v in record.items())
 
 
+def messages_bytes(messages: Iterable[Message]) -> int:
+    """Bytes of every record of ``messages``, counted by :func:`sent_bytes`."""
+    return sum(sent_bytes(record) for m in messages for record in m.content.values())
+
+
 @dataclass
 class RoundReport:
     """What happened in one round, for logs, metrics and the results JSON."""
@@ -372,9 +377,7 @@ class SyntheticSetStrategy(FedAvg):
         report.accepted.sort()
         previous = self.reports[-1].upload_bytes_total if self.reports else 0
         report.upload_bytes_total = previous + report.upload_bytes
-        report.download_bytes = sum(
-            sent_bytes(record) for m in self._outgoing for record in m.content.values()
-        )
+        report.download_bytes = messages_bytes(self._outgoing)
         report.epsilon = self.ledgers.epsilons() if self.ledgers is not None else {}
         arrays = self.train_on_pool(r, uploads, report)
         self.reports.append(report)
