@@ -10,7 +10,9 @@ In one process, both precisions on the same data and seeds (the fp32 run is the 
   compare the precisions' difference with the seed-to-seed spread.
 
 Writes JSON with the issue's named targets (``dm-bf16-speedup``: the smaller of the two real
-batch sizes' ratios; ``eval-bf16-speedup``).
+batch sizes' ratios; ``eval-bf16-speedup``; ``eval-floor-ratio``: the fp32 epoch against its
+FLOPs, counted by torch's FLOP counter, at the rate this machine reaches on the ConvNet's
+widest convolution, :func:`speed.conv_rate`).
 
     OMP_NUM_THREADS=1 python benchmarks/precision.py --json benchmarks/results/precision_cpu.json
 """
@@ -25,7 +27,9 @@ import time
 from pathlib import Path
 
 import torch
+from speed import conv_rate
 from targets import target
+from torch.utils.flop_counter import FlopCounterMode
 
 from fedcl_dd.augment import DSA
 from fedcl_dd.data import DatasetSpec, load_dataset
@@ -61,20 +65,27 @@ def dm_seconds(
     return statistics.median(steps[2:])
 
 
-def eval_epoch_seconds(
+def eval_epoch(
     images: torch.Tensor, labels: torch.Tensor, spec: DatasetSpec, epochs: int, precision: str
-) -> float:
+) -> tuple[float, int]:
+    """Median seconds of one evaluation epoch (after a warm-up), and the FLOPs of one more."""
     gen = torch.Generator().manual_seed(0)
     net = make_model("convnet", spec.channels, spec.num_classes, spec.image_size, gen)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     aug = DSA(spec.dsa_strategy, gen)
     mode = Precision.resolve(precision, "cpu")
+
+    def epoch() -> None:
+        train_epochs(net, opt, images, labels, 1, 256, aug, gen, precision=mode)
+
     times = []
     for _ in range(epochs + 1):
         start = time.perf_counter()
-        train_epochs(net, opt, images, labels, 1, 256, aug, gen, precision=mode)
+        epoch()
         times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+    with FlopCounterMode(display=False) as counter:
+        epoch()
+    return statistics.median(times[1:]), counter.get_total_flops()
 
 
 def main() -> int:
@@ -96,12 +107,13 @@ def main() -> int:
         }
     gen = torch.Generator().manual_seed(0)
     idx = torch.randperm(mnist.train_y.numel(), generator=gen)[:100]
-    rows["eval-epoch"] = {
-        prec: eval_epoch_seconds(
-            mnist.train_x[idx], mnist.train_y[idx], mnist.spec, args.epochs, prec
-        )
+    epochs = {
+        prec: eval_epoch(mnist.train_x[idx], mnist.train_y[idx], mnist.spec, args.epochs, prec)
         for prec in ("fp32", "bf16")
     }
+    rows["eval-epoch"] = {prec: seconds for prec, (seconds, _) in epochs.items()}
+    rate = conv_rate(torch.device("cpu"))
+    eval_floor = epochs["fp32"][1] / rate
     digits = load_dataset("digits")
     small = ClassSampler(digits.train_x, digits.train_y, digits.spec.num_classes)
     subset = Recipe(ipc=10).init_synthetic(small, digits.spec, torch.Generator().manual_seed(0))
@@ -129,13 +141,21 @@ def main() -> int:
         )
     dm_speedup = min(rows[f"dm-{rpc}"]["fp32"] / rows[f"dm-{rpc}"]["bf16"] for rpc in (64, 256))
     eval_speedup = rows["eval-epoch"]["fp32"] / rows["eval-epoch"]["bf16"]
+    eval_ratio = rows["eval-epoch"]["fp32"] / eval_floor
+    print(
+        f"eval epoch: {epochs['fp32'][1] / 1e9:.2f} GFLOP, floor {eval_floor:.3f} s at "
+        f"{rate / 1e9:.0f} GFLOP/s, {eval_ratio:.2f}x floor"
+    )
     out = {
         "threads": torch.get_num_threads(),
         "seconds": rows,
         "digits_accuracy": accuracy,
+        "eval_epoch_flops": epochs["fp32"][1],
+        "conv_rate": rate,
         "targets": [
             target("dm-bf16-speedup", dm_speedup, 1.8, ">=", "ratio", command),
             target("eval-bf16-speedup", eval_speedup, 2.0, ">=", "ratio", command),
+            target("eval-floor-ratio", eval_ratio, 1.15, "<=", "ratio", command),
         ],
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

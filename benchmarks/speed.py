@@ -321,7 +321,7 @@ def main() -> None:
     # Issue 11's target: DM on MNIST at 10 images per class within 1.15x of its FLOP floor.
     targets = [
         target(
-            f"dm-mnist-ipc10-real{r['real_per_class']}{'-compiled' if r['compile'] else ''}-x-floor",
+            f"dm-mnist-{r['real_per_class']}{'-compiled' if r['compile'] else ''}-floor-ratio",
             r["ratio_to_floor"],
             1.15,
             "<=",
