@@ -6,8 +6,9 @@ and every message goes through the SuperLink over HTTP on 127.0.0.1
 (:class:`fedcl_dd.strategies.flower.loopback.Loopback`). Reported: the run's rounds (accuracy,
 bytes up and down, client and server seconds), seconds per round as the ServerApp's log shows
 them (from the round's start to the next), the start-up before round 1, and the peak memory
-of every process of the deployment together (resident sets summed, sampled every 0.5 s: pages
-the processes share, such as torch's libraries, count once per process, so this overstates).
+of every process of the deployment together, sampled every 0.5 s: proportional set sizes
+summed (pages the processes share, such as torch's libraries, counted once), with the summed
+resident sets beside it (shared pages once per process, an overstatement).
 
     python benchmarks/deployment.py --nodes 10 --preset mnist-dir0.5-10 --rounds 2 --set iterations=100
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 from fedcl_dd.strategies.flower.config import FedConfig
 from fedcl_dd.strategies.flower.loopback import Loopback
 from fedcl_dd.strategies.flower.report import format_table
-from federated import PeakTreeMemory
+from procmem import PeakTreeMemory
 
 from fedcl_dd.io import write_json
 
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{nodes} SuperNodes on loopback, {args.rounds} rounds: start-up {marks[0]:.0f} s, "
         f"seconds per round {[round(s) for s in round_seconds]}, all {ended:.0f} s; "
-        f"peak memory of every process {mem.peak / 1024:.2f} GiB"
+        f"peak memory of every process {mem.peak / 1024:.2f} GiB PSS "
+        f"({mem.peak_rss / 1024:.2f} GiB summed RSS)"
     )
     write_json(
         {
@@ -105,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             "round_seconds": round_seconds,
             "seconds": ended,
             "peak_mib": mem.peak,
+            "peak_rss_mib": mem.peak_rss,
             "rounds": results["rounds"],
             "command": "python benchmarks/deployment.py " + " ".join(argv or sys.argv[1:]),
             "targets": [],  # the issue names no target for this row; it reports it

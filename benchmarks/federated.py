@@ -5,7 +5,8 @@ Every strategy runs on the same preset (model, partitions, seed) through the sam
 accuracy of the global model after each round, cumulative upload bytes, epsilon; and the
 question the issue asks -- how many rounds and bytes our strategy needs to reach FedAvg's
 final accuracy, against FedAvg's own bytes up to its last round. Peak memory is the
-resident set of this process and its children (Ray's workers), sampled every 0.2 s.
+proportional set size summed over this process and its children (Ray's workers), sampled every
+0.2 s (:class:`procmem.PeakTreeMemory`; the summed resident sets are recorded beside it).
 
     python benchmarks/federated.py --preset mnist-dir0.5-10 --rounds 5 --fedavg-rounds 20
     python benchmarks/federated.py --preset mnist-dir0.5-10 --epsilon 8   # dm-dp vs DP-SGD FedAvg
@@ -20,62 +21,22 @@ of the chosen run is what is reported, and the grid and the choice are written t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
 from fedcl_dd.scenarios.federated import class_histogram
 from fedcl_dd.strategies.flower.cli import private_variant
 from fedcl_dd.strategies.flower.config import FedConfig
 from fedcl_dd.strategies.flower.report import format_table, plot_runs
 from fedcl_dd.strategies.flower.simulation import simulate
+from procmem import PeakTreeMemory
 from targets import target
 
 from fedcl_dd.io import write_json
-
-
-class PeakTreeMemory:
-    """Peak summed RSS (MiB) while active of this process and all its descendants, or of the
-    processes ``pids()`` names at each sample."""
-
-    def __init__(self, interval: float = 0.2, pids: Callable[[], list[int]] | None = None) -> None:
-        self.interval, self.peak, self._stop = interval, 0.0, threading.Event()
-        self.pids = pids
-
-    def _processes(self) -> list[psutil.Process]:
-        if self.pids is None:
-            me = psutil.Process()
-            return [me, *me.children(recursive=True)]
-        found = []
-        for pid in self.pids():
-            with contextlib.suppress(psutil.Error):
-                found.append(psutil.Process(pid))
-        return found
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            total = 0
-            for p in self._processes():
-                with contextlib.suppress(psutil.Error):
-                    total += p.memory_info().rss
-            self.peak = max(self.peak, total / 2**20)
-            time.sleep(self.interval)
-
-    def __enter__(self) -> PeakTreeMemory:
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def reach(rows: list[dict], target: float) -> tuple[int, int] | None:
@@ -112,7 +73,10 @@ def run_once(
         results = simulate(cfg, out, data_root=data_root)
     seconds = time.perf_counter() - start
     # A run's own cost; the named targets are the summary's, so this file's list is empty.
-    write_json({"seconds": seconds, "peak_mib": mem.peak, "targets": []}, out / "cost.json")
+    write_json(
+        {"seconds": seconds, "peak_mib": mem.peak, "peak_rss_mib": mem.peak_rss, "targets": []},
+        out / "cost.json",
+    )
     return results, seconds, mem.peak
 
 

@@ -1,8 +1,15 @@
-"""Peak resident memory of the current process (Linux), for the CPU memory figures of the benchmarks."""
+"""Peak memory of the current process or a process tree (Linux), for the CPU memory figures of
+the benchmarks."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+import psutil
 
 
 def status_mib(field: str) -> float:
@@ -22,3 +29,58 @@ def reset_peak() -> float:
 def peak_since_reset() -> float:
     """Peak resident set since :func:`reset_peak`, in MiB."""
     return status_mib("VmHWM")
+
+
+def pss_mib(pid: int) -> float | None:
+    """Proportional set size of a process in MiB: each shared page divided among the processes
+    mapping it, so summing over processes counts shared libraries once (None: unreadable)."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+class PeakTreeMemory:
+    """Peak memory (MiB), while active, of this process and all its descendants, or of the
+    processes ``pids()`` names at each sample: ``peak`` sums proportional set sizes (each shared
+    page counted once over all processes; a process whose PSS is unreadable adds its RSS),
+    ``peak_rss`` sums resident sets (shared pages once per process, an overstatement)."""
+
+    def __init__(self, interval: float = 0.2, pids: Callable[[], list[int]] | None = None) -> None:
+        self.interval, self.pids, self._stop = interval, pids, threading.Event()
+        self.peak = self.peak_rss = 0.0
+
+    def _processes(self) -> list[psutil.Process]:
+        if self.pids is None:
+            me = psutil.Process()
+            return [me, *me.children(recursive=True)]
+        found = []
+        for pid in self.pids():
+            with contextlib.suppress(psutil.Error):
+                found.append(psutil.Process(pid))
+        return found
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            pss = rss = 0.0
+            for p in self._processes():
+                with contextlib.suppress(psutil.Error):
+                    resident = p.memory_info().rss / 2**20
+                    proportional = pss_mib(p.pid)
+                    rss += resident
+                    pss += resident if proportional is None else proportional
+            self.peak, self.peak_rss = max(self.peak, pss), max(self.peak_rss, rss)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakTreeMemory:
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
