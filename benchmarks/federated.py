@@ -3,8 +3,9 @@
 Every strategy runs on the same preset (model, partitions, seed) through the same code path
 (`fedcl_dd.strategies.flower.simulation.simulate`, Ray backend). Reported per strategy: the
 accuracy of the global model after each round, cumulative upload bytes, epsilon; and the
-question the issue asks -- how many rounds and bytes our strategy needs to reach FedAvg's
-final accuracy, against FedAvg's own bytes up to its last round. Peak memory is the
+question the issue asks -- how many rounds and bytes our strategy needs to reach the best
+baseline's final accuracy (FedAvg or FedProx), against that baseline's own bytes up to its last
+round. Peak memory is the
 proportional set size summed over this process and its children (Ray's workers), sampled every
 0.2 s (:class:`procmem.PeakTreeMemory`; the summed resident sets are recorded beside it).
 
@@ -12,10 +13,14 @@ proportional set size summed over this process and its children (Ray's workers),
     python benchmarks/federated.py --preset mnist-dir0.5-10 --epsilon 8   # dm-dp vs DP-SGD FedAvg
     python benchmarks/federated.py --preset mnist-dir0.5-100 --rounds 1 --strategies synthetic  # scale
     python benchmarks/federated.py --preset digits-dir0.5-4 --rounds 3 --fedavg-rounds 10 --grid
+    # each grid setting chosen on 5 rounds, then run for 20 (FedAvg) or 5 (ours)
+    python benchmarks/federated.py --preset mnist-dir0.5-10 --grid --select-rounds 5
 
 With ``--grid`` each strategy runs its 4 settings (:data:`GRIDS`) and keeps the one with the
 best final accuracy on the clients' held-out shares of their training data; the test accuracy
 of the chosen run is what is reported, and the grid and the choice are written to the JSON.
+With ``--select-rounds N`` the grid's runs stop after N rounds and the chosen setting then runs
+for the strategy's full rounds (the issue's "selected on 5 rounds").
 """
 
 from __future__ import annotations
@@ -165,6 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         help="choose each strategy's settings from its 4-setting grid (GRIDS) by the final "
         "validation accuracy (the clients' held-out shares of their training data)",
     )
+    p.add_argument(
+        "--select-rounds",
+        type=int,
+        default=0,
+        help="with --grid, run each grid setting for this many rounds (at most the strategy's "
+        "own) and then the chosen one for the strategy's full rounds (0: grid runs are full)",
+    )
     args = p.parse_args(argv)
 
     shared: dict = {"preset": args.preset}
@@ -188,8 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         class_histogram(FedConfig.from_mapping(values).preset_obj, args.data_root)
         grid: list[dict[str, Any]] = []
         if args.grid:
+            full = int(values["rounds"])
+            short = min(args.select_rounds, full) if args.select_rounds > 0 else full
             for i, setting in enumerate(GRIDS[name]):
-                cfg = FedConfig.from_mapping({**values, **setting})
+                cfg = FedConfig.from_mapping({**values, **setting, "rounds": short})
                 res, secs, peak = run_once(
                     cfg, Path(args.out) / name / f"grid{i}", args.reuse, args.data_root
                 )
@@ -199,7 +213,13 @@ def main(argv: list[str] | None = None) -> int:
             unscored = [g["setting"] for g in grid if not math.isfinite(_validation_of(g))]
             if unscored:
                 print(f"{name}: no validation accuracy, not chosen: {unscored}", file=sys.stderr)
-            results, seconds, peak = best["results"], best["seconds"], best["peak_mib"]
+            if short < full:  # selected on the short runs; the chosen setting runs in full
+                cfg = FedConfig.from_mapping({**values, **best["setting"]})
+                results, seconds, peak = run_once(
+                    cfg, Path(args.out) / name, args.reuse, args.data_root
+                )
+            else:
+                results, seconds, peak = best["results"], best["seconds"], best["peak_mib"]
             cfg = FedConfig.from_mapping(results["config"])
         else:
             cfg = FedConfig.from_mapping(values)
@@ -238,33 +258,37 @@ def main(argv: list[str] | None = None) -> int:
         targets.append(
             target(f"clients{clients}-peak-gb", peak * 2**20 / 1e9, 12, "<", "GB", command)
         )
-    if "fedavg" in runs and "synthetic" in runs:
-        fedavg = runs["fedavg"][-1]
-        hit = reach(runs["synthetic"], fedavg["accuracy"])
+    baselines = [n for n in ("fedavg", "fedprox") if n in runs]
+    if baselines and "synthetic" in runs:
+        # The bar is the best baseline's final accuracy (FedAvg or FedProx, whichever is higher).
+        base = max(baselines, key=lambda n: runs[n][-1]["accuracy"])
+        best = runs[base][-1]
+        hit = reach(runs["synthetic"], best["accuracy"])
         r, b = hit if hit is not None else (None, None)
         how = (
             "never"
             if b is None
-            else f"in {r} rounds with {b / 1e6:.2f} MB = {b / fedavg['upload_bytes_total']:.3f} of "
-            f"FedAvg's {fedavg['upload_bytes_total'] / 1e6:.2f} MB (targets: <= 5 rounds, <= 0.25)"
+            else f"in {r} rounds with {b / 1e6:.2f} MB = {b / best['upload_bytes_total']:.3f} of "
+            f"{base}'s {best['upload_bytes_total'] / 1e6:.2f} MB (targets: <= 5 rounds, <= 0.25)"
         )
         verdict = (
-            f"synthetic reaches FedAvg's {len(runs['fedavg']) - 1}-round accuracy "
-            f"{fedavg['accuracy']:.4f} {how}"
+            f"synthetic reaches {base}'s {len(runs[base]) - 1}-round accuracy "
+            f"{best['accuracy']:.4f} {how}"
         )
         print(verdict)
-        ratio = (b / fedavg["upload_bytes_total"]) if b is not None else None
+        ratio = (b / best["upload_bytes_total"]) if b is not None else None
         summary.append(
             {
                 "comparison": verdict,
-                "rounds_to_fedavg": r,
-                "bytes_to_fedavg": b,
+                "baseline": base,
+                "rounds_to_baseline": r,
+                "bytes_to_baseline": b,
                 "bytes_ratio": ratio,
             }
         )
         setting = args.preset.rsplit("-", 1)[0]  # e.g. mnist-dir0.5 (without the client count)
         if args.epsilon > 0:  # private on both sides: the accuracies at equal epsilon
-            gap = runs["synthetic"][-1]["accuracy"] - fedavg["accuracy"]
+            gap = runs["synthetic"][-1]["accuracy"] - best["accuracy"]  # DP-SGD's best
             name = f"dp-eps{args.epsilon:g}-acc-minus-dpsgd"
             targets.append(target(name, gap, 0.0, ">=", "accuracy", command))
         else:
@@ -272,8 +296,15 @@ def main(argv: list[str] | None = None) -> int:
                 target(f"{setting}-rounds-to-baseline", r, 5, "<=", "rounds", command),
                 target(f"{setting}-bytes-ratio", ratio, 0.25, "<=", "ratio", command),
                 # The tuned baseline against the practitioner's figure the issue quotes for digits.
-                target("demo-baseline-acc", fedavg["accuracy"], 0.896, ">=", "accuracy", command)
-                if setting == "digits-dir0.5"
+                target(
+                    "demo-baseline-acc",
+                    runs["fedavg"][-1]["accuracy"],
+                    0.896,
+                    ">=",
+                    "accuracy",
+                    command,
+                )
+                if setting == "digits-dir0.5" and "fedavg" in runs
                 else None,
             ]
     print(
