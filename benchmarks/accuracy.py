@@ -1,14 +1,18 @@
 """Accuracy of distilled sets next to the published figures, at a stated compute budget.
 
-For every (dataset, images per class, method) it distills with the shared loop
-(fixed iterations and/or a time limit), evaluates by the DSA/DM protocol (fresh
-ConvNets trained on the set only, mean ± std), and evaluates the random real
-subset of the same size (the set the methods start from) in the same run.
+For every (dataset, images per class, parameterization, storage, method) it distills with
+the shared loop (fixed iterations and/or a time limit), evaluates by the DSA/DM protocol
+(fresh ConvNets trained on the set only, mean ± std), and evaluates the random real
+subset of the same bytes (the set the methods start from) in the same run. Images per class
+count bytes: ``--storages fp16`` stores twice the values in the bytes of ``--ipc`` fp32
+images per class, and every set is evaluated as its stored bytes give it back.
 Prints a table with the published ConvNet figures (the seed review's Table 2)
 and writes JSON.
 
     # the CPU target: MNIST, 10 images per class, DM, 15 minutes of distillation
     python benchmarks/accuracy.py --dataset mnist --ipc 10 --methods dm --minutes 15
+    # multi-formation in fp16 beside fp32, at the same bytes
+    python benchmarks/accuracy.py --dataset mnist --ipc 10 --methods dm --params pixels multi --storages fp32 fp16 --minutes 15
     # a full grid (needs a GPU for the published iteration counts)
     python benchmarks/accuracy.py --dataset cifar10 --ipc 1 10 50 --methods dm gm tm --iterations 20000
     # the same CIFAR-10 set trained on ResNet-18-BN and an MLP besides the ConvNet
@@ -36,7 +40,7 @@ from fedcl_dd.data import Dataset, data_root, holdout, load_dataset
 from fedcl_dd.distill import Callback, DistillResult, ProgressBar, TimeLimit
 from fedcl_dd.evaluate import EvalResult, evaluate
 from fedcl_dd.pipeline import Distillation
-from fedcl_dd.recipe import Recipe
+from fedcl_dd.recipe import STORAGE_DTYPES, Recipe
 from fedcl_dd.registry import (
     add_option_flags,
     get_objective,
@@ -44,6 +48,7 @@ from fedcl_dd.registry import (
     options_from_args,
 )
 from fedcl_dd.sampling import ClassSampler
+from fedcl_dd.synthetic import SyntheticSet, bytes_per_image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from targets import target
@@ -85,8 +90,13 @@ def validation_score(row: dict) -> float | None:
     return chosen[0]["validation"] if chosen else None
 
 
+def is_reference(row: dict) -> bool:
+    """DM on plain fp32 pixels, the reference every other row's gain is measured against."""
+    return (row["method"], row["param"], row.get("storage", "fp32")) == ("dm", "pixels", "fp32")
+
+
 def accuracy_targets(rows: list[dict], minutes: float | None, command: str) -> list[dict]:
-    """Per row other than the reference (DM on plain pixels): its accuracy against the issue's
+    """Per row other than the reference (DM on plain fp32 pixels): its accuracy against the issue's
     target (where one is set) and its gain over the reference run in the same invocation (same
     dataset, images per class and seed), named with the row's method and parameterization.
 
@@ -99,21 +109,21 @@ def accuracy_targets(rows: list[dict], minutes: float | None, command: str) -> l
     out = []
     headline: dict[tuple, tuple[float, dict]] = {}
     for r in rows:
-        if (r["method"], r["param"]) == ("dm", "pixels"):
+        if is_reference(r):
             continue
         cell = (r["dataset"], r["ipc"], r["seed"])
         stem = f"{r['dataset']}-ipc{r['ipc']}-{minutes:g}min"
-        which = r["method"] if r["param"] == "pixels" else f"{r['method']}-{r['param']}"
+        storage = r.get("storage", "fp32")
+        which = "-".join(
+            [r["method"]]
+            + ([r["param"]] if r["param"] != "pixels" else [])
+            + ([storage] if storage != "fp32" else [])
+        )
         named = []
         goal = ACCURACY_TARGETS.get((r["dataset"], r["ipc"]))
         if goal is not None:
             named.append(("acc", r["accuracy_mean"], goal, ">="))
-        dm = [
-            d
-            for d in rows
-            if (d["method"], d["param"]) == ("dm", "pixels")
-            and (d["dataset"], d["ipc"], d["seed"]) == cell
-        ]
+        dm = [d for d in rows if is_reference(d) and (d["dataset"], d["ipc"], d["seed"]) == cell]
         if dm:
             named.append(("gain-over-dm", r["accuracy_mean"] - dm[0]["accuracy_mean"], 0.0, ">"))
         out += [
@@ -136,11 +146,19 @@ cached_dataset = functools.cache(load_dataset)
 
 
 class Cell(NamedTuple):
-    """One (images per class, parameterization, method) of the table."""
+    """One (images per class, parameterization, method, storage dtype) of the table; ``ipc``
+    counts fp32 images of bytes per class, whatever the storage."""
 
     ipc: int
     param: str
     method: str
+    storage: str = "fp32"
+
+
+def as_stored(syn: SyntheticSet) -> SyntheticSet:
+    """The set as its stored bytes give it back (fp16 storage rounds the trained fp32 values),
+    so a set is evaluated as it would be uploaded or saved."""
+    return SyntheticSet.from_state(syn.state_tensors(), syn.metadata())
 
 
 def given_lr(args: argparse.Namespace, method: str) -> float | None:
@@ -159,7 +177,7 @@ def distill(
 ) -> tuple[Distillation, DistillResult, tuple[torch.Tensor, torch.Tensor]]:
     """One distillation of ``ds``'s training split: the run, its result and the set it started
     from (images, targets)."""
-    ipc, param, method = cell
+    ipc, param, method, storage = cell
     # The command line's method and parameterization options, each given where it is declared.
     declared = {o.name for o in get_objective(method).options}
     declared |= {o.name for o in get_parameterization(param).options}
@@ -168,6 +186,9 @@ def distill(
         method=method,
         ipc=ipc,
         param=param,
+        storage=storage,
+        # The bytes of ipc fp32 images per class, so fp16 storage holds twice the values.
+        budget_bytes=bytes_per_image(ds.spec.image_shape) * ipc * ds.spec.num_classes,
         iterations=args.iterations,
         lr_images=lr,
         options=options,
@@ -183,8 +204,10 @@ def distill(
         compile=args.compile,
     )
     with torch.no_grad():
-        start = (run.syn.images().detach().clone(), run.syn.targets().detach().clone())
-    callbacks: list[Callback] = [ProgressBar(f"{args.dataset} {method} {param} ipc{ipc}")]
+        first = as_stored(run.syn)
+        start = (first.images().detach().clone(), first.targets().detach().clone())
+    label = f"{args.dataset} {method} {param}{'' if storage == 'fp32' else ' ' + storage} ipc{ipc}"
+    callbacks: list[Callback] = [ProgressBar(label)]
     if minutes:
         callbacks.append(TimeLimit(60 * minutes))
     return run, run.run(callbacks), start
@@ -196,7 +219,7 @@ def choose_lr(
     """The image learning rate among ``--lr-grid`` multiples of the method's own (or the given
     one), by the accuracy of one network on ``val``'s held-out split after
     ``--select-minutes`` of distillation of the rest; the grid with every score."""
-    ipc, param, method = cell
+    ipc, param, method, _ = cell
     given = given_lr(args, method)
     base = given if given is not None else get_objective(method).default_lr(ipc)
     grid = []
@@ -205,7 +228,7 @@ def choose_lr(
             args, val, cell, args.seeds[0], device, base * mult, args.select_minutes
         )
         ev = evaluate(
-            run.syn,
+            as_stored(run.syn),
             val.test_x,
             val.test_y,
             val.spec,
@@ -233,10 +256,10 @@ def run_one(
     selection: tuple[float, list[dict]] | None,
 ) -> dict:
     spec = ds.spec
-    ipc, param, method = cell
+    ipc, param, method, storage = cell
     lr = selection[0] if selection else given_lr(args, method)
     run, result, start = distill(args, ds, cell, seed, device, lr, args.minutes)
-    syn = run.syn
+    syn = as_stored(run.syn)
     ev_kw = dict(
         model=args.eval_model,
         num_models=args.eval_models,
@@ -270,6 +293,7 @@ def run_one(
         "method": method,
         "ipc": ipc,
         "param": param,
+        "storage": storage,
         "seed": seed,
         "iterations": result.iterations,
         "distill_seconds": result.seconds,
@@ -315,6 +339,14 @@ def main() -> None:
         nargs="+",
         default=["pixels"],
         help="parameterizations, each run with every method (e.g. pixels multi)",
+    )
+    p.add_argument(
+        "--storages",
+        nargs="+",
+        default=["fp32"],
+        choices=sorted(STORAGE_DTYPES),
+        help="storage dtypes, each run with every parameterization and method, at the bytes of "
+        "--ipc fp32 images per class (fp16 stores twice the values; evaluated as stored)",
     )
     p.add_argument(
         "--iterations", type=int, default=20000, help="upper bound; --minutes may stop earlier"
@@ -368,7 +400,13 @@ def main() -> None:
         for m, _, v in map(lambda e: e.partition("="), args.lr_images)
     )
     device = resolve_device(args.device)
-    cells = [Cell(ipc, param, m) for ipc in args.ipc for param in args.params for m in args.methods]
+    cells = [
+        Cell(ipc, param, m, storage)
+        for ipc in args.ipc
+        for param in args.params
+        for storage in args.storages
+        for m in args.methods
+    ]
     if args.jobs > 1:
         # Separate processes (one thread each, with OMP_NUM_THREADS=1): on a small CPU two runs
         # side by side finish sooner than one after the other, under the same load.
@@ -399,7 +437,7 @@ def main() -> None:
     for r in rows:
         pub = f"{r['published']:.1f}" if r["published"] is not None else "-"
         print(
-            f"{r['method']:7} {r['param']:10} {r['ipc']:4d} {r['iterations']:6d} {r['seconds_per_iteration']:6.2f} "
+            f"{r['method']:7} {r['param'] + ('' if r['storage'] == 'fp32' else '/' + r['storage']):10} {r['ipc']:4d} {r['iterations']:6d} {r['seconds_per_iteration']:6.2f} "
             f"{100 * r['accuracy_mean']:6.2f} ± {100 * r['accuracy_std']:4.2f} "
             f"{100 * r['start_accuracy_mean']:7.2f} ± {100 * r['start_accuracy_std']:4.2f} {pub:>11} {r['nbytes']:9d}"
         )
