@@ -86,7 +86,13 @@ def run_rows(rows: list[RunConfig], seeds: list[int], grids: str | None) -> list
 
             runs.append(run_stream(cfg, benches[seed], on_experience=grid))
         acc, std = _mean_std([r.final_accuracy for r in runs])
-        iterations = runs[0].matching_iterations
+        iterations = min(r.matching_iterations for r in runs)
+        per_update = [i for r in runs for i in r.iterations_per_update]
+        spread = (
+            f"x{iterations}"
+            if not per_update or min(per_update) == max(per_update)
+            else f"x{min(per_update)}-{max(per_update)}"
+        )
         row = {
             "buffer": buffer,
             # What the memory is: never "distilled" unless it ran matching iterations.
@@ -95,11 +101,13 @@ def run_rows(rows: list[RunConfig], seeds: list[int], grids: str | None) -> list
                 if buffer == "compressed-real"
                 else "real images"
                 if buffer not in BUFFERS
-                else f"{row_cfg.method} x{iterations}/update"
+                else f"{row_cfg.method} {spread}/update"
+                + (f" (<= {row_cfg.build_over_train:g}x train)" if row_cfg.build_over_train else "")
                 if iterations
                 else "initialization only"
             ),
             "matching_iterations": iterations,
+            "iterations_per_update": per_update,
             "protocol": "fresh model on buffer" if (fresh or buffer == "gdumb") else "replay mix",
             "accuracy_after": [
                 statistics.fmean(a) for a in zip(*(r.accuracy_after for r in runs), strict=True)
@@ -281,6 +289,13 @@ def main() -> None:
     p.add_argument(
         "--validation", type=float, default=0.1, help="share of each experience held out"
     )
+    p.add_argument(
+        "--build-over-train",
+        type=float,
+        default=None,
+        metavar="R",
+        help="cap each update of our memories at R times the experience's training time",
+    )
     p.add_argument("--tag", default="", help="suffix of the result files")
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -301,11 +316,17 @@ def main() -> None:
         k: v for k, v in vars(base).items() if k not in ("buffer", "seed", "fresh", "progress")
     }
     settings.update(
+        build_over_train=args.build_over_train,
         budget_bytes=base.budget, seeds=args.seeds, torch_threads=torch.get_num_threads()
     )
     print(f"settings: {settings}")
     chosen = [
-        replace(base, buffer=b, fresh=f)
+        replace(
+            base,
+            buffer=b,
+            fresh=f,
+            build_over_train=args.build_over_train if b in BUFFERS else None,
+        )
         for b, f in ROWS
         if args.rows is None or b + ("+fresh" if f else "") in args.rows
     ]

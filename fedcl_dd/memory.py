@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import torch
 
 from .data import DatasetSpec
-from .distill import ProgressBar
+from .distill import Callback, ProgressBar, TimeLimit
 from .models import embed
 from .objectives.base import MatchingContext
 from .parameterizations import Addressing, MultiFormation
@@ -199,6 +199,11 @@ class ByteBoundedMemory:
         self.check_budget(num_classes)  # one sample for every class the model can emit, up front
         self.syn = None
         self.build_seconds: list[float] = []
+        #: Matching iterations each update ran (fewer than ``recipe.iterations`` where an
+        #: update's ``seconds`` ran out first; 0: that update distilled nothing).
+        self.iterations_run: list[int] = []
+        self._deadline: float | None = None  # perf_counter() by which this update ends
+        self._update_iterations = 0
 
     # -- what subclasses provide --------------------------------------------------------------
     def check_budget(self, n_classes: int) -> None:
@@ -302,7 +307,12 @@ class ByteBoundedMemory:
             model=self.model,
             precision=self.precision,
         )
-        run.run([ProgressBar(f"distill {label}", disable=not self.progress)])
+        callbacks: list[Callback] = [ProgressBar(f"distill {label}", disable=not self.progress)]
+        if self._deadline is not None:
+            # What the update's cap leaves after the initialization; the limit is checked after
+            # each iteration, so a capped update still runs one.
+            callbacks.append(TimeLimit(max(0.0, self._deadline - time.perf_counter())))
+        self._update_iterations += run.run(callbacks).iterations
         return run.syn
 
     def _stored(self, syn: SyntheticSet, budget: int | None = None) -> SyntheticSet:
@@ -339,12 +349,22 @@ class ByteBoundedMemory:
         self.check_budget(len(self.classes) + len(present))
         return present
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, expected: list[int] | None = None) -> None:
+    def add(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        expected: list[int] | None = None,
+        seconds: float | None = None,
+    ) -> None:
         """Distill the real data ``(x, y)`` of new classes into the memory, within the budget.
 
         ``expected`` lists the classes the update announces (each must have samples).
+        ``seconds`` caps the update's wall-clock time: matching stops at the first iteration
+        that ends past it (None: the recipe's iterations, however long they take).
         On any error the memory is unchanged.
         """
+        if seconds is not None and not seconds >= 0:
+            raise ValueError(f"seconds must be >= 0 (or None: no cap), got {seconds}")
         if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
             raise ValueError(
                 f"need as many labels as images, and at least one: got {x.shape[0]} and {y.shape[0]}"
@@ -358,11 +378,16 @@ class ByteBoundedMemory:
         # The whole build is timed (initialization, matching iterations, herding), not only
         # the iterations: it is what an update costs beside the training it follows.
         start = time.perf_counter()
-        stored = self._stored(self._build(real, new))
-        seconds = time.perf_counter() - start
+        self._deadline = None if seconds is None else start + seconds
+        self._update_iterations = 0
+        try:
+            stored = self._stored(self._build(real, new))
+        finally:
+            self._deadline = None
         # Swap only now: everything above may raise and leaves the memory as it was.
         self.syn = stored
-        self.build_seconds.append(seconds)
+        self.build_seconds.append(time.perf_counter() - start)
+        self.iterations_run.append(self._update_iterations)
 
 
 class PixelMemory(ByteBoundedMemory):

@@ -385,3 +385,40 @@ def test_slim_resnet18_trains_through_a_split_cifar10_shaped_stream():
     )
     result = run_stream(cfg, bench)
     assert len(result.accuracy_after) == 5 and result.buffer_samples == 10
+
+
+def test_build_over_train_caps_each_update_at_the_experiences_training_time(streams):
+    """A run through Avalanche with the cap: 100,000 iterations asked per update (uncapped, this
+    would not finish), every update stops after at least one and far fewer, each build takes
+    about as long as its experience's training (slack: one iteration and the initialization),
+    and the row records what ran."""
+    cfg = RunConfig(
+        benchmark="split-digits",
+        buffer="pixels",
+        budget_images=20,
+        epochs=3,
+        train_mb_size=10,
+        batch_size_mem=10,
+        iterations=100_000,
+        real_per_class=32,
+        build_over_train=1.0,
+    )
+    result = run_stream(cfg, streams[0])
+    assert len(result.iterations_per_update) == 5
+    assert all(1 <= n < 100_000 for n in result.iterations_per_update)
+    assert result.matching_iterations == min(result.iterations_per_update)
+    for build, train in zip(result.build_seconds, result.train_seconds, strict=True):
+        assert build <= 1.5 * train + 1.0, (result.build_seconds, result.train_seconds)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
+def test_a_cap_that_is_not_positive_is_refused(bad):
+    with pytest.raises(ValueError, match="build_over_train must be > 0"):
+        MemoryReplayPlugin(PixelBuffer(20 * IMAGE, SPEC, **FAST), build_over_train=bad)
+    with pytest.raises(ValueError, match="build_over_train must be > 0"):
+        RunConfig(benchmark="split-digits", buffer="pixels", build_over_train=bad)
+
+
+def test_a_cap_on_a_baseline_is_refused():
+    with pytest.raises(ValueError, match="runs none: leave it unset"):
+        RunConfig(benchmark="split-digits", buffer="replay", build_over_train=1.0)

@@ -125,3 +125,27 @@ def test_the_addressing_memory_is_distilled_by_default_with_its_dm_settings(digi
     assert not torch.equal(default.syn.images(), init_only.syn.images())
     ncfm = AddressingMemory(budget, digits.spec, method="ncfm").recipe
     assert ncfm.lr != 10.0 and ncfm.options.get("real_per_class", 64) != 16
+
+
+@pytest.mark.parametrize("kind", [PixelMemory, AddressingMemory])
+def test_an_update_stops_matching_when_its_seconds_run_out(kind, digits):
+    """``seconds`` caps an update: at 0 it runs one matching iteration of the 10,000 asked
+    (without the cap this test would not finish), and the count is recorded per update; an
+    uncapped update runs them all."""
+    budget = 20 * bytes_per_image(digits.spec.image_shape)
+    memory = kind(budget, digits.spec, **{**FAST, "iterations": 10_000})
+    memory.add(*_by_class(digits, [0, 1]), seconds=0.0)
+    assert memory.iterations_run == [1]
+    uncapped = kind(budget, digits.spec, **FAST)
+    uncapped.add(*_by_class(digits, [0, 1]))
+    assert uncapped.iterations_run == [FAST["iterations"]]
+
+
+def test_a_negative_cap_is_refused_and_the_memory_kept(digits):
+    memory = PixelMemory(20 * bytes_per_image(digits.spec.image_shape), digits.spec, **FAST)
+    memory.add(*_by_class(digits, [0, 1]))
+    before = memory.syn.images().clone()
+    with pytest.raises(ValueError, match="seconds must be >= 0"):
+        memory.add(*_by_class(digits, [2, 3]), seconds=-1.0)
+    assert memory.classes == [0, 1] and torch.equal(memory.syn.images(), before)
+    assert memory.iterations_run == [FAST["iterations"]]

@@ -126,15 +126,26 @@ class MemoryBuffer(ExemplarsBuffer):
     def build_seconds(self) -> list[float]:
         return self.memory.build_seconds
 
+    @property
+    def iterations_run(self) -> list[int]:
+        return self.memory.iterations_run
+
     def distinct_samples(self) -> int:
         return self.memory.distinct_samples()
 
     def config(self) -> dict[str, Any]:
         return {**self.memory.config(), "kind": type(self).__name__}
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, expected: list[int] | None = None) -> None:
-        """Distill ``(x, y)`` into the memory (see :meth:`ByteBoundedMemory.add`) and replay it."""
-        self.memory.add(x, y, expected)
+    def add(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        expected: list[int] | None = None,
+        seconds: float | None = None,
+    ) -> None:
+        """Distill ``(x, y)`` into the memory (see :meth:`ByteBoundedMemory.add`, ``seconds``
+        its cap on the update's time) and replay it."""
+        self.memory.add(x, y, expected, seconds)
         self.buffer = _dataset(self.memory)
 
     def check_experience(self, exp: Any) -> None:
@@ -161,8 +172,9 @@ class MemoryBuffer(ExemplarsBuffer):
         self.memory.check_update(y, None if expected is None else [int(c) for c in expected])
         self._checked = (id(exp.dataset), x, y)
 
-    def post_adapt(self, agent_state: Any, exp: Any) -> None:
-        """Avalanche's storage-policy hook: distill ``exp``'s data into the memory."""
+    def post_adapt(self, agent_state: Any, exp: Any, seconds: float | None = None) -> None:
+        """Avalanche's storage-policy hook: distill ``exp``'s data into the memory (within
+        ``seconds``, when given)."""
         checked = self._checked
         if checked is not None and checked[0] == id(exp.dataset):
             x, y = checked[1], checked[2]  # decoded once, by check_experience
@@ -170,7 +182,7 @@ class MemoryBuffer(ExemplarsBuffer):
             x, y = experience_tensors(exp.dataset)
         self._checked = None
         expected = getattr(exp, "classes_in_this_experience", None)
-        self.add(x, y, None if expected is None else [int(c) for c in expected])
+        self.add(x, y, None if expected is None else [int(c) for c in expected], seconds)
 
     def resize(self, strategy: Any, new_size: int) -> None:
         """Avalanche's resize: keep at most ``new_size`` images (see the memory's ``shrink``)."""

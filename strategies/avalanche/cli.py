@@ -101,6 +101,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="learning rate of the memory's images (default: the method's)",
     )
     c.add_argument(
+        "--build-over-train",
+        type=float,
+        default=None,
+        metavar="R",
+        help="cap each memory update at R times the experience's training time (matching stops "
+        "at the first iteration past it; default: no cap)",
+    )
+    c.add_argument(
         "--real-per-class",
         type=positive_int,
         default=None,
@@ -182,6 +190,7 @@ def _run(args: argparse.Namespace) -> int:
         "downsample": args.downsample,
         "bases": args.bases,
         "factor": args.factor,
+        "build_over_train": args.build_over_train,
     }
     cfg = RunConfig(
         options=parse_options(args.option),
@@ -213,7 +222,12 @@ def _run(args: argparse.Namespace) -> int:
         print(
             f"experience {i}: accuracy {result.accuracy_after[-1]:.4f}  forgetting {result.forgetting:.4f}  "
             f"buffer {result.buffer_bytes} B / {cfg.budget} B, {result.distinct_samples} distinct samples  "
-            f"train {result.train_seconds[-1]:.1f} s  build {result.build_seconds[-1]:.1f} s",
+            f"train {result.train_seconds[-1]:.1f} s  build {result.build_seconds[-1]:.1f} s"
+            + (
+                f" ({result.iterations_per_update[-1]} matching iterations)"
+                if result.iterations_per_update
+                else ""
+            ),
             flush=True,
         )
         memory = memories(strategy)[0]

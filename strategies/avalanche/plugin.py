@@ -20,6 +20,7 @@ Two protocols:
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any
 
 import torch
@@ -34,8 +35,8 @@ from .buffers import MemoryBuffer
 __all__ = ["DEFAULT_BATCH_SIZE_MEM", "MemoryReplayPlugin"]
 
 # Memory samples per minibatch (beside the strategy's train_mb_size new ones). The value came from
-# a sweep scored on SplitMNIST's test split (benchmarks/results/continual_split_mnist_mix.json);
-# re-choosing it on a validation split is open (the continual results issue).
+# an early sweep scored on SplitMNIST's test split (continual_split_mnist_mix.json, in git
+# history); benchmarks/continual.py --select chooses it per row on a validation split instead.
 DEFAULT_BATCH_SIZE_MEM = 128
 
 
@@ -58,6 +59,11 @@ class MemoryReplayPlugin(ReplayPlugin):
     :param precision: ``"fp32"`` or ``"bf16"``: the fresh-model training under bfloat16
         autocast where the device computes it natively (the memory's distillation takes its
         own ``precision``).
+    :param build_over_train: cap each memory update's wall-clock time at this multiple of the
+        time the experience took to train (from ``before_training_exp`` to
+        ``after_training_exp``): the memory's matching stops at the first iteration past it,
+        so building the memory never costs much more than that (None, the default: no cap;
+        the memory runs its iterations however long they take).
     """
 
     def __init__(
@@ -71,6 +77,7 @@ class MemoryReplayPlugin(ReplayPlugin):
         fresh_augment: bool = False,
         seed: int = 0,
         precision: str = "fp32",
+        build_over_train: float | None = None,
     ) -> None:
         if not isinstance(buffer, MemoryBuffer):
             raise TypeError(f"buffer must be a MemoryBuffer, got {type(buffer).__name__}")
@@ -79,6 +86,11 @@ class MemoryReplayPlugin(ReplayPlugin):
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if fresh_epochs < 0:
             raise ValueError(f"fresh_epochs must be >= 0, got {fresh_epochs}")
+        if build_over_train is not None and not build_over_train > 0:
+            raise ValueError(
+                f"build_over_train must be > 0 (a multiple of the experience's training time), "
+                f"or None for no cap; got {build_over_train}"
+            )
         super().__init__(
             mem_size=buffer.max_size,
             batch_size=batch_size,
@@ -93,6 +105,8 @@ class MemoryReplayPlugin(ReplayPlugin):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
         self.precision = precision
+        self.build_over_train = build_over_train
+        self._train_started: float | None = None
         self.generator = torch.Generator().manual_seed(seed)
         self.initial_state: dict[str, torch.Tensor] | None = None
 
@@ -111,6 +125,7 @@ class MemoryReplayPlugin(ReplayPlugin):
         """Check the experience (the buffer refuses what it could not take, before any weight
         changes), then mix memory samples into every minibatch (replay protocol)."""
         self.buffer.check_experience(strategy.experience)
+        self._train_started = time.perf_counter()
         if not self.fresh_epochs:
             super().before_training_exp(
                 strategy, num_workers=num_workers, shuffle=shuffle, drop_last=drop_last, **kwargs
@@ -118,8 +133,11 @@ class MemoryReplayPlugin(ReplayPlugin):
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         """Distill the experience into the buffer; in the fresh protocol, retrain the model on it."""
+        cap = None
+        if self.build_over_train is not None and self._train_started is not None:
+            cap = self.build_over_train * (time.perf_counter() - self._train_started)
         # post_adapt directly: ReplayPlugin's storage_policy.update() is deprecated in Avalanche 0.6.
-        self.buffer.post_adapt(strategy, strategy.experience)
+        self.buffer.post_adapt(strategy, strategy.experience, seconds=cap)
         if self.fresh_epochs:
             self._train_fresh(strategy)
 

@@ -107,6 +107,8 @@ class RunConfig:
     storage: str = "fp32"
     options: dict[str, Any] = field(default_factory=dict)  # the method's (e.g. syn_per_class)
     precision: str = "fp32"  # bf16: distillation losses and fresh-model training under autocast
+    # Cap on each memory update's time, as a multiple of the experience's training time.
+    build_over_train: float | None = None
     data_root: str | None = None
     device: str = "cpu"
     progress: bool = False
@@ -143,6 +145,17 @@ class RunConfig:
                 f"{self.benchmark} has {'x'.join(map(str, shape))}: use benchmark split-cifar10, "
                 "or model mlp or convnet"
             )
+        if self.build_over_train is not None:
+            if not self.build_over_train > 0:
+                raise ValueError(
+                    f"build_over_train must be > 0 (a multiple of each experience's training "
+                    f"time), or None for no cap; got {self.build_over_train}"
+                )
+            if self.buffer not in BUFFERS:
+                raise ValueError(
+                    f"build_over_train caps the matching of our memories ({sorted(BUFFERS)}); "
+                    f"buffer {self.buffer!r} runs none: leave it unset"
+                )
         if self.buffer == "compressed-real" and self.iterations:
             raise ValueError(
                 f"compressed-real runs no matching iteration (got iterations={self.iterations}); "
@@ -168,7 +181,10 @@ class RunResult:
     buffer_bytes: int = 0
     buffer_samples: int = 0
     distinct_samples: int = 0
-    matching_iterations: int = 0  # per update of our memories: 0 means never distilled
+    # The fewest matching iterations any update of our memories ran: 0 means some update (or
+    # every one) distilled nothing; each update's count is in iterations_per_update.
+    matching_iterations: int = 0
+    iterations_per_update: list[int] = field(default_factory=list)
     build_seconds: list[float] = field(default_factory=list)
     train_seconds: list[float] = field(default_factory=list)
 
@@ -252,6 +268,7 @@ def make_memory(cfg: RunConfig, bench: ContinualBenchmark, model: nn.Module) -> 
             fresh_epochs=cfg.buffer_epochs if cfg.fresh else 0,
             seed=cfg.seed,
             precision=cfg.precision,
+            build_over_train=cfg.build_over_train,
         )
         return plugin, buffer
     n = real_samples_for_budget(cfg.budget, spec.image_shape)
@@ -375,7 +392,8 @@ def _stream_metric(metrics: dict[str, Any], name: str, bench: ContinualBenchmark
 def _describe_memory(result: RunResult, memory: Any) -> None:
     if isinstance(memory, MemoryBuffer):
         result.buffer_bytes, result.distinct_samples = memory.nbytes, memory.distinct_samples()
-        result.matching_iterations = memory.recipe.iterations
+        result.iterations_per_update = list(memory.iterations_run)
+        result.matching_iterations = min(memory.iterations_run, default=0)
         result.buffer_samples = len(memory.buffer)
         return
     n = len(memory.buffer)
