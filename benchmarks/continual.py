@@ -317,7 +317,9 @@ def main() -> None:
     }
     settings.update(
         build_over_train=args.build_over_train,
-        budget_bytes=base.budget, seeds=args.seeds, torch_threads=torch.get_num_threads()
+        budget_bytes=base.budget,
+        seeds=args.seeds,
+        torch_threads=torch.get_num_threads(),
     )
     print(f"settings: {settings}")
     chosen = [
