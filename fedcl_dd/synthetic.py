@@ -137,10 +137,10 @@ class SyntheticSet(nn.Module):
         self.info: dict[str, Any] = dict(info or {})
         self.label_logits: nn.Parameter | None = None
 
-    def project_(self, low: torch.Tensor, high: torch.Tensor) -> bool:
+    def project_(self, low: torch.Tensor, high: torch.Tensor) -> None:
         """Clamp the stored images into ``[low, high]`` (per channel, shape (C,)), in place, where
-        the parameterization can; returns whether it did (this base class cannot)."""
-        return False
+        the parameterization stores pixels; others (this base class, the addressing memory,
+        whose images are products of bases and addresses) are left as they are."""
 
     # -- what subclasses provide --------------------------------------------------------------
     def images(self) -> torch.Tensor:
@@ -402,13 +402,12 @@ class PixelSet(SyntheticSet):
     def images(self) -> torch.Tensor:
         return self.pixels
 
-    def project_(self, low: torch.Tensor, high: torch.Tensor) -> bool:
+    def project_(self, low: torch.Tensor, high: torch.Tensor) -> None:
         # Multi-formation sets upsample bilinearly: convex combinations of clamped pixels stay
         # within the bounds, so clamping what is stored bounds every materialized image.
         shape = (1, -1, 1, 1)
         with torch.no_grad():
             self.pixels.clamp_(low.to(self.pixels).view(shape), high.to(self.pixels).view(shape))
-        return True
 
     @property
     def class_ids(self) -> torch.Tensor:
