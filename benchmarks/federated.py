@@ -20,7 +20,8 @@ With ``--grid`` each strategy runs its 4 settings (:data:`GRIDS`) and keeps the 
 best final accuracy on the clients' held-out shares of their training data; the test accuracy
 of the chosen run is what is reported, and the grid and the choice are written to the JSON.
 With ``--select-rounds N`` the grid's runs stop after N rounds and the chosen setting then runs
-for the strategy's full rounds (the issue's "selected on 5 rounds").
+for the strategy's full rounds (the issue's "selected on 5 rounds"), continuing its grid run
+from the checkpoint (non-private runs; a resumed run ends as an uninterrupted one).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -64,22 +66,38 @@ def run_once(
     cfg: FedConfig, out: Path, reuse: bool, data_root: str | None
 ) -> tuple[dict, float, float]:
     """One simulated run (or, with ``reuse``, the results already in ``out``): results,
-    wall seconds and peak MiB (as measured when the run ran; NaN if that was not recorded)."""
+    wall seconds and peak MiB (as measured when the run ran; NaN if that was not recorded).
+
+    With ``reuse``, a run that was interrupted and left a checkpoint (every strategy writes one
+    after each round) is resumed after its last completed round; its seconds are then those
+    of the resumed part (``cost.json`` says after which round it resumed)."""
+    resume = False
     if reuse and (out / "results.json").is_file():
-        cost = out / "cost.json"
-        measured = json.loads(cost.read_text()) if cost.is_file() else {}
-        return (
-            json.loads((out / "results.json").read_text()),
-            float(measured.get("seconds", "nan")),
-            float(measured.get("peak_mib", "nan")),
-        )
+        done = json.loads((out / "results.json").read_text())
+        interrupted = not done.get("complete", True) or len(done["rounds"]) <= cfg.rounds
+        if interrupted and (out / "checkpoint.pt").is_file():
+            resume = True
+        else:
+            cost = out / "cost.json"
+            measured = json.loads(cost.read_text()) if cost.is_file() else {}
+            return (
+                done,
+                float(measured.get("seconds", "nan")),
+                float(measured.get("peak_mib", "nan")),
+            )
     start = time.perf_counter()
     with PeakTreeMemory() as mem:
-        results = simulate(cfg, out, data_root=data_root)
+        results = simulate(cfg, out, resume=resume, data_root=data_root)
     seconds = time.perf_counter() - start
     # A run's own cost; the named targets are the summary's, so this file's list is empty.
     write_json(
-        {"seconds": seconds, "peak_mib": mem.peak, "peak_rss_mib": mem.peak_rss, "targets": []},
+        {
+            "seconds": seconds,
+            "peak_mib": mem.peak,
+            "peak_rss_mib": mem.peak_rss,
+            "resumed_after": results.get("resumed_after", 0),
+            "targets": [],
+        },
         out / "cost.json",
     )
     return results, seconds, mem.peak
@@ -161,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--reuse",
         action="store_true",
-        help="take each strategy's rounds from <out>/<strategy>/results.json when present (even "
-        "an interrupted run's) instead of running it again",
+        help="take each strategy's rounds from <out>/<strategy>/results.json when present "
+        "instead of running it again; a run interrupted part-way resumes from its checkpoint",
     )
     p.add_argument(
         "--grid",
@@ -207,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                 res, secs, peak = run_once(
                     cfg, Path(args.out) / name / f"grid{i}", args.reuse, args.data_root
                 )
-                grid.append(grid_entry(setting, res, secs, peak))
+                grid.append({**grid_entry(setting, res, secs, peak), "index": i})
                 print(f"{name} {setting}: validation {validation(res):.4f}", file=sys.stderr)
             best = choose_setting(grid, name)  # never the test accuracy
             unscored = [g["setting"] for g in grid if not math.isfinite(_validation_of(g))]
@@ -215,9 +233,24 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: no validation accuracy, not chosen: {unscored}", file=sys.stderr)
             if short < full:  # selected on the short runs; the chosen setting runs in full
                 cfg = FedConfig.from_mapping({**values, **best["setting"]})
-                results, seconds, peak = run_once(
-                    cfg, Path(args.out) / name, args.reuse, args.data_root
+                final, chosen = (
+                    Path(args.out) / name,
+                    Path(args.out) / name / f"grid{best['index']}",
                 )
+                continued = not cfg.private and not (final / "results.json").is_file()
+                if continued:
+                    # The chosen run goes on from its last round: a resumed run ends as an
+                    # uninterrupted one would. (A private run's noise is planned for its
+                    # rounds, so it starts anew.)
+                    for item in chosen.iterdir():
+                        copy = shutil.copytree if item.is_dir() else shutil.copy2
+                        copy(item, final / item.name)
+                results, seconds, peak = run_once(
+                    cfg, final, args.reuse or continued, args.data_root
+                )
+                if continued:  # the short run's seconds and peak count too
+                    seconds += best["seconds"]
+                    peak = max(peak, best["peak_mib"])
             else:
                 results, seconds, peak = best["results"], best["seconds"], best["peak_mib"]
             cfg = FedConfig.from_mapping(results["config"])

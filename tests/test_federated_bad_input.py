@@ -265,3 +265,47 @@ def test_benchmark_grid_choice_ignores_poisoned_test_labels(bench, monkeypatch, 
     chosen_poisoned, best_on_poisoned_test = run(poison[test_y])
     assert best_on_poisoned_test != best_on_test, "the poison does not change the test ranking"
     assert chosen == chosen_poisoned == bench.GRIDS["fedavg"][1]
+
+
+def test_select_rounds_chooses_on_short_runs_then_continues_the_chosen_one(
+    bench, monkeypatch, tmp_path
+):
+    """--grid --select-rounds 2 with 5 FedAvg rounds: every grid setting runs 2 rounds, and
+    the chosen one (best validation) goes on to 5 in the strategy's own folder, from a copy of
+    its grid run (its checkpoint), resumed (``reuse``)."""
+    calls = []
+
+    def fake_run_once(cfg: FedConfig, out: Path, reuse: bool, data_root: str | None):
+        found = out / "checkpoint.pt"
+        calls.append((cfg.rounds, out, reuse, found.read_text() if found.is_file() else None))
+        out.mkdir(parents=True, exist_ok=True)
+        # What the grid run of this setting leaves for a later resume.
+        found.write_text(f"{cfg.local_epochs} epochs, lr {cfg.local_lr}, {cfg.rounds} rounds")
+        i = bench.GRIDS["fedavg"].index(
+            {"local-epochs": cfg.local_epochs, "local-lr": cfg.local_lr}
+        )
+        rows = [
+            {
+                "round": r,
+                "accuracy": 0.5,
+                "validation_accuracy": [0.7, 0.6, 0.9, 0.8][i],
+                "upload_bytes": 10,
+                "upload_bytes_total": 10 * r,
+                "epsilon_max": 0.0,
+            }
+            for r in range(cfg.rounds + 1)
+        ]
+        return {"config": cfg.to_dict(), "rounds": rows}, 1.0, 1.0
+
+    monkeypatch.setattr(bench, "run_once", fake_run_once)
+    out = tmp_path / "out"
+    argv = ["--grid", "--select-rounds", "2", "--strategies", "fedavg", "--fedavg-rounds", "5"]
+    assert bench.main([*argv, "--out", str(out)]) == 0
+    assert [c[0] for c in calls] == [2, 2, 2, 2, 5]
+    _, final, reuse, checkpoint = calls[-1]
+    assert final == out / "fedavg" and reuse
+    # The chosen setting's grid run (setting 2: 5 epochs at lr 0.01), copied before it goes on.
+    assert checkpoint == "5 epochs, lr 0.01, 2 rounds"
+    summary = json.loads((out / "summary.json").read_text())["summary"]
+    (row,) = [r for r in summary if r.get("strategy") == "fedavg"]
+    assert row["chosen"] == bench.GRIDS["fedavg"][2] and row["rounds"] == 5

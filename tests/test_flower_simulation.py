@@ -117,12 +117,19 @@ def test_faulty_clients_are_refused_and_rounds_go_on(tmp_path):
         assert (tmp_path / name).is_file(), name
 
 
-def test_fedavg_rounds_are_metered_as_ours_are(tmp_path):
-    # Flower's own FedAvg: bytes up and down, client and server seconds, per round.
-    from fedcl_dd.strategies.flower.strategy import initial_model
+def test_fedavg_is_metered_as_ours_and_resumes_where_it_stopped(tmp_path):
+    """Flower's own FedAvg: bytes up and down, client and server seconds, per round. It
+    checkpoints after every round: 2 rounds, then resumed to 3, ends as an uninterrupted
+    3-round run does (same accuracy every round); resuming with other settings or from an
+    altered checkpoint is refused."""
+    from fedcl_dd.strategies.flower.server_app import BASELINE_CHECKPOINT, resume_baseline
+    from fedcl_dd.strategies.flower.strategy import CheckpointMismatch, initial_model
+
+    from fedcl_dd.io import CorruptCheckpoint
 
     cfg = FedConfig(preset="digits-iid-2", algorithm="fedavg", rounds=2, fraction_evaluate=0.0)
-    results = simulate(cfg, tmp_path, device=torch.device("cpu"))
+    cpu = torch.device("cpu")
+    results = simulate(cfg, tmp_path / "split", device=cpu)
     rounds = {row["round"]: row for row in results["rounds"]}
     assert sorted(rounds) == [0, 1, 2]
     model_bytes = sum(
@@ -137,3 +144,21 @@ def test_fedavg_rounds_are_metered_as_ours_are(tmp_path):
         assert 0 < row["client_seconds_max"] <= row["client_seconds_sum"], row
         assert row["server_seconds"] > 0, row
     assert rounds[2]["upload_bytes_total"] == rounds[1]["upload_bytes"] + rounds[2]["upload_bytes"]
+
+    resumed = simulate(cfg.replace(rounds=3), tmp_path / "split", resume=True, device=cpu)
+    whole = simulate(cfg.replace(rounds=3), tmp_path / "whole", device=cpu)
+    assert resumed["resumed_after"] == 2
+    assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2, 3]
+    assert [r["accuracy"] for r in resumed["rounds"]] == [r["accuracy"] for r in whole["rounds"]]
+    assert [r["upload_bytes_total"] for r in resumed["rounds"]] == [
+        r["upload_bytes_total"] for r in whole["rounds"]
+    ]
+
+    checkpoint = tmp_path / "split" / BASELINE_CHECKPOINT
+    with pytest.raises(CheckpointMismatch, match="local-lr: 0.01 vs 0.05"):
+        resume_baseline(cfg.replace(local_lr=0.05), checkpoint)
+    data = bytearray(checkpoint.read_bytes())
+    data[-100] ^= 0xFF
+    checkpoint.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpoint, match="altered"):
+        resume_baseline(cfg, checkpoint)

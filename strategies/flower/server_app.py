@@ -30,13 +30,20 @@ from torch import nn
 
 from fedcl_dd.cli import resolve_device
 from fedcl_dd.evaluate import accuracy
-from fedcl_dd.io import write_json
+from fedcl_dd.io import CorruptCheckpoint, load_checkpoint, save_checkpoint, write_json
 from fedcl_dd.viz import save_grid
 
 from .config import FedConfig
 from .payload import ARRAYS, METRICS, load_model_arrays, metric_float, metric_int, model_arrays
 from .report import plot_runs
-from .strategy import SyntheticSetStrategy, initial_model, messages_bytes
+from .strategy import (
+    CheckpointMismatch,
+    SyntheticSetStrategy,
+    check_same_config,
+    checked_model_state,
+    initial_model,
+    messages_bytes,
+)
 
 __all__ = ["SERVER_KEYS", "ServerRun", "app", "build_run", "run_server", "write_results"]
 
@@ -91,16 +98,23 @@ class ServerRun:
     started: float = field(default_factory=time.perf_counter)
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Flower's ``evaluate_fn``: test accuracy of the global model, kept in the history."""
+        """Flower's ``evaluate_fn``: test accuracy of the global model, kept in the history
+        (and, for the baselines, checkpointed with the model after every round)."""
         r = self.done + server_round
         net = load_model_arrays(self.evaluator, arrays)
         acc = accuracy(net, self.test.test_x, self.test.test_y)
+        if server_round == 0 and r in self.history:  # a resumed run's model, measured already
+            return MetricRecord({"accuracy": acc})
+        train, sent = self.pending.pop("train", None), self.pending.pop("sent", None)
         self.history[r] = {
             "accuracy": acc,
             "seconds": time.perf_counter() - self.started,
-            "train": self.pending.pop("train", None),
-            "sent": self.pending.pop("sent", None),
+            # Plain dicts: the history goes into checkpoints, which hold plain data only.
+            "train": dict(train) if train is not None else None,
+            "sent": dict(sent) if sent is not None else None,
         }
+        if r and not isinstance(self.strategy, SyntheticSetStrategy):
+            save_baseline_checkpoint(self, arrays, r)
         if isinstance(self.strategy, SyntheticSetStrategy):
             self.strategy.record_evaluation(server_round, {"accuracy": acc})
         if r:
@@ -141,12 +155,12 @@ def build_run(
         if resume:
             arrays, done = synthetic.resume()
         strategy: FedAvg = synthetic
-    elif resume:
-        raise ValueError(
-            "--resume applies to the synthetic strategy (FedAvg/FedProx runs are not checkpointed)"
-        )
     else:
         strategy = _baseline(cfg, pending)
+    history: dict[int, dict[str, Any]] = {}
+    if resume and isinstance(strategy, _Metered):
+        arrays, done, history = resume_baseline(cfg, out_dir / BASELINE_CHECKPOINT)
+        strategy.round_offset = done
     return ServerRun(
         cfg,
         out_dir,
@@ -156,8 +170,52 @@ def build_run(
         evaluator,
         cached_dataset(spec.name, data_root),
         class_histogram(preset, data_root),
+        history=history,
         pending=pending,
     )
+
+
+#: A baseline run's checkpoint (global model, completed rounds, history) in its output folder.
+BASELINE_CHECKPOINT = "checkpoint.pt"
+
+
+def save_baseline_checkpoint(run: ServerRun, arrays: ArrayRecord, done: int) -> None:
+    """After round ``done`` of a FedAvg/FedProx run: its configuration, global model and
+    history, atomically. Flower's FedAvg and FedProx keep no state of their own between
+    rounds, so these resume the run exactly where it stopped."""
+    state = {
+        "config": run.cfg.to_dict(),
+        "round": done,
+        "model": dict(arrays.to_torch_state_dict()),
+        "history": run.history,
+    }
+    save_checkpoint(state, run.out_dir / BASELINE_CHECKPOINT)
+
+
+def resume_baseline(
+    cfg: FedConfig, path: Path
+) -> tuple[ArrayRecord, int, dict[int, dict[str, Any]]]:
+    """The global model, completed rounds and history a baseline run left at ``path``; refused
+    (naming the problem) when missing, altered, or written by another configuration."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; start without resume")
+    state = load_checkpoint(path)
+    try:
+        check_same_config(path, state["config"], cfg)
+        done = state["round"]
+        if not isinstance(done, int) or not 0 < done <= int(state["config"]["rounds"]):
+            raise ValueError(f"round {done!r} is not a completed round of the run")
+        model = checked_model_state(cfg, state["model"])
+        history = {int(r): dict(h) for r, h in state["history"].items()}
+        if sorted(k for k in history if k > 0) != list(range(1, done + 1)):
+            raise ValueError(f"its history does not hold rounds 1..{done}")
+    except CheckpointMismatch:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CorruptCheckpoint(
+            f"{path} does not hold a valid state of this run ({type(exc).__name__}: {exc})"
+        ) from None
+    return ArrayRecord(model), done, history
 
 
 # The counter below is a mixin over Flower's strategies; type-checked as one of them.
@@ -170,14 +228,18 @@ else:
 class _Metered(_Strategy):
     """Flower's baseline strategy, metered as our strategy meters itself: the bytes its train
     messages carry (the global model and config to each sampled node; ``sent_bytes``) and
-    the seconds it takes to aggregate the replies, into ``pending["sent"]``."""
+    the seconds it takes to aggregate the replies, into ``pending["sent"]``. A resumed run
+    numbers its rounds after the checkpoint's (``round_offset``), so that its clients draw
+    what they would have drawn in an uninterrupted run (their seeds follow the round)."""
 
     pending: dict[str, MetricRecord]
+    round_offset: int = 0
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        r = server_round + self.round_offset
+        messages = list(super().configure_train(r, arrays, config, grid))
         self.pending["sent"] = MetricRecord({"download-bytes": messages_bytes(messages)})
         return messages
 
@@ -189,6 +251,11 @@ class _Metered(_Strategy):
         sent = self.pending.setdefault("sent", MetricRecord())
         sent["server-seconds"] = time.perf_counter() - start
         return out
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
 
 class MeteredFedAvg(_Metered, FedAvg):

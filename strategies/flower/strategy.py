@@ -65,7 +65,14 @@ from .payload import (
 )
 from .seeding import SERVER_ID, client_seed
 
-__all__ = ["CheckpointMismatch", "RoundReport", "SyntheticSetStrategy", "collect_replies"]
+__all__ = [
+    "CheckpointMismatch",
+    "RoundReport",
+    "SyntheticSetStrategy",
+    "check_same_config",
+    "checked_model_state",
+    "collect_replies",
+]
 
 
 class CheckpointMismatch(ValueError):
@@ -251,7 +258,7 @@ class SyntheticSetStrategy(FedAvg):
         """Flower's ``Strategy.start``, once ``initial_arrays`` is checked against the run's
         model -- at once, before any client spends a round on a model the server cannot load."""
         try:
-            self._model_state(dict(initial_arrays.to_torch_state_dict()))
+            checked_model_state(self.cfg, dict(initial_arrays.to_torch_state_dict()))
         except ValueError as exc:
             raise ValueError(
                 f"initial_arrays do not fit the run's model {self.cfg.model!r}: {exc}; pass "
@@ -588,40 +595,16 @@ class SyntheticSetStrategy(FedAvg):
                 f"({type(exc).__name__}: {exc})"
             ) from None
 
-    def _model_state(self, saved: Any) -> dict[str, torch.Tensor]:
-        """``saved`` as the global model's state: the run's model's keys and shapes, finite."""
-        expected = initial_model(self.cfg).state_dict()
-        if not isinstance(saved, dict):
-            raise ValueError("the model is not a mapping of parameter names to tensors")
-        missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
-        if missing or extra:
-            raise ValueError(
-                f"the model's parameters are not those of the run's model (missing {missing[:3]}, "
-                f"unexpected {extra[:3]})"
-            )
-        for name, tensor in saved.items():
-            if not isinstance(tensor, torch.Tensor) or tensor.shape != expected[name].shape:
-                raise ValueError(f"model parameter {name} has the wrong shape")
-            if not torch.isfinite(tensor).all():
-                raise ValueError(f"model parameter {name} holds NaN or Inf")
-        return dict(saved)
-
     def _restore(self, state: dict[str, Any]) -> tuple[ArrayRecord, int]:
         """Check every part of a loaded checkpoint, then adopt it (nothing before all pass)."""
-        saved, now = state["config"], self.cfg.to_dict()
-        differ = sorted(k for k in now if k != "rounds" and saved.get(k) != now[k])
-        if differ:
-            raise CheckpointMismatch(
-                f"{self.checkpoint} was written by another configuration (differs in "
-                + ", ".join(f"{k}: {saved.get(k)!r} vs {now[k]!r}" for k in differ)
-                + "); resume with the same settings or start a new run"
-            )
+        saved = state["config"]
+        check_same_config(self.checkpoint, saved, self.cfg)
         done = state["round"]
         if not isinstance(done, int) or not 0 <= done <= int(saved["rounds"]):
             raise ValueError(
                 f"round {done!r} is not a completed round of a {saved['rounds']}-round run"
             )
-        model = self._model_state(state["model"])
+        model = checked_model_state(self.cfg, state["model"])
         clients = self.cfg.preset_obj.num_clients
         pool = {}
         for pid, entry in state["pool"].items():
@@ -654,6 +637,39 @@ class SyntheticSetStrategy(FedAvg):
         self._global = ArrayRecord(model)
         log(INFO, "resumed from %s after round %d", self.checkpoint, self.round_offset)
         return self._global, self.round_offset
+
+
+def check_same_config(path: Path | None, saved: dict[str, Any], cfg: FedConfig) -> None:
+    """:class:`CheckpointMismatch` unless the checkpoint at ``path`` was written by ``cfg``'s
+    configuration (``rounds`` may grow: a resumed run may go further)."""
+    now = cfg.to_dict()
+    differ = sorted(k for k in now if k != "rounds" and saved.get(k) != now[k])
+    if differ:
+        raise CheckpointMismatch(
+            f"{path} was written by another configuration (differs in "
+            + ", ".join(f"{k}: {saved.get(k)!r} vs {now[k]!r}" for k in differ)
+            + "); resume with the same settings or start a new run"
+        )
+
+
+def checked_model_state(cfg: FedConfig, saved: Any) -> dict[str, torch.Tensor]:
+    """``saved`` as the global model's state: the run's model's keys and shapes, finite;
+    ``ValueError`` naming the first problem otherwise."""
+    expected = initial_model(cfg).state_dict()
+    if not isinstance(saved, dict):
+        raise ValueError("the model is not a mapping of parameter names to tensors")
+    missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"the model's parameters are not those of the run's model (missing {missing[:3]}, "
+            f"unexpected {extra[:3]})"
+        )
+    for name, tensor in saved.items():
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != expected[name].shape:
+            raise ValueError(f"model parameter {name} has the wrong shape")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"model parameter {name} holds NaN or Inf")
+    return dict(saved)
 
 
 def collect_replies(
