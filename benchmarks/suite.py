@@ -39,8 +39,15 @@ def main() -> int:
     out = proc.stdout + proc.stderr
     # pytest's last line, e.g. "406 passed, 11 xfailed in 498.12s (0:08:18)".
     summary = [ln.strip("= ") for ln in out.splitlines() if re.search(r"\d+ passed", ln)]
+    # --durations: lines such as "61.02s call     tests/test_x.py::test_y".
+    slowest = [
+        ln.strip()
+        for ln in out.splitlines()
+        if re.match(r"\s*\d+\.\d+s (call|setup|teardown) ", ln)
+    ]
     print(f"{args.command}: rc {proc.returncode}, {minutes:.2f} min")
     print(summary[-1] if summary else out[-2000:])
+    print("\n".join(slowest))
     command = "python benchmarks/suite.py " + " ".join(sys.argv[1:])
     write_json(
         {
@@ -48,6 +55,7 @@ def main() -> int:
             "returncode": proc.returncode,
             "minutes": minutes,
             "pytest_summary": summary[-1] if summary else None,
+            "slowest": slowest,
             "cpu_count": os.cpu_count(),
             "targets": [target("suite-minutes", minutes, 10.0, "<", "minutes", command)],
         },
