@@ -39,6 +39,7 @@ from fedcl_dd.scenarios.federated import class_histogram
 from fedcl_dd.strategies.flower.cli import private_variant
 from fedcl_dd.strategies.flower.config import FedConfig
 from fedcl_dd.strategies.flower.report import format_table, plot_runs
+from fedcl_dd.strategies.flower.server_app import CHECKPOINT
 from fedcl_dd.strategies.flower.simulation import simulate
 from procmem import PeakTreeMemory
 from targets import target
@@ -75,7 +76,7 @@ def run_once(
     if reuse and (out / "results.json").is_file():
         done = json.loads((out / "results.json").read_text())
         interrupted = not done.get("complete", True) or len(done["rounds"]) <= cfg.rounds
-        if interrupted and (out / "checkpoint.pt").is_file():
+        if interrupted and (out / CHECKPOINT).is_file():
             resume = True
         else:
             cost = out / "cost.json"
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 res, secs, peak = run_once(
                     cfg, Path(args.out) / name / f"grid{i}", args.reuse, args.data_root
                 )
-                grid.append({**grid_entry(setting, res, secs, peak), "index": i})
+                grid.append(grid_entry(setting, res, secs, peak))
                 print(f"{name} {setting}: validation {validation(res):.4f}", file=sys.stderr)
             best = choose_setting(grid, name)  # never the test accuracy
             unscored = [g["setting"] for g in grid if not math.isfinite(_validation_of(g))]
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = FedConfig.from_mapping({**values, **best["setting"]})
                 final, chosen = (
                     Path(args.out) / name,
-                    Path(args.out) / name / f"grid{best['index']}",
+                    Path(args.out) / name / f"grid{grid.index(best)}",
                 )
                 continued = not cfg.private and not (final / "results.json").is_file()
                 if continued:

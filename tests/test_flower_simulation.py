@@ -122,7 +122,7 @@ def test_fedavg_is_metered_as_ours_and_resumes_where_it_stopped(tmp_path):
     checkpoints after every round: 2 rounds, then resumed to 3, ends as an uninterrupted
     3-round run does (same accuracy every round); resuming with other settings or from an
     altered checkpoint is refused."""
-    from fedcl_dd.strategies.flower.server_app import BASELINE_CHECKPOINT, resume_baseline
+    from fedcl_dd.strategies.flower.server_app import CHECKPOINT, resume_baseline
     from fedcl_dd.strategies.flower.strategy import CheckpointMismatch, initial_model
 
     from fedcl_dd.io import CorruptCheckpoint
@@ -154,7 +154,7 @@ def test_fedavg_is_metered_as_ours_and_resumes_where_it_stopped(tmp_path):
         r["upload_bytes_total"] for r in whole["rounds"]
     ]
 
-    checkpoint = tmp_path / "split" / BASELINE_CHECKPOINT
+    checkpoint = tmp_path / "split" / CHECKPOINT
     with pytest.raises(CheckpointMismatch, match="local-lr: 0.01 vs 0.05"):
         resume_baseline(cfg.replace(local_lr=0.05), checkpoint)
     data = bytearray(checkpoint.read_bytes())

@@ -113,10 +113,10 @@ class ServerRun:
             "train": dict(train) if train is not None else None,
             "sent": dict(sent) if sent is not None else None,
         }
-        if r and not isinstance(self.strategy, SyntheticSetStrategy):
-            save_baseline_checkpoint(self, arrays, r)
         if isinstance(self.strategy, SyntheticSetStrategy):
             self.strategy.record_evaluation(server_round, {"accuracy": acc})
+        elif r:
+            save_baseline_checkpoint(self, arrays, r)
         if r:
             print(
                 f"[{self.cfg.algorithm}] round {r}/{self.cfg.rounds}: accuracy {acc:.4f}",
@@ -151,7 +151,7 @@ def build_run(
     arrays, done = model_arrays(evaluator), 0
     pending: dict[str, MetricRecord] = {}
     if cfg.algorithm == "synthetic":
-        synthetic = SyntheticSetStrategy(cfg, checkpoint=out_dir / "checkpoint.pt", device=device)
+        synthetic = SyntheticSetStrategy(cfg, checkpoint=out_dir / CHECKPOINT, device=device)
         if resume:
             arrays, done = synthetic.resume()
         strategy: FedAvg = synthetic
@@ -159,7 +159,7 @@ def build_run(
         strategy = _baseline(cfg, pending)
     history: dict[int, dict[str, Any]] = {}
     if resume and isinstance(strategy, _Metered):
-        arrays, done, history = resume_baseline(cfg, out_dir / BASELINE_CHECKPOINT)
+        arrays, done, history = resume_baseline(cfg, out_dir / CHECKPOINT)
         strategy.round_offset = done
     return ServerRun(
         cfg,
@@ -175,8 +175,9 @@ def build_run(
     )
 
 
-#: A baseline run's checkpoint (global model, completed rounds, history) in its output folder.
-BASELINE_CHECKPOINT = "checkpoint.pt"
+#: A run's checkpoint in its output folder: our strategy's (SyntheticSetStrategy.save_checkpoint)
+#: or a baseline's (global model, completed rounds, history; save_baseline_checkpoint).
+CHECKPOINT = "checkpoint.pt"
 
 
 def save_baseline_checkpoint(run: ServerRun, arrays: ArrayRecord, done: int) -> None:
@@ -189,7 +190,7 @@ def save_baseline_checkpoint(run: ServerRun, arrays: ArrayRecord, done: int) -> 
         "model": dict(arrays.to_torch_state_dict()),
         "history": run.history,
     }
-    save_checkpoint(state, run.out_dir / BASELINE_CHECKPOINT)
+    save_checkpoint(state, run.out_dir / CHECKPOINT)
 
 
 def resume_baseline(
