@@ -268,6 +268,11 @@ def run_one(
         device=device,
         compile=args.compile,
     )
+    saved = None
+    if args.save_sets:
+        storage_tag = "" if storage == "fp32" else f"-{storage}"
+        name = f"{args.dataset}-{method}-{param}{storage_tag}-ipc{ipc}-seed{seed}.safetensors"
+        saved = str(syn.save(Path(args.save_sets) / name))
     t = time.perf_counter()
     ev = evaluate(syn, ds.test_x, ds.test_y, spec, **ev_kw)
     eval_seconds = time.perf_counter() - t
@@ -311,6 +316,7 @@ def run_one(
         "num_images": syn.num_images,
         "published": published(args.dataset, method, ipc),
         "cross_architecture": cross,
+        "saved": saved,
         **result.report,
     }
 
@@ -393,6 +399,12 @@ def main() -> None:
     )
     p.add_argument("--jobs", type=int, default=1, help="runs side by side, one process each (CPU)")
     p.add_argument("--json", default="benchmarks/results/accuracy.json")
+    p.add_argument(
+        "--save-sets",
+        default=None,
+        metavar="DIR",
+        help="save every distilled set (as stored) to DIR, e.g. for a later `fedcl-dd evaluate --eval-model`",
+    )
     add_option_flags(p)
     args = p.parse_args()
     args.lr_images = dict(

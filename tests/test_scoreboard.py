@@ -1,0 +1,69 @@
+"""benchmarks/scoreboard.py: the issues' targets read back from results JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scoreboard.py"
+
+
+@pytest.fixture(scope="module")
+def board() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("benchmarks_scoreboard", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write(path: Path, targets: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"rows": [], "targets": targets}))
+
+
+def _t(name: str, value: float | None, target: float, op: str) -> dict:
+    return {"name": name, "value": value, "target": target, "op": op, "unit": "", "command": "x"}
+
+
+def _row(lines: list[str], name: str) -> list[str]:
+    return [line for line in lines if f"`{name}` |" in line]
+
+
+def test_met_missed_unreached_moved_and_missing_targets_are_told_apart(board, tmp_path):
+    _write(
+        tmp_path / "a.json",
+        [
+            _t("suite-minutes", 8.2, 10, "<"),  # met
+            _t("eval-floor-ratio", 2.3, 1.15, "<="),  # missed
+            _t("mnist-dir0.5-rounds-to-baseline", None, 5, "<="),  # never reached the baseline
+            _t("dm-bf16-speedup", 1.5, 1.2, ">="),  # the file moved the goal
+            _t("something-else", 1.0, 0.0, ">"),  # not an issue target: not listed
+        ],
+    )
+    _write(tmp_path / "sub" / "broken.json", [])
+    (tmp_path / "sub" / "not-json.json").write_text("{")
+    lines = board.table(list(board.measurements(tmp_path)))
+
+    assert "| yes |" in _row(lines, "suite-minutes")[0]
+    assert "| no |" in _row(lines, "eval-floor-ratio")[0]
+    unreached = _row(lines, "mnist-dir0.5-rounds-to-baseline")[0]
+    assert "not reached" in unreached and "| no |" in unreached
+    assert "no (file says >= 1.2)" in _row(lines, "dm-bf16-speedup")[0]
+    assert not any("something-else" in line for line in lines)
+    missing = lines[lines.index("Not measured yet:") :]
+    assert any("`cifar10-ipc10-60min-acc`" in line for line in missing)
+    assert not any("`suite-minutes`" in line for line in missing)
+
+
+def test_every_committed_results_file_names_issue_targets_as_the_issues_do(board):
+    rows = [
+        r for r in board.measurements(SCRIPT.parent / "results") if r.name in board.ISSUE_TARGETS
+    ]
+    assert rows, "the committed results measure at least one issue target"
+    moved = [r for r in rows if r.departs_from(board.ISSUE_TARGETS[r.name])]
+    assert not moved, f"results state other goals than their issues: {moved}"
