@@ -35,10 +35,13 @@ class Parameterization:
 
     Built for a dataset ``spec`` and a storage ``dtype`` with the options it declares;
     subclasses implement :meth:`check_budget`, :meth:`max_images` and :meth:`init`.
+    ``bounded``: its stored values are pixels, so clamping them bounds every image it
+    materializes (what objectives that ``project`` rely on).
     """
 
     name: ClassVar[str] = ""
     options: ClassVar[tuple[Option, ...]] = ()
+    bounded: ClassVar[bool] = False
 
     def __init__(
         self, spec: DatasetSpec, dtype: torch.dtype = torch.float32, **options: Any
@@ -78,6 +81,8 @@ class Parameterization:
 
 class Pixels(Parameterization):
     """Plain images: the budget buys as many labelled images per class as fit."""
+
+    bounded = True
 
     name = "pixels"
 

@@ -8,6 +8,7 @@ the same budget rules, the same errors.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,15 @@ class Recipe:
 
     def __post_init__(self) -> None:
         cls = get_objective(self.method)
-        get_parameterization(self.param)
+        param_cls = get_parameterization(self.param)
+        if cls.projects and not param_cls.bounded:
+            warnings.warn(
+                f"{self.method} keeps its images within the data's pixel range after every "
+                f"step, but {self.param!r} stores no pixels to clamp (its images are computed "
+                "from what it stores), so its images may drift out of range under the noise "
+                "and a server may refuse them: use param 'pixels' or 'multi' for this method",
+                stacklevel=3,
+            )
         if self.storage not in STORAGE_DTYPES:
             raise ValueError(
                 f"unknown storage {self.storage!r}; choose one of {sorted(STORAGE_DTYPES)}"

@@ -1,5 +1,7 @@
 """Recipes: one meaning of a method, a budget and an initialization everywhere."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -24,6 +26,7 @@ def test_a_subset_of_classes_gets_the_budget_of_those_classes(digits, digits_sam
     assert syn.classes == [1, 7] and syn.num_images == 6 and syn.num_classes == 10
 
 
+@pytest.mark.filterwarnings("ignore:.*stores no pixels to clamp")  # the next test's subject
 def test_private_sets_start_from_noise_and_never_from_real_data(digits, digits_sampler):
     recipe = Recipe(method="dm-dp", param="addressing", options={"noise_multiplier": 1.0})
     assert recipe.init == "noise"
@@ -33,6 +36,16 @@ def test_private_sets_start_from_noise_and_never_from_real_data(digits, digits_s
     assert nearest.min() > 1.0  # nothing is a copy or projection of a real image
     with pytest.raises(ValueError, match="would publish real images"):
         Recipe(method="dm-dp", init="real")
+
+
+def test_a_clamping_method_on_a_set_it_cannot_clamp_is_warned_about():
+    # dm-dp bounds its images by clamping stored pixels; an addressing memory stores none.
+    with pytest.warns(UserWarning, match="stores no pixels to clamp"):
+        Recipe(method="dm-dp", param="addressing")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Recipe(method="dm-dp", param="multi")
+        Recipe(method="dm", param="addressing")  # dm does not clamp: nothing to warn about
 
 
 @pytest.mark.parametrize(
