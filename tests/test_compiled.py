@@ -149,3 +149,27 @@ def test_the_server_trains_the_global_model_compiled_as_it_would_eager(digits_sa
     assert compiled == ["default"]
     for name, eager in weights[""].items():  # a few SGD steps apart only by rounding
         torch.testing.assert_close(weights["default"][name], eager, rtol=1e-3, atol=1e-4)
+
+
+def test_the_baselines_clients_train_compiled_as_they_would_eager(monkeypatch):
+    # The run config's compile reaches FedAvg's local training too: both sides equally fast.
+    from fedcl_dd.strategies.flower import client_app
+    from fedcl_dd.strategies.flower.config import FedConfig
+    from fedcl_dd.strategies.flower.payload import ARRAYS
+    from flower_messages import train_in_process
+
+    compiled = []
+
+    def spy(net, mode):
+        compiled.append(mode)
+        return compile_embedding(net, mode)
+
+    monkeypatch.setattr(client_app, "compile_embedding", spy)
+    weights = {}
+    for mode in ("", "default"):
+        reply = train_in_process(FedConfig(preset="digits-iid-4", algorithm="fedavg", compile=mode))
+        assert not reply.has_error(), reply.error
+        weights[mode] = reply.content.array_records[ARRAYS].to_torch_state_dict()
+    assert compiled == ["default"]
+    for name, eager in weights[""].items():  # one local epoch apart only by rounding
+        torch.testing.assert_close(weights["default"][name], eager, rtol=1e-3, atol=1e-4)

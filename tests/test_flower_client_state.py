@@ -6,14 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from fedcl_dd.strategies.flower.client_app import app
 from fedcl_dd.strategies.flower.config import FedConfig
-from fedcl_dd.strategies.flower.payload import ARRAYS, CONFIG, METRICS, model_arrays
-from flower_messages import message
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from fedcl_dd.strategies.flower.payload import METRICS
+from flower_messages import train_in_process
+from flwr.app import Message
 
-from fedcl_dd.models import make_model
 from fedcl_dd.privacy import PrivacyBudgetError
 
 CFG = FedConfig(
@@ -29,15 +26,7 @@ CFG = FedConfig(
 
 def _train(server_round: int, node_config: dict) -> Message:
     """One train message to partition 1, handled by a client with a fresh (restarted) context."""
-    spec = CFG.preset_obj.spec
-    net = make_model(CFG.model, spec.channels, spec.num_classes, spec.image_size, torch.Generator())
-    config = ConfigRecord({**CFG.to_dict(), "server-round": server_round})
-    content = RecordDict({ARRAYS: model_arrays(net), CONFIG: config})
-    msg = message(0, 1, content, message_id=f"m{server_round}", group_id=str(server_round))
-    context = Context(
-        run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={}
-    )
-    return app(msg, context)
+    return train_in_process(CFG, server_round, node_config)
 
 
 def test_a_restarted_client_continues_its_ledger_and_refuses_to_overspend(tmp_path):

@@ -124,3 +124,40 @@ def test_cli_evaluate_takes_the_flag(tmp_path, digits_sampler):
     assert result["precision"] == "bf16" and 0 <= result["accuracy_mean"] <= 1
     with pytest.raises(SystemExit):
         main([*argv, "--precision", "fp16"])
+
+
+@pytest.mark.skipif(CPU_BF16 is not None, reason=f"no native bf16 here: {CPU_BF16}")
+def test_the_baselines_clients_train_under_the_run_configs_precision(monkeypatch):
+    # FedAvg's local training takes the run config's precision, as our side does; DP-SGD
+    # (Opacus's per-sample gradients) stays fp32 and says so.
+    from fedcl_dd.strategies.flower import client_app
+    from fedcl_dd.strategies.flower.config import FedConfig
+    from flower_messages import train_in_process
+
+    logits: list[torch.dtype] = []
+    global_model = client_app._global_model
+
+    def spied(*args):
+        net = global_model(*args)
+        net.register_forward_hook(lambda module, inputs, out: logits.append(out.dtype))
+        return net
+
+    monkeypatch.setattr(client_app, "_global_model", spied)
+    seen = {}
+    for name, extra in {"fp32": {}, "bf16": {}, "dp": {"epsilon": 8.0}}.items():
+        logits.clear()
+        cfg = FedConfig(
+            preset="digits-iid-4",
+            algorithm="fedavg",
+            precision="fp32" if name == "fp32" else "bf16",
+            **extra,
+        )
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            reply = train_in_process(cfg)
+        assert not reply.has_error(), reply.error
+        seen[name] = (set(logits), _fallback_warnings(record))
+    assert seen["fp32"] == ({torch.float32}, [])
+    assert seen["bf16"] == ({torch.bfloat16}, [])
+    dtypes, fallback = seen["dp"]
+    assert dtypes == {torch.float32} and len(fallback) == 1 and "DP-SGD" in fallback[0]

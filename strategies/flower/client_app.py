@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -28,11 +29,13 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from fedcl_dd.cli import resolve_device
+from fedcl_dd.compiled import compile_embedding
 from fedcl_dd.evaluate import accuracy
 from fedcl_dd.models import make_model
 from fedcl_dd.objectives import MatchingContext, PrivateRelease
 from fedcl_dd.objectives.base import NetworkSource
 from fedcl_dd.pipeline import Distillation
+from fedcl_dd.precision import Precision
 from fedcl_dd.privacy import PrivacyBudgetError, PrivacyLedger, PrivateRandom, noise_for_target
 from fedcl_dd.sampling import ClassSampler
 
@@ -230,11 +233,32 @@ def _local_sgd(
 ) -> RecordDict:
     """The baselines' client: SGD on the partition from the global weights (FedProx adds the
     proximal term that Flower's FedProx strategy sends as ``proximal-mu``); with ``epsilon``
-    > 0, Opacus DP-SGD at a sigma planned for the whole run."""
+    > 0, Opacus DP-SGD at a sigma planned for the whole run.
+
+    The run config's ``precision`` and ``compile`` apply here as they do to our clients'
+    distillation and the server's training, so that both sides of a comparison run at the
+    same speed; DP-SGD stays fp32 and eager (Opacus computes per-sample gradients through
+    hooks on the plain modules)."""
     start = time.perf_counter()
     seed = client_seed(cfg.seed, server_round, pid)
     gen = torch.Generator().manual_seed(seed)
     net = _global_model(cfg, data, msg.content.array_records[ARRAYS], device)
+    mode = Precision.resolve(
+        cfg.precision,
+        device,
+        unusable="DP-SGD's per-sample gradients (Opacus) are computed in fp32"
+        if cfg.private
+        else None,
+    )
+    if cfg.compile and cfg.private:
+        warnings.warn(
+            f"compile={cfg.compile!r} is not applied to DP-SGD's local training: Opacus's "
+            "per-sample gradient hooks run on the eager modules",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    elif cfg.compile:
+        compile_embedding(net, cfg.compile)
     anchor = [p.detach().clone() for p in net.parameters()]
     # Flower's FedProx sends its mu as "proximal-mu" (our config carries the same key for it).
     config = msg.content.config_records[CONFIG]
@@ -291,7 +315,8 @@ def _local_sgd(
         for xb, yb in loader:
             if xb.shape[0] == 0:  # Poisson sampling can draw an empty batch
                 continue
-            loss = F.cross_entropy(trained(xb), yb)
+            with mode.autocast():  # the proximal term below stays fp32
+                loss = F.cross_entropy(trained(xb), yb)
             if mu > 0:
                 loss = loss + mu / 2 * sum(
                     (p - a).pow(2).sum() for p, a in zip(net.parameters(), anchor, strict=True)

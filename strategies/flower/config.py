@@ -82,12 +82,13 @@ class FedConfig:
     # > 0: refuse uploads whose peers' class means classify fewer than this share of their
     # images as labelled, or whose pixel magnitude strays from theirs (fedcl_dd.screen)
     screen: float = 0.0
-    # "bf16": distillation losses and the server's training under bfloat16 autocast where the
-    # device computes it natively (fedcl_dd.precision; else fp32 with one warning)
+    # "bf16": distillation losses, the server's training and the FedAvg/FedProx clients' local
+    # training under bfloat16 autocast where the device computes it natively
+    # (fedcl_dd.precision; else fp32 with one warning; dm-dp and DP-SGD stay fp32)
     precision: str = "fp32"
     # A fedcl_dd.compiled mode ("default" ...): the clients' matching networks (distribution-
-    # matching methods) and the server's training of the global model run compiled; each
-    # process compiles once. "": eager.
+    # matching methods), the server's training of the global model and the FedAvg/FedProx
+    # clients' local training (not DP-SGD's) run compiled; each process compiles once. "": eager.
     compile: str = ""
     # --- FedAvg / FedProx clients ---
     local_epochs: int = 1
