@@ -200,6 +200,28 @@ def test_clipped_sums_have_sensitivity_clip(digits, model, scale):
         assert bool((sums.norm(dim=1) <= per_class * clip * (1 + 1e-5)).all())
 
 
+def test_normalized_embeddings_have_norm_exactly_clip_and_the_same_sensitivity(digits):
+    """normalize=True scales records far inside C up to C; one record still moves the sums by C."""
+    clip = 1000.0  # far above any record's embedding norm: clipping alone would change nothing
+    ctx = _ctx(digits)
+    obj = PrivateDistributionMatching(
+        clip=clip, normalize=True, noise_multiplier=1.0, sample_rate=0.5
+    )
+    net = obj.network(ctx)
+    x, y = digits.train_x[:12], digits.train_y[:12]
+    params = ctx.siamese()
+    with torch.no_grad():
+        raw = net.inner.embed(ctx.apply(x, params))
+        rows = net.embed(ctx.apply(x, params))
+    assert bool((raw.norm(dim=1) < clip / 10).all())
+    torch.testing.assert_close(rows.norm(dim=1), torch.full((12,), clip))
+    full = obj.clipped_sums(ctx, net, x, y, params)
+    for i in range(len(x)):
+        rest = torch.cat([x[:i], x[i + 1 :]]), torch.cat([y[:i], y[i + 1 :]])
+        diff = obj.clipped_sums(ctx, net, *rest, params) - full
+        assert float(diff.norm()) == pytest.approx(clip, rel=1e-4)
+
+
 def test_batch_norm_networks_are_refused(digits):
     ctx = _ctx(digits, model="convnet-bn")
     obj = PrivateDistributionMatching(noise_multiplier=1.0, sample_rate=0.1)

@@ -34,7 +34,7 @@ Privacy argument. Adjacency: two datasets are neighbours when one record is repl
 another of the same class, so the class counts n_c are public (they set q, the divisor
 q * n_c, and what a federated client reports: its number of examples and the classes it
 holds). Replacing a record changes one class's clipped sum by a vector of norm at most
-2C (both embeddings have norm at most C), so the vector of class sums has L2 sensitivity
+2C (both embeddings have norm at most C, clipped or normalized), so the vector of class sums has L2 sensitivity
 2C, and noise of standard deviation sigma * 2C per coordinate is the Gaussian mechanism
 with noise multiplier sigma. Composition of the iterations, each on a Poisson subsample
 of rate q, is accounted by Opacus's RDP accountant for the subsampled Gaussian mechanism
@@ -74,29 +74,39 @@ from .dm import SYN_PER_CLASS, DistributionMatching
 __all__ = ["ClippedEmbedding", "PrivateDistributionMatching", "clip_rows"]
 
 
-def clip_rows(emb: torch.Tensor, clip: float) -> torch.Tensor:
-    """Scale each row of ``emb`` to L2 norm at most ``clip`` (rows already within it are kept)."""
-    # clamp_min keeps a zero row's gradient finite; its scale is then clamped to 1 anyway.
-    scale = (clip / emb.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
-    return emb * scale
+def clip_rows(emb: torch.Tensor, clip: float, normalize: bool = False) -> torch.Tensor:
+    """Scale each row of ``emb`` to L2 norm at most ``clip`` (rows already within it are kept),
+    or with ``normalize`` to norm exactly ``clip`` (a zero row stays zero)."""
+    # The floor keeps a zero row's scale (and gradient) finite: clipping then clamps its scale
+    # to 1 anyway, and normalizing scales nothing but zeros.
+    scale = clip / emb.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    return emb * (scale if normalize else scale.clamp(max=1.0))
 
 
 class ClippedEmbedding(nn.Module):
-    """Wraps a network: ``embed(x) = clip_rows(net.embed(x) - center, clip)``.
+    """Wraps a network: ``embed(x) = clip_rows(net.embed(x) - center, clip, normalize)``.
 
     ``center`` (None: zero) must not depend on the private data; dm-dp sets it to the
     synthetic set's mean embedding before each loss.
     """
 
-    def __init__(self, net: nn.Module, clip: float, center: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        clip: float,
+        center: torch.Tensor | None = None,
+        normalize: bool = False,
+    ) -> None:
         super().__init__()
         self.inner = net
         self.clip = clip
         self.center = center
+        self.normalize = normalize
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         emb = embed(self.inner, x)
-        return clip_rows(emb - self.center if self.center is not None else emb, self.clip)
+        centered = emb - self.center if self.center is not None else emb
+        return clip_rows(centered, self.clip, self.normalize)
 
 
 def _require_per_sample(net: nn.Module) -> None:
@@ -124,7 +134,9 @@ class PrivateDistributionMatching(DistributionMatching):
     the model: with S still noise, about 0.36 on 8x8 digits and 17 on MNIST and CIFAR-10
     (ConvNet at initialization). Pick it on public data -- choosing it from the
     private data leaks. The loss scales with ``clip`` squared, so a small ``clip`` may want
-    a larger ``lr_images``.
+    a larger ``lr_images``. ``normalize=True`` scales every centered embedding to norm
+    exactly ``clip`` (their directions are matched; the sensitivity stays 2C), so that no
+    record's share of the noise budget is lost to a ``clip`` far above its norm.
     """
 
     name = "dm-dp"
@@ -139,6 +151,12 @@ class PrivateDistributionMatching(DistributionMatching):
             "per-record bound C on the centered embedding's L2 norm",
             low=0,
             open_low=True,
+        ),
+        Option(
+            "normalize",
+            bool,
+            False,
+            "scale every centered embedding to norm exactly C instead of at most C",
         ),
         Option(
             "epsilon",
@@ -194,6 +212,7 @@ class PrivateDistributionMatching(DistributionMatching):
     def __init__(
         self,
         clip: float = 1.0,
+        normalize: bool = False,
         noise_multiplier: float | None = None,
         epsilon: float | None = None,
         delta: float = 1e-5,
@@ -237,6 +256,7 @@ class PrivateDistributionMatching(DistributionMatching):
         if sample_rate is not None and not 0.0 < sample_rate <= 1.0:
             raise PrivacyBudgetError(f"sample_rate must lie in (0, 1], got {sample_rate}")
         self.clip = float(clip)
+        self.normalize = bool(normalize)
         self.target_epsilon = epsilon
         self.delta = delta
         self.iterations = iterations
@@ -276,7 +296,7 @@ class PrivateDistributionMatching(DistributionMatching):
             self._calibrate()
 
     def network(self, ctx: MatchingContext) -> nn.Module:
-        return ClippedEmbedding(super().network(ctx), self.clip)
+        return ClippedEmbedding(super().network(ctx), self.clip, normalize=self.normalize)
 
     def clipped_sums(
         self,
@@ -292,8 +312,11 @@ class PrivateDistributionMatching(DistributionMatching):
         :class:`ClippedEmbedding` at ``self.clip`` is wrapped in one (without a center), so
         every summed row has norm at most ``self.clip``.
         """
-        if not (isinstance(net, ClippedEmbedding) and net.clip == self.clip):
-            net = ClippedEmbedding(net, self.clip)
+        if not (
+            isinstance(net, ClippedEmbedding)
+            and (net.clip, net.normalize) == (self.clip, self.normalize)
+        ):
+            net = ClippedEmbedding(net, self.clip, normalize=self.normalize)
         _require_per_sample(net)
         if x.shape[0]:  # a Poisson draw can be empty, and DSA's affine transforms reject that
             x = ctx.apply(x, params)
@@ -355,7 +378,7 @@ class PrivateDistributionMatching(DistributionMatching):
 
     def loss(self, ctx: MatchingContext, net: nn.Module, syn: SyntheticSet) -> torch.Tensor:
         if not isinstance(net, ClippedEmbedding):
-            net = ClippedEmbedding(net, self.clip)
+            net = ClippedEmbedding(net, self.clip, normalize=self.normalize)
         # Center both sides on the synthetic set's mean embedding (public: a function of S and
         # the network). ReLU embeddings share a large common component; uncentered, clipping
         # keeps little else, and dividing by the expected rather than the realized batch scales
