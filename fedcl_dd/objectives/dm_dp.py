@@ -34,8 +34,8 @@ Privacy argument. Adjacency: two datasets are neighbours when one record is repl
 another of the same class, so the class counts n_c are public (they set q, the divisor
 q * n_c, and what a federated client reports: its number of examples and the classes it
 holds). Replacing a record changes one class's clipped sum by a vector of norm at most
-2C (both embeddings have norm at most C, clipped or normalized), so the vector of class sums has L2 sensitivity
-2C, and noise of standard deviation sigma * 2C per coordinate is the Gaussian mechanism
+2C (both embeddings have norm at most C, clipped or normalized), so the vector of class
+sums has L2 sensitivity 2C, and noise of standard deviation sigma * 2C per coordinate is the Gaussian mechanism
 with noise multiplier sigma. Composition of the iterations, each on a Poisson subsample
 of rate q, is accounted by Opacus's RDP accountant for the subsampled Gaussian mechanism
 at noise multiplier sigma (:class:`fedcl_dd.privacy.PrivacyLedger`); that this bounds the
