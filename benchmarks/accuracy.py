@@ -29,7 +29,7 @@ import json
 import multiprocessing
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import NamedTuple
 
@@ -419,14 +419,6 @@ def main() -> None:
         for storage in args.storages
         for m in args.methods
     ]
-    if args.jobs > 1:
-        # Separate processes (one thread each, with OMP_NUM_THREADS=1): on a small CPU two runs
-        # side by side finish sooner than one after the other, under the same load.
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
-            rows = [r for rs in ex.map(functools.partial(cell_rows, args), cells) for r in rs]
-    else:
-        rows = [r for c in cells for r in cell_rows(args, c)]
-
     budget = (
         (f"{args.minutes} min" if args.minutes else f"{args.iterations} it")
         + f" of distillation, options {options_from_args(args) or 'default'}; eval {args.eval_models}x {args.eval_model}, "
@@ -439,6 +431,38 @@ def main() -> None:
             else ""
         )
     )
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
+    done: dict[Cell, list[dict]] = {}
+
+    def write(complete: bool) -> list[dict]:
+        """The JSON with every cell finished so far, in the table's order: a run stopped part
+        way keeps its finished rows (``"complete": false``)."""
+        rows = [r for c in cells if c in done for r in done[c]]
+        targets = accuracy_targets(rows, args.minutes, command)
+        out.write_text(
+            json.dumps(
+                {"budget": budget, "complete": complete, "rows": rows, "targets": targets},
+                indent=2,
+            )
+        )
+        return rows
+
+    if args.jobs > 1:
+        # Separate processes (one thread each, with OMP_NUM_THREADS=1): on a small CPU two runs
+        # side by side finish sooner than one after the other, under the same load.
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+            futures = {ex.submit(cell_rows, args, c): c for c in cells}
+            for future in as_completed(futures):
+                done[futures[future]] = future.result()
+                write(complete=False)
+    else:
+        for c in cells:
+            done[c] = cell_rows(args, c)
+            write(complete=False)
+    rows = write(complete=True)
+
     print(f"\n{args.dataset}; budget: {budget}")
     head = (
         f"{'method':7} {'param':10} {'ipc':>4} {'iters':>6} {'s/it':>6} {'ours %':>13} {'start (real) %':>15} "
@@ -458,13 +482,8 @@ def main() -> None:
                 f"  on {name:<10} {100 * c['accuracy_mean']:6.2f} ± {100 * c['accuracy_std']:4.2f} "
                 f"{100 * c['start_accuracy_mean']:7.2f} ± {100 * c['start_accuracy_std']:4.2f}"
             )
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
-    targets = accuracy_targets(rows, args.minutes, command)
-    for t in targets:
+    for t in accuracy_targets(rows, args.minutes, command):
         print(f"target {t['name']}: {t['value']:.4f} ({t['op']} {t['target']})")
-    out.write_text(json.dumps({"budget": budget, "rows": rows, "targets": targets}, indent=2))
     print(f"wrote {out}")
 
 
