@@ -45,9 +45,11 @@ def main() -> int:
         for ln in out.splitlines()
         if re.match(r"\s*\d+\.\d+s (call|setup|teardown) ", ln)
     ]
+    # pytest's short summary names each failure: "FAILED tests/test_x.py::test_y - ...".
+    failed = [ln.strip() for ln in out.splitlines() if ln.startswith(("FAILED ", "ERROR "))]
     print(f"{args.command}: rc {proc.returncode}, {minutes:.2f} min")
     print(summary[-1] if summary else out[-2000:])
-    print("\n".join(slowest))
+    print("\n".join(failed + slowest))
     command = "python benchmarks/suite.py " + " ".join(sys.argv[1:])
     write_json(
         {
@@ -55,9 +57,20 @@ def main() -> int:
             "returncode": proc.returncode,
             "minutes": minutes,
             "pytest_summary": summary[-1] if summary else None,
+            "failed": failed,
             "slowest": slowest,
             "cpu_count": os.cpu_count(),
-            "targets": [target("suite-minutes", minutes, 10.0, "<", "minutes", command)],
+            # A suite that fails has not met its time, however fast it failed.
+            "targets": [
+                target(
+                    "suite-minutes",
+                    minutes if proc.returncode == 0 else None,
+                    10.0,
+                    "<",
+                    "minutes",
+                    command,
+                )
+            ],
         },
         args.json,
     )
