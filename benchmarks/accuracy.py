@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import multiprocessing
 import sys
 import time
@@ -39,6 +38,7 @@ from fedcl_dd.cli import add_compile_flag, resolve_device
 from fedcl_dd.data import Dataset, data_root, holdout, load_dataset
 from fedcl_dd.distill import Callback, DistillResult, ProgressBar, TimeLimit
 from fedcl_dd.evaluate import EvalResult, evaluate
+from fedcl_dd.io import write_json
 from fedcl_dd.pipeline import Distillation
 from fedcl_dd.recipe import STORAGE_DTYPES, Recipe
 from fedcl_dd.registry import (
@@ -432,7 +432,6 @@ def main() -> None:
         )
     )
     out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
     done: dict[Cell, list[dict]] = {}
 
@@ -441,12 +440,8 @@ def main() -> None:
         way keeps its finished rows (``"complete": false``)."""
         rows = [r for c in cells if c in done for r in done[c]]
         targets = accuracy_targets(rows, args.minutes, command)
-        out.write_text(
-            json.dumps(
-                {"budget": budget, "complete": complete, "rows": rows, "targets": targets},
-                indent=2,
-            )
-        )
+        # Atomic: a run killed while writing leaves the last complete file.
+        write_json({"budget": budget, "complete": complete, "rows": rows, "targets": targets}, out)
         return rows
 
     if args.jobs > 1:
