@@ -35,8 +35,8 @@ another of the same class, so the class counts n_c are public (they set q, the d
 q * n_c, and what a federated client reports: its number of examples and the classes it
 holds). Replacing a record changes one class's clipped sum by a vector of norm at most
 2C (both embeddings have norm at most C, clipped or normalized), so the vector of class
-sums has L2 sensitivity 2C, and noise of standard deviation sigma * 2C per coordinate is the Gaussian mechanism
-with noise multiplier sigma. Composition of the iterations, each on a Poisson subsample
+sums has L2 sensitivity 2C, and noise of standard deviation sigma * 2C per coordinate is
+the Gaussian mechanism with noise multiplier sigma. Composition of the iterations, each on a Poisson subsample
 of rate q, is accounted by Opacus's RDP accountant for the subsampled Gaussian mechanism
 at noise multiplier sigma (:class:`fedcl_dd.privacy.PrivacyLedger`); that this bounds the
 substitution pair as well is checked numerically in ``tests/test_privacy.py``. The
@@ -296,7 +296,11 @@ class PrivateDistributionMatching(DistributionMatching):
             self._calibrate()
 
     def network(self, ctx: MatchingContext) -> nn.Module:
-        return ClippedEmbedding(super().network(ctx), self.clip, normalize=self.normalize)
+        return self._bounded(super().network(ctx))
+
+    def _bounded(self, net: nn.Module) -> ClippedEmbedding:
+        """``net`` wrapped in this objective's clipping (or normalizing) at ``clip``."""
+        return ClippedEmbedding(net, self.clip, normalize=self.normalize)
 
     def clipped_sums(
         self,
@@ -316,7 +320,7 @@ class PrivateDistributionMatching(DistributionMatching):
             isinstance(net, ClippedEmbedding)
             and (net.clip, net.normalize) == (self.clip, self.normalize)
         ):
-            net = ClippedEmbedding(net, self.clip, normalize=self.normalize)
+            net = self._bounded(net)
         _require_per_sample(net)
         if x.shape[0]:  # a Poisson draw can be empty, and DSA's affine transforms reject that
             x = ctx.apply(x, params)
@@ -378,7 +382,7 @@ class PrivateDistributionMatching(DistributionMatching):
 
     def loss(self, ctx: MatchingContext, net: nn.Module, syn: SyntheticSet) -> torch.Tensor:
         if not isinstance(net, ClippedEmbedding):
-            net = ClippedEmbedding(net, self.clip, normalize=self.normalize)
+            net = self._bounded(net)
         # Center both sides on the synthetic set's mean embedding (public: a function of S and
         # the network). ReLU embeddings share a large common component; uncentered, clipping
         # keeps little else, and dividing by the expected rather than the realized batch scales
