@@ -22,16 +22,20 @@ of the chosen run is what is reported, and the grid and the choice are written t
 With ``--select-rounds N`` the grid's runs stop after N rounds and the chosen setting then runs
 for the strategy's full rounds (the issue's "selected on 5 rounds"), continuing its grid run
 from the checkpoint (non-private runs; a resumed run ends as an uninterrupted one).
+``--grid-values server-epochs=30,100`` replaces one key's values (the summary records the grid
+run); ``--reuse`` refuses a folder whose results another configuration wrote.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import shutil
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +45,7 @@ from fedcl_dd.strategies.flower.config import FedConfig
 from fedcl_dd.strategies.flower.report import format_table, plot_runs
 from fedcl_dd.strategies.flower.server_app import CHECKPOINT
 from fedcl_dd.strategies.flower.simulation import simulate
+from fedcl_dd.strategies.flower.strategy import check_same_config
 from procmem import PeakTreeMemory
 from targets import target
 
@@ -56,11 +61,51 @@ def reach(rows: list[dict], target: float) -> tuple[int, int] | None:
 
 
 # The tuning grids: the same effort (4 settings) for our strategy and for the baselines.
-GRIDS: dict[str, list[dict[str, Any]]] = {
-    "synthetic": [{"server-epochs": e, "server-lr": lr} for e in (50, 200) for lr in (0.01, 0.05)],
-    "fedavg": [{"local-epochs": e, "local-lr": lr} for e in (1, 5) for lr in (0.01, 0.05)],
+# ``--grid-values KEY=V1,V2`` replaces one key's values for a run (e.g. fewer server epochs
+# where the pool is large); the grid and the choice are written to the summary either way.
+GRID_VALUES: dict[str, dict[str, tuple[Any, ...]]] = {
+    "synthetic": {"server-epochs": (50, 200), "server-lr": (0.01, 0.05)},
+    "fedavg": {"local-epochs": (1, 5), "local-lr": (0.01, 0.05)},
 }
-GRIDS["fedprox"] = GRIDS["fedavg"]
+GRID_VALUES["fedprox"] = GRID_VALUES["fedavg"]
+
+
+def grid_settings(values: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """Every combination of ``values``, the first key outermost (``grid{i}`` folders follow
+    this order)."""
+    return [dict(zip(values, combo, strict=True)) for combo in itertools.product(*values.values())]
+
+
+GRIDS: dict[str, list[dict[str, Any]]] = {n: grid_settings(v) for n, v in GRID_VALUES.items()}
+
+
+def grid_overrides(items: Sequence[str], strategies: Sequence[str]) -> dict[str, tuple[Any, ...]]:
+    """``KEY=V1,V2`` items as ``{key: (v1, v2)}`` (numbers parsed), each key checked to be in
+    the grid of one of ``strategies``; ``ValueError`` naming the item and the fix otherwise."""
+    known = {k for n in strategies for k in GRID_VALUES[n]}
+    out: dict[str, tuple[Any, ...]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        values = tuple(_number(v) for v in raw.split(",") if v.strip())
+        if not sep or not values:
+            raise ValueError(f"--grid-values {item!r}: write KEY=V1,V2 (e.g. server-epochs=30,100)")
+        if key not in known:
+            raise ValueError(
+                f"--grid-values {item!r}: {key!r} is in none of the grids of "
+                f"{', '.join(strategies)}; their keys are {sorted(known)}"
+            )
+        out[key] = values
+    return out
+
+
+def _number(text: str) -> int | float | str:
+    """``text`` as an int, else a float, else as given."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
 
 
 def run_once(
@@ -75,6 +120,10 @@ def run_once(
     resume = False
     if reuse and (out / "results.json").is_file():
         done = json.loads((out / "results.json").read_text())
+        # Results of another configuration (e.g. a grid folder after --grid-values changed
+        # what grid{i} holds) are refused, not reported as this one's.
+        saved = FedConfig.from_mapping(done["config"]).to_dict()
+        check_same_config(out / "results.json", saved, cfg)
         interrupted = not done.get("complete", True) or len(done["rounds"]) <= cfg.rounds
         if interrupted and (out / CHECKPOINT).is_file():
             resume = True
@@ -190,6 +239,14 @@ def main(argv: list[str] | None = None) -> int:
         "validation accuracy (the clients' held-out shares of their training data)",
     )
     p.add_argument(
+        "--grid-values",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="with --grid, replace one key's values in the grids that have it "
+        "(e.g. server-epochs=30,100); the grid run is recorded in the summary",
+    )
+    p.add_argument(
         "--select-rounds",
         type=int,
         default=0,
@@ -197,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         "own) and then the chosen one for the strategy's full rounds (0: grid runs are full)",
     )
     args = p.parse_args(argv)
+    try:
+        overrides = grid_overrides(args.grid_values, args.strategies)
+    except ValueError as err:
+        p.error(str(err))
 
     shared: dict = {"preset": args.preset}
     for item in args.set:
@@ -221,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.grid:
             full = int(values["rounds"])
             short = min(args.select_rounds, full) if args.select_rounds > 0 else full
-            for i, setting in enumerate(GRIDS[name]):
+            own = {k: overrides.get(k, v) for k, v in GRID_VALUES[name].items()}
+            for i, setting in enumerate(grid_settings(own)):
                 cfg = FedConfig.from_mapping({**values, **setting, "rounds": short})
                 res, secs, peak = run_once(
                     cfg, Path(args.out) / name / f"grid{i}", args.reuse, args.data_root

@@ -309,3 +309,69 @@ def test_select_rounds_chooses_on_short_runs_then_continues_the_chosen_one(
     summary = json.loads((out / "summary.json").read_text())["summary"]
     (row,) = [r for r in summary if r.get("strategy") == "fedavg"]
     assert row["chosen"] == bench.GRIDS["fedavg"][2] and row["rounds"] == 5
+
+
+def test_grid_values_replace_one_key_and_keep_the_folder_order(bench, monkeypatch, tmp_path):
+    """--grid-values server-epochs=30,100: the synthetic grid runs 30 and 100 epochs at each of
+    its own learning rates, epochs outermost (grid0..grid3), and the summary records them."""
+    seen = []
+
+    def fake_run_once(cfg: FedConfig, out: Path, reuse: bool, data_root: str | None):
+        seen.append((out.name, cfg.server_epochs, cfg.server_lr))
+        row = {
+            "round": 1,
+            "accuracy": 0.5,
+            "validation_accuracy": cfg.server_epochs / 1000 + cfg.server_lr,
+            "upload_bytes": 10,
+            "upload_bytes_total": 10,
+            "epsilon_max": 0.0,
+        }
+        return {"config": cfg.to_dict(), "rounds": [row]}, 1.0, 1.0
+
+    monkeypatch.setattr(bench, "run_once", fake_run_once)
+    argv = ["--grid", "--strategies", "synthetic", "--rounds", "1", "--out", str(tmp_path)]
+    assert bench.main([*argv, "--grid-values", "server-epochs=30,100"]) == 0
+    assert seen == [
+        ("grid0", 30, 0.01),
+        ("grid1", 30, 0.05),
+        ("grid2", 100, 0.01),
+        ("grid3", 100, 0.05),
+    ]
+    (row,) = json.loads((tmp_path / "summary.json").read_text())["summary"]
+    assert row["chosen"] == {"server-epochs": 100, "server-lr": 0.05}
+    assert [g["setting"]["server-epochs"] for g in row["grid"]] == [30, 30, 100, 100]
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    key=st.sampled_from(["server-epochs", "local-lr", "rounds", "server_epochs", ""]),
+    raw=st.lists(st.sampled_from(["30", "0.05", "", " ", "x"]), max_size=3).map(",".join),
+    sep=st.sampled_from(["=", ":"]),
+)
+def test_grid_values_are_parsed_or_refused_with_the_fix(bench, key, raw, sep):
+    """A KEY=V1,V2 item is accepted only with '=', a key of a chosen strategy's grid and at
+    least one value; anything else names the item and what to write."""
+    item = f"{key}{sep}{raw}"
+    values = [v for v in raw.split(",") if v.strip()]
+    ok = sep == "=" and key in ("server-epochs",) and values
+    if ok:
+        parsed = bench.grid_overrides([item], ["synthetic"])[key]
+        assert len(parsed) == len(values)
+        assert all(isinstance(v, (int, float, str)) for v in parsed)
+    else:
+        with pytest.raises(ValueError, match="--grid-values"):
+            bench.grid_overrides([item], ["synthetic"])
+
+
+def test_reuse_refuses_results_of_another_configuration(bench, tmp_path):
+    """--reuse takes a folder's finished results only if the same configuration wrote them:
+    a grid folder from other grid values is refused with the keys that differ."""
+    cfg = FedConfig.from_mapping({"preset": "digits-dir0.5-4", "algorithm": "fedavg"})
+    other = FedConfig.from_mapping({**cfg.to_dict(), "local-epochs": 5})
+    (tmp_path / "results.json").write_text(
+        json.dumps({"config": other.to_dict(), "rounds": [], "complete": True})
+    )
+    with pytest.raises(ValueError, match=r"local-epochs: 5 vs 1"):
+        bench.run_once(cfg, tmp_path, True, None)
