@@ -254,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         "own) and then the chosen one for the strategy's full rounds (0: grid runs are full)",
     )
     args = p.parse_args(argv)
+    if args.grid_values and not args.grid:
+        p.error("--grid-values changes the tuning grid; add --grid, or drop --grid-values")
     try:
         overrides = grid_overrides(args.grid_values, args.strategies)
     except ValueError as err:

@@ -375,3 +375,10 @@ def test_reuse_refuses_results_of_another_configuration(bench, tmp_path):
     )
     with pytest.raises(ValueError, match=r"local-epochs: 5 vs 1"):
         bench.run_once(cfg, tmp_path, True, None)
+
+
+def test_grid_values_without_grid_is_refused(bench, capsys):
+    """--grid-values alone would be ignored silently; it is refused, naming the fix."""
+    with pytest.raises(SystemExit):
+        bench.main(["--grid-values", "server-epochs=30,100", "--strategies", "synthetic"])
+    assert "add --grid" in capsys.readouterr().err
