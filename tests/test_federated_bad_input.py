@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -13,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from bench_scripts import load_script
 from fedcl_dd.scenarios.federated import (
     Partitioning,
     Preset,
@@ -27,26 +26,13 @@ from opacus.accountants.utils import MAX_SIGMA
 
 from fedcl_dd.privacy import PrivacyBudgetError, epsilon_for
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 DIGITS_TRAIN = 1347  # records in digits' fixed training split (fedcl_dd.data)
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
     """benchmarks/federated.py, the module whose grid selection the benchmark runs."""
-    # benchmarks/ is a folder of scripts, not a package: federated.py imports its sibling
-    # targets.py as a top-level module, as it does when run as a script.
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "benchmarks_federated", BENCHMARKS / "federated.py"
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
+    return load_script("federated")
 
 
 # --- presets split too thin --------------------------------------------------------------

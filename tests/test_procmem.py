@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
-from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "procmem.py"
+from bench_scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def procmem() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("benchmarks_procmem", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("procmem")
 
 
 def test_slow_samples_are_spaced_to_keep_the_sampler_share(procmem: ModuleType) -> None:

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scoreboard.py"
+from bench_scripts import BENCHMARKS, load_script
 
 
 @pytest.fixture(scope="module")
 def board() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("benchmarks_scoreboard", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scoreboard")
 
 
 def _write(path: Path, targets: list[dict]) -> None:
@@ -61,9 +55,7 @@ def test_met_missed_unreached_moved_and_missing_targets_are_told_apart(board, tm
 
 
 def test_every_committed_results_file_names_issue_targets_as_the_issues_do(board):
-    rows = [
-        r for r in board.measurements(SCRIPT.parent / "results") if r.name in board.ISSUE_TARGETS
-    ]
+    rows = [r for r in board.measurements(BENCHMARKS / "results") if r.name in board.ISSUE_TARGETS]
     assert rows, "the committed results measure at least one issue target"
     moved = [r for r in rows if r.departs_from(board.ISSUE_TARGETS[r.name])]
     assert not moved, f"results state other goals than their issues: {moved}"
