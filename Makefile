@@ -23,7 +23,9 @@ lint: $(STAMP)
 	$(PY) -m mypy
 
 # Lint and types, then the whole suite, slow real-data tests included (what CI runs), on one
-# pytest-xdist worker per core: the Flower/Ray tests mostly wait on processes, so they overlap.
+# pytest-xdist worker per core; the Flower/Ray tests share one of them (xdist_group "flower":
+# two Ray clusters at once lose actors). A third worker to fill their waits was tried: the
+# README example's first round then took ~7 min instead of ~30 s (a Ray simulation starved).
 # The 20 slowest tests close the report: the suite must stay under 10 minutes.
 test: lint
 	$(PY) -m pytest -q -n auto --dist loadgroup --durations=20

@@ -22,7 +22,8 @@ from fedcl_dd.cli import main
 from fedcl_dd.data import SPECS
 from fedcl_dd.synthetic import bytes_per_image
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# One worker runs the module, so that its `runs` fixture is built once (xdist: once per worker).
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("continual-baselines")]
 
 SPEC = SPECS["digits"]
 IMAGE = bytes_per_image(SPEC.image_shape)  # 258 bytes

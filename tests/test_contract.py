@@ -169,15 +169,11 @@ _SLOW = {
 }
 
 
-@pytest.mark.parametrize(
-    "method,param",
-    [
-        pytest.param(m, p, marks=pytest.mark.xfail(strict=False, reason="known: see _SLOW"))
-        if (m, p) in _SLOW
-        else (m, p)
-        for m, p in _pairs()
-    ],
-)
+# The pairs in _SLOW are left out rather than marked xfail(strict=False): such a test passes
+# whatever happens, and they cost ~35 s of the suite. Every pair still distills, saves and
+# resumes below; each method's own module checks that it learns (DM, GM, NCFM and dm-dp
+# raise accuracy on digits, TM's loss falls, IDM trains its pool).
+@pytest.mark.parametrize("method,param", [pair for pair in _pairs() if pair not in _SLOW])
 def test_every_method_and_parameterization_lowers_its_loss(
     method, param, digits, digits_sampler, tmp_path
 ):

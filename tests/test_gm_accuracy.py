@@ -17,7 +17,7 @@ def test_gm_beats_its_random_real_start_at_5_images_per_class(digits16):
     for seed in (0, 1):
         gen = torch.Generator().manual_seed(seed)
         syn = PixelSet.from_real(real, 5, generator=gen)
-        before = evaluate(syn, test_x, test_y, spec, num_models=2, epochs=100, seed=seed)
+        before = evaluate(syn, test_x, test_y, spec, num_models=2, epochs=50, seed=seed)
         ctx = MatchingContext(
             real,
             spec,
@@ -27,8 +27,9 @@ def test_gm_beats_its_random_real_start_at_5_images_per_class(digits16):
         distill(
             syn, GradientMatching(real_per_class=32), ctx, DistillConfig(40, 0.1)
         )  # DC's image lr
-        after = evaluate(syn, test_x, test_y, spec, num_models=2, epochs=100, seed=seed)
+        after = evaluate(syn, test_x, test_y, spec, num_models=2, epochs=50, seed=seed)
         gains.append(after.mean - before.mean)
-    # Networks trained 100 epochs (not 300: a third of the test's time). Measured: 89.7% ->
-    # 94.1% (seed 0) and 90.6% -> 93.7% (seed 1).
+    # Networks trained 50 epochs (not 300: the evaluations would take most of the test's time).
+    # Measured: 87.3% -> 91.9% (seed 0) and 87.9% -> 92.7% (seed 1); at 100 epochs the gains
+    # were smaller (89.7% -> 94.1%, 90.6% -> 93.7%).
     assert sum(gains) / len(gains) > 0.02, gains

@@ -175,11 +175,13 @@ def test_the_characteristic_distance_is_zero_for_equal_sets_and_grows_with_a_shi
 
 @pytest.mark.slow
 def test_ncfm_lowers_its_loss_and_beats_the_random_real_start_on_digits(digits, digits_sampler):
-    # 80 iterations (150 took twice the time), measured: 79.6% -> 86.2%.
-    recipe = Recipe(method="ncfm", ipc=2, iterations=80)
+    # 40 iterations, networks trained 100 epochs (the distillation is most of the time).
+    # Measured: 74.1% -> 81.4%; with 80 iterations and 300 epochs, 79.6% -> 86.2% in 2x the time.
+    recipe = Recipe(method="ncfm", ipc=2, iterations=40)
     run = Distillation(recipe, digits_sampler, digits.spec, seed=0)
-    start = evaluate(run.syn, digits.test_x, digits.test_y, digits.spec, num_models=2)
+    kw = {"num_models": 2, "epochs": 100}
+    start = evaluate(run.syn, digits.test_x, digits.test_y, digits.spec, **kw)
     result = run.run()
-    assert sum(result.losses[-20:]) < sum(result.losses[:20])
-    after = evaluate(run.syn, digits.test_x, digits.test_y, digits.spec, num_models=2)
+    assert sum(result.losses[-10:]) < sum(result.losses[:10])
+    after = evaluate(run.syn, digits.test_x, digits.test_y, digits.spec, **kw)
     assert after.mean > start.mean + 0.02, (start, after)

@@ -17,6 +17,9 @@ from fedcl_dd.sampling import ClassSampler
 from fedcl_dd.screen import screen_sets
 from fedcl_dd.synthetic import PixelSet
 
+# One worker builds the `honest` sets for the whole module (xdist would build them per worker).
+pytestmark = pytest.mark.xdist_group("screen")
+
 PRESET = parse_preset("digits-dir0.5-10", seed=42)
 SPEC = PRESET.spec
 
