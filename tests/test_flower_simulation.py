@@ -119,8 +119,8 @@ def test_faulty_clients_are_refused_and_rounds_go_on(tmp_path):
 
 def test_fedavg_is_metered_as_ours_and_resumes_where_it_stopped(tmp_path):
     """Flower's own FedAvg: bytes up and down, client and server seconds, per round. It
-    checkpoints after every round: 2 rounds, then resumed to 3, ends as an uninterrupted
-    3-round run does (same accuracy every round); resuming with other settings or from an
+    checkpoints after every round: 1 round, then resumed to 2, ends as an uninterrupted
+    2-round run does (same accuracy every round); resuming with other settings or from an
     altered checkpoint is refused."""
     from fedcl_dd.strategies.flower.server_app import CHECKPOINT, resume_baseline
     from fedcl_dd.strategies.flower.strategy import CheckpointMismatch, initial_model
@@ -129,8 +129,8 @@ def test_fedavg_is_metered_as_ours_and_resumes_where_it_stopped(tmp_path):
 
     cfg = FedConfig(preset="digits-iid-2", algorithm="fedavg", rounds=2, fraction_evaluate=0.0)
     cpu = torch.device("cpu")
-    results = simulate(cfg, tmp_path / "split", device=cpu)
-    rounds = {row["round"]: row for row in results["rounds"]}
+    whole = simulate(cfg, tmp_path / "whole", device=cpu)
+    rounds = {row["round"]: row for row in whole["rounds"]}
     assert sorted(rounds) == [0, 1, 2]
     model_bytes = sum(
         t.numel() * t.element_size() for t in initial_model(cfg).state_dict().values()
@@ -145,10 +145,10 @@ def test_fedavg_is_metered_as_ours_and_resumes_where_it_stopped(tmp_path):
         assert row["server_seconds"] > 0, row
     assert rounds[2]["upload_bytes_total"] == rounds[1]["upload_bytes"] + rounds[2]["upload_bytes"]
 
-    resumed = simulate(cfg.replace(rounds=3), tmp_path / "split", resume=True, device=cpu)
-    whole = simulate(cfg.replace(rounds=3), tmp_path / "whole", device=cpu)
-    assert resumed["resumed_after"] == 2
-    assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2, 3]
+    simulate(cfg.replace(rounds=1), tmp_path / "split", device=cpu)
+    resumed = simulate(cfg, tmp_path / "split", resume=True, device=cpu)
+    assert resumed["resumed_after"] == 1
+    assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2]
     assert [r["accuracy"] for r in resumed["rounds"]] == [r["accuracy"] for r in whole["rounds"]]
     assert [r["upload_bytes_total"] for r in resumed["rounds"]] == [
         r["upload_bytes_total"] for r in whole["rounds"]
