@@ -67,11 +67,12 @@ def test_dm_beats_its_random_real_start_at_5_images_per_class(digits, digits_sam
             syn,
             DistributionMatching(64),
             _ctx(digits, digits_sampler, seed),
-            DistillConfig(150, 10.0),
+            DistillConfig(75, 10.0),
         )
         after = evaluate(syn, digits.test_x, digits.test_y, digits.spec, **kw)
         gains.append(after.mean - before.mean)
-    # Measured: 83.7% -> 88.7% (seed 0), 84.9% -> 88.0% (seed 1).
+    # Measured: 83.7% -> 88.6% (seed 0), 84.9% -> 87.9% (seed 1); 150 iterations gave 88.7% and
+    # 88.0%, in twice the time.
     assert statistics.fmean(gains) > 0.02, gains
 
 
