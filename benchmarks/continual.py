@@ -9,7 +9,10 @@ Prints a table (accuracy after each experience, final average accuracy, Avalanch
 stream forgetting, buffer bytes, distinct samples replayed, seconds to build the memory
 and to train, per experience) and writes ``benchmarks/results/continual_<benchmark><tag>.json``,
 a plot of accuracy after each experience per buffer and a grid of each of our
-memories' images after the last experience (``..._<buffer>.png``).
+memories' images after the last experience (``..._<buffer>.png``). Rows run one after
+another (with ``--select``, each row's choice just before its test run), and the JSON and
+plot are rewritten after every row, naming the rows not run yet: a long run stopped
+part-way keeps what it finished.
 
     python benchmarks/continual.py --benchmark split-mnist --seeds 0 1 2 --select
     python benchmarks/continual.py --benchmark split-mnist --seeds 0 --rows addressing replay --select
@@ -65,66 +68,65 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
 
 
-def run_rows(rows: list[RunConfig], seeds: list[int], grids: str | None) -> list[dict]:
-    """Each row's configuration on the test stream, once per seed; the table's rows."""
-    benches = {s: make_benchmark(rows[0].benchmark, seed=s, root=rows[0].data_root) for s in seeds}
-    out = []
-    for row_cfg in rows:
-        buffer, fresh = row_cfg.buffer, row_cfg.fresh
-        runs = []
-        start = time.perf_counter()
-        for seed in seeds:
-            cfg = replace(row_cfg, seed=seed)
+def run_row(
+    row_cfg: RunConfig, benches: dict[int, ContinualBenchmark], grids: str | None
+) -> dict[str, Any]:
+    """One row's configuration on the test stream of each seed's benchmark; the table's row."""
+    seeds = list(benches)
+    buffer, fresh = row_cfg.buffer, row_cfg.fresh
+    runs = []
+    start = time.perf_counter()
+    for seed in seeds:
+        cfg = replace(row_cfg, seed=seed)
 
-            def grid(i: int, result: RunResult, strategy: Any, cfg: RunConfig = cfg) -> None:
-                memory = memories(strategy)[0]
-                last = i == len(benches[cfg.seed].train_stream) - 1
-                keep = grids and cfg.seed == seeds[0] and last
-                if keep and isinstance(memory, MemoryBuffer) and memory.syn is not None:
-                    tag = f"{cfg.buffer}{'-fresh' if cfg.fresh else ''}"
-                    save_grid(memory.syn, RESULTS / f"{grids}_{tag}.png")
+        def grid(i: int, result: RunResult, strategy: Any, cfg: RunConfig = cfg) -> None:
+            memory = memories(strategy)[0]
+            last = i == len(benches[cfg.seed].train_stream) - 1
+            keep = grids and cfg.seed == seeds[0] and last
+            if keep and isinstance(memory, MemoryBuffer) and memory.syn is not None:
+                tag = f"{cfg.buffer}{'-fresh' if cfg.fresh else ''}"
+                save_grid(memory.syn, RESULTS / f"{grids}_{tag}.png")
 
-            runs.append(run_stream(cfg, benches[seed], on_experience=grid))
-        acc, std = _mean_std([r.final_accuracy for r in runs])
-        iterations = min(r.matching_iterations for r in runs)
-        per_update = [i for r in runs for i in r.iterations_per_update]
-        spread = (
-            f"x{iterations}"
-            if not per_update or min(per_update) == max(per_update)
-            else f"x{min(per_update)}-{max(per_update)}"
-        )
-        row = {
-            "buffer": buffer,
-            # What the memory is: never "distilled" unless it ran matching iterations.
-            "memory": (
-                f"real at 1/{row_cfg.factor or 2}, {row_cfg.storage}"
-                if buffer == "compressed-real"
-                else "real images"
-                if buffer not in BUFFERS
-                else f"{row_cfg.method} {spread}/update"
-                + (f" (<= {row_cfg.build_over_train:g}x train)" if row_cfg.build_over_train else "")
-                if iterations
-                else "initialization only"
-            ),
-            "matching_iterations": iterations,
-            "iterations_per_update": per_update,
-            "protocol": "fresh model on buffer" if (fresh or buffer == "gdumb") else "replay mix",
-            "accuracy_after": [
-                statistics.fmean(a) for a in zip(*(r.accuracy_after for r in runs), strict=True)
-            ],
-            "final_accuracy": acc,
-            "final_accuracy_std": std,
-            "final_accuracies": [r.final_accuracy for r in runs],
-            "forgetting": statistics.fmean(r.forgetting for r in runs),
-            "buffer_bytes": max(r.buffer_bytes for r in runs),
-            "distinct_samples": min(r.distinct_samples for r in runs),
-            "build_seconds_per_exp": statistics.fmean(s for r in runs for s in r.build_seconds),
-            "train_seconds_per_exp": statistics.fmean(s for r in runs for s in r.train_seconds),
-            "wall_seconds": time.perf_counter() - start,
-        }
-        print(_line(row), flush=True)
-        out.append(row)
-    return out
+        runs.append(run_stream(cfg, benches[seed], on_experience=grid))
+    acc, std = _mean_std([r.final_accuracy for r in runs])
+    iterations = min(r.matching_iterations for r in runs)
+    per_update = [i for r in runs for i in r.iterations_per_update]
+    spread = (
+        f"x{iterations}"
+        if not per_update or min(per_update) == max(per_update)
+        else f"x{min(per_update)}-{max(per_update)}"
+    )
+    row = {
+        "buffer": buffer,
+        # What the memory is: never "distilled" unless it ran matching iterations.
+        "memory": (
+            f"real at 1/{row_cfg.factor or 2}, {row_cfg.storage}"
+            if buffer == "compressed-real"
+            else "real images"
+            if buffer not in BUFFERS
+            else f"{row_cfg.method} {spread}/update"
+            + (f" (<= {row_cfg.build_over_train:g}x train)" if row_cfg.build_over_train else "")
+            if iterations
+            else "initialization only"
+        ),
+        "matching_iterations": iterations,
+        "iterations_per_update": per_update,
+        "protocol": "fresh model on buffer" if (fresh or buffer == "gdumb") else "replay mix",
+        "accuracy_after": [
+            statistics.fmean(a) for a in zip(*(r.accuracy_after for r in runs), strict=True)
+        ],
+        "final_accuracy": acc,
+        "final_accuracy_std": std,
+        "final_accuracies": [r.final_accuracy for r in runs],
+        "forgetting": statistics.fmean(r.forgetting for r in runs),
+        "buffer_bytes": max(r.buffer_bytes for r in runs),
+        "distinct_samples": min(r.distinct_samples for r in runs),
+        "build_seconds_per_exp": statistics.fmean(s for r in runs for s in r.build_seconds),
+        "train_seconds_per_exp": statistics.fmean(s for r in runs for s in r.train_seconds),
+        "wall_seconds": time.perf_counter() - start,
+    }
+    print(_line(row), flush=True)
+    return row
 
 
 def _line(row: dict) -> str:
@@ -332,47 +334,59 @@ def main() -> None:
         for b, f in ROWS
         if args.rows is None or b + ("+fresh" if f else "") in args.rows
     ]
-    selections: list[dict[str, Any]] = []
-    if args.select:
-        val = with_validation(
-            make_benchmark(base.benchmark, seed=args.seeds[0], root=base.data_root),
-            args.validation,
-            seed=args.seeds[0],
-        )
-        picked = [select(replace(cfg, seed=args.seeds[0]), val) for cfg in chosen]
-        chosen, selections = [], []
-        for cfg, record in picked:
-            chosen.append(replace(cfg, seed=base.seed))
-            selections.append(record)
-            if cfg.buffer in BUFFERS and cfg.iterations:
-                # The chosen memory's initialization alone, beside it: the gain of distillation.
-                chosen.append(replace(cfg, seed=base.seed, iterations=0))
-                selections.append({"initialization of": record})
-    print(HEADER)
-    table = run_rows(chosen, args.seeds, stem)
-    for row, record in zip(table, selections, strict=False):
-        row["selection"] = record
+    benches = {s: make_benchmark(base.benchmark, seed=s, root=base.data_root) for s in args.seeds}
+    val = (
+        with_validation(benches[args.seeds[0]], args.validation, seed=args.seeds[0])
+        if args.select
+        else None
+    )
     command = "python benchmarks/continual.py " + " ".join(sys.argv[1:])
-    write_json(
-        {
-            "settings": settings,
-            "selection": (
-                {"validation_fraction": args.validation, "seed": args.seeds[0]}
-                if args.select
-                else "none: the settings above, for every row"
-            ),
-            "references": REFERENCES,
-            "rows": table,
-            "targets": targets(table, args.benchmark, args.budget_images, command),
-        },
-        RESULTS / f"{stem}.json",
-    )
-    plot(
-        table,
-        RESULTS / f"{stem}.png",
-        f"{args.benchmark}, {base.budget:,} B memory, {args.model}, "
-        f"{args.epochs} epoch(s), {len(args.seeds)} seeds",
-    )
+    table: list[dict[str, Any]] = []
+
+    def save() -> None:
+        """The table so far: a long run (SplitCIFAR-10) leaves every finished row on disk."""
+        write_json(
+            {
+                "settings": settings,
+                "selection": (
+                    {"validation_fraction": args.validation, "seed": args.seeds[0]}
+                    if args.select
+                    else "none: the settings above, for every row"
+                ),
+                "references": REFERENCES,
+                "rows": table,
+                "rows_not_run_yet": [f"{c.buffer}{'+fresh' if c.fresh else ''}" for c in pending],
+                "targets": targets(table, args.benchmark, args.budget_images, command),
+            },
+            RESULTS / f"{stem}.json",
+        )
+        plot(
+            table,
+            RESULTS / f"{stem}.png",
+            f"{args.benchmark}, {base.budget:,} B memory, {args.model}, "
+            f"{args.epochs} epoch(s), {len(args.seeds)} seeds",
+        )
+
+    pending = list(chosen)
+    while pending:
+        cfg = pending.pop(0)
+        runs: list[tuple[RunConfig, dict[str, Any] | None]] = [(cfg, None)]
+        if val is not None:  # each row chooses on validation just before its test run
+            picked, record = select(replace(cfg, seed=args.seeds[0]), val)
+            runs = [(replace(picked, seed=base.seed), record)]
+            if picked.buffer in BUFFERS and picked.iterations:
+                # The chosen memory's initialization alone, beside it: the gain of distillation.
+                runs.append(
+                    (replace(picked, seed=base.seed, iterations=0), {"initialization of": record})
+                )
+        for run_cfg, chosen_by in runs:
+            if not table:
+                print(HEADER)
+            row = run_row(run_cfg, benches, stem)
+            if chosen_by is not None:
+                row["selection"] = chosen_by
+            table.append(row)
+            save()
     print(
         "references (Avalanche on SplitMNIST, MLP, 1 epoch, 3 seeds, measured here): "
         + ", ".join(f"{k} -> {v}" for k, v in REFERENCES.items())
