@@ -279,7 +279,7 @@ def main() -> None:
         "--rows",
         nargs="+",
         default=None,
-        help="only these rows: buffer names, '+fresh' for the fresh-model protocol "
+        help="only these rows, in this order: buffer names, '+fresh' for the fresh-model protocol "
         "(e.g. addressing+fresh gdumb replay)",
     )
     p.add_argument(
@@ -324,15 +324,18 @@ def main() -> None:
         torch_threads=torch.get_num_threads(),
     )
     print(f"settings: {settings}")
-    chosen = [
+    names = [b + ("+fresh" if f else "") for b, f in ROWS]
+    unknown = sorted(set(args.rows or ()) - set(names))
+    if unknown:
+        p.error(f"unknown rows {unknown}; choose among {names}")
+    chosen = [  # in the order --rows names them: the rows that matter most can run first
         replace(
             base,
             buffer=b,
             fresh=f,
             build_over_train=args.build_over_train if b in BUFFERS else None,
         )
-        for b, f in ROWS
-        if args.rows is None or b + ("+fresh" if f else "") in args.rows
+        for b, f in (ROWS if args.rows is None else [ROWS[names.index(r)] for r in args.rows])
     ]
     benches = {s: make_benchmark(base.benchmark, seed=s, root=base.data_root) for s in args.seeds}
     val = (
@@ -379,6 +382,8 @@ def main() -> None:
                 runs.append(
                     (replace(picked, seed=base.seed, iterations=0), {"initialization of": record})
                 )
+        elif cfg.buffer in BUFFERS and cfg.iterations != 0:  # None: the memory's default (> 0)
+            runs.append((replace(cfg, iterations=0), None))  # the same beside it, unselected
         for run_cfg, chosen_by in runs:
             if not table:
                 print(HEADER)
