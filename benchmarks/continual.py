@@ -12,7 +12,7 @@ a plot of accuracy after each experience per buffer and a grid of each of our
 memories' images after the last experience (``..._<buffer>.png``). Rows run one after
 another (with ``--select``, each row's choice just before its test run), and the JSON and
 plot are rewritten after every row, naming the rows not run yet: a long run stopped
-part-way keeps what it finished.
+part-way keeps what it finished, and ``--resume`` (same settings and tag) runs the rest.
 
     python benchmarks/continual.py --benchmark split-mnist --seeds 0 1 2 --select
     python benchmarks/continual.py --benchmark split-mnist --seeds 0 --rows addressing replay --select
@@ -21,6 +21,7 @@ part-way keeps what it finished.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -127,6 +128,24 @@ def run_row(
     }
     print(_line(row), flush=True)
     return row
+
+
+INIT = "/initialization"  # the key of a memory's initialization-only row, after its own
+
+
+def _name(cfg: RunConfig) -> str:
+    """The configuration's ``--rows`` name."""
+    return f"{cfg.buffer}{'+fresh' if cfg.fresh else ''}"
+
+
+def _row_key(row: dict[str, Any]) -> str:
+    """The row's ``--rows`` name (``/initialization`` appended for a memory's initialization
+    alone), from its fields where an older result lacks the ``row`` key."""
+    if "row" in row:
+        return str(row["row"])
+    fresh = row["protocol"].startswith("fresh") and row["buffer"] != "gdumb"
+    init = row["buffer"] in BUFFERS and row["memory"] == "initialization only"
+    return f"{row['buffer']}{'+fresh' if fresh else ''}{INIT if init else ''}"
 
 
 def _line(row: dict) -> str:
@@ -299,6 +318,12 @@ def main() -> None:
         help="cap each update of our memories at R times the experience's training time",
     )
     p.add_argument("--tag", default="", help="suffix of the result files")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows a stopped run with the same settings and tag left in its JSON "
+        "and run only the others",
+    )
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
@@ -344,21 +369,41 @@ def main() -> None:
         else None
     )
     command = "python benchmarks/continual.py " + " ".join(sys.argv[1:])
+    selection = (
+        {"validation_fraction": args.validation, "seed": args.seeds[0]}
+        if args.select
+        else "none: the settings above, for every row"
+    )
     table: list[dict[str, Any]] = []
+    if args.resume and (RESULTS / f"{stem}.json").is_file():
+        earlier = json.loads((RESULTS / f"{stem}.json").read_text())
+        same = json.loads(json.dumps(settings))  # as the file holds them
+        differ = sorted(
+            k
+            for k in same.keys() | earlier["settings"].keys()
+            if same.get(k) != earlier["settings"].get(k)
+        )
+        if earlier["selection"] != json.loads(json.dumps(selection)):
+            differ.append("--select")
+        if differ:
+            p.error(
+                f"--resume: {stem}.json was run with other settings ({', '.join(differ)}); "
+                "give the same ones, or another --tag"
+            )
+        table = earlier["rows"]
+        print(f"resuming: {', '.join(_row_key(r) for r in table)} done already")
 
     def save() -> None:
         """The table so far: a long run (SplitCIFAR-10) leaves every finished row on disk."""
         write_json(
             {
                 "settings": settings,
-                "selection": (
-                    {"validation_fraction": args.validation, "seed": args.seeds[0]}
-                    if args.select
-                    else "none: the settings above, for every row"
-                ),
+                "selection": selection,
                 "references": REFERENCES,
                 "rows": table,
-                "rows_not_run_yet": [f"{c.buffer}{'+fresh' if c.fresh else ''}" for c in pending],
+                "rows_not_run_yet": [
+                    _name(c) for c in pending if _name(c) not in {_row_key(r) for r in table}
+                ],
                 "targets": targets(table, args.benchmark, args.budget_images, command),
             },
             RESULTS / f"{stem}.json",
@@ -373,21 +418,27 @@ def main() -> None:
     pending = list(chosen)
     while pending:
         cfg = pending.pop(0)
-        runs: list[tuple[RunConfig, dict[str, Any] | None]] = [(cfg, None)]
-        if val is not None:  # each row chooses on validation just before its test run
+        name = _name(cfg)
+        done = {_row_key(r) for r in table}
+        runs: list[tuple[str, RunConfig, dict[str, Any] | None]] = []
+        if name in done:  # --resume: finished by an earlier run, with the choice it recorded
+            record = next(r for r in table if _row_key(r) == name).get("selection")
+            picked = replace(cfg, **record["chosen"]) if record else cfg
+        elif val is not None:  # each row chooses on validation just before its test run
             picked, record = select(replace(cfg, seed=args.seeds[0]), val)
-            runs = [(replace(picked, seed=base.seed), record)]
-            if picked.buffer in BUFFERS and picked.iterations:
-                # The chosen memory's initialization alone, beside it: the gain of distillation.
-                runs.append(
-                    (replace(picked, seed=base.seed, iterations=0), {"initialization of": record})
-                )
-        elif cfg.buffer in BUFFERS and cfg.iterations != 0:  # None: the memory's default (> 0)
-            runs.append((replace(cfg, iterations=0), None))  # the same beside it, unselected
-        for run_cfg, chosen_by in runs:
+            picked = replace(picked, seed=base.seed)
+            runs.append((name, picked, record))
+        else:
+            picked, record = cfg, None
+            runs.append((name, cfg, None))
+        if picked.buffer in BUFFERS and picked.iterations != 0 and f"{name}{INIT}" not in done:
+            # The memory's initialization alone, beside it: the gain of distillation.
+            init = replace(picked, iterations=0)
+            runs.append((f"{name}{INIT}", init, {"initialization of": record} if record else None))
+        for key, run_cfg, chosen_by in runs:
             if not table:
                 print(HEADER)
-            row = run_row(run_cfg, benches, stem)
+            row = {"row": key, **run_row(run_cfg, benches, stem)}
             if chosen_by is not None:
                 row["selection"] = chosen_by
             table.append(row)
