@@ -86,6 +86,11 @@ def test_kill_after_round_two_then_resume(tmp_path):
     assert results["resumed_after"] == killed_at
     assert [row["round"] for row in results["rounds"] if row["round"] > 0] == [1, 2, 3, 4]
     assert all(row["accepted"] == [0, 1, 2] for row in results["rounds"] if row["round"] > 0)
+    # Each round's validation accuracy was checkpointed with it, the rounds before the kill too;
+    # only the round the kill interrupted (its model checkpointed, its evaluation not yet run)
+    # may lack one.
+    validation = {row["round"]: row["validation_accuracy"] for row in results["rounds"]}
+    assert all(0.0 < validation[r] <= 1.0 for r in (1, 2, 3, 4) if r != killed_at), validation
 
     # The ledger of an uninterrupted run: 4 rounds x 5 releases at the clients' (sigma, q).
     state = load_checkpoint(out / "checkpoint.pt")

@@ -120,14 +120,14 @@ def test_faulty_clients_are_refused_and_rounds_go_on(tmp_path):
 def test_fedavg_is_metered_as_ours_and_resumes_where_it_stopped(tmp_path):
     """Flower's own FedAvg: bytes up and down, client and server seconds, per round. It
     checkpoints after every round: 1 round, then resumed to 2, ends as an uninterrupted
-    2-round run does (same accuracy every round); resuming with other settings or from an
-    altered checkpoint is refused."""
+    2-round run does (same test and validation accuracy every round); resuming with other
+    settings or from an altered checkpoint is refused."""
     from fedcl_dd.strategies.flower.server_app import CHECKPOINT, resume_baseline
     from fedcl_dd.strategies.flower.strategy import CheckpointMismatch, initial_model
 
     from fedcl_dd.io import CorruptCheckpoint
 
-    cfg = FedConfig(preset="digits-iid-2", algorithm="fedavg", rounds=2, fraction_evaluate=0.0)
+    cfg = FedConfig(preset="digits-iid-2", algorithm="fedavg", rounds=2)
     cpu = torch.device("cpu")
     whole = simulate(cfg, tmp_path / "whole", device=cpu)
     rounds = {row["round"]: row for row in whole["rounds"]}
@@ -150,6 +150,10 @@ def test_fedavg_is_metered_as_ours_and_resumes_where_it_stopped(tmp_path):
     assert resumed["resumed_after"] == 1
     assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2]
     assert [r["accuracy"] for r in resumed["rounds"]] == [r["accuracy"] for r in whole["rounds"]]
+    # The validation of the round before the restart came back with the checkpoint.
+    validation = [r["validation_accuracy"] for r in resumed["rounds"][1:]]
+    assert validation == [r["validation_accuracy"] for r in whole["rounds"][1:]]
+    assert all(0.0 < v <= 1.0 for v in validation), validation
     assert [r["upload_bytes_total"] for r in resumed["rounds"]] == [
         r["upload_bytes_total"] for r in whole["rounds"]
     ]

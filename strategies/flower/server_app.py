@@ -94,7 +94,7 @@ class ServerRun:
     test: Any  # the dataset whose test split the server evaluates on
     histogram: Any  # training samples per client and class
     history: dict[int, dict[str, Any]] = field(default_factory=dict)
-    pending: dict[str, MetricRecord] = field(default_factory=dict)  # baselines' train metrics
+    pending: dict[str, MetricRecord] = field(default_factory=dict)  # this round's metrics so far
     started: float = field(default_factory=time.perf_counter)
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -106,15 +106,20 @@ class ServerRun:
         if server_round == 0 and r in self.history:  # a resumed run's model, measured already
             return MetricRecord({"accuracy": acc})
         train, sent = self.pending.pop("train", None), self.pending.pop("sent", None)
+        validation = self.pending.pop("validation", MetricRecord()).get("accuracy")
         self.history[r] = {
             "accuracy": acc,
+            "validation": float(validation) if isinstance(validation, (int, float)) else None,
             "seconds": time.perf_counter() - self.started,
             # Plain dicts: the history goes into checkpoints, which hold plain data only.
             "train": dict(train) if train is not None else None,
             "sent": dict(sent) if sent is not None else None,
         }
         if isinstance(self.strategy, SyntheticSetStrategy):
-            self.strategy.record_evaluation(server_round, {"accuracy": acc})
+            measured = {"accuracy": acc, "validation": self.history[r]["validation"]}
+            self.strategy.record_evaluation(
+                server_round, {k: v for k, v in measured.items() if v is not None}
+            )
         elif r:
             save_baseline_checkpoint(self, arrays, r)
         if r:
@@ -157,6 +162,7 @@ def build_run(
         strategy: FedAvg = synthetic
     else:
         strategy = _baseline(cfg, pending)
+    _keep_validation(strategy, pending)
     history: dict[int, dict[str, Any]] = {}
     if resume and isinstance(strategy, _Metered):
         arrays, done, history = resume_baseline(cfg, out_dir / CHECKPOINT)
@@ -291,6 +297,21 @@ def _baseline(cfg: FedConfig, pending: dict[str, MetricRecord]) -> FedAvg:
     return strategy
 
 
+def _keep_validation(strategy: FedAvg, pending: dict[str, MetricRecord]) -> None:
+    """Each round's aggregated client evaluation (accuracy on the clients' held-out shares of
+    their training data: the validation accuracy settings are chosen on) into
+    ``pending["validation"]``. Flower aggregates it before calling ``evaluate_fn`` in the same
+    round, which files it with that round, so every checkpoint and every rewrite of the
+    results holds the validation of the rounds done so far."""
+    aggregate = strategy.evaluate_metrics_aggr_fn
+
+    def keep(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+        pending["validation"] = aggregate(contents, weighted_by_key)
+        return pending["validation"]
+
+    strategy.evaluate_metrics_aggr_fn = keep
+
+
 def write_results(run: ServerRun, complete: bool) -> dict[str, Any]:
     """``results.json``; once complete, also the accuracy plot and a grid of one upload."""
     results = run.results(complete)
@@ -329,7 +350,7 @@ def run_server(
         print(f"{out_dir}: all {cfg.rounds} rounds are done already", file=sys.stderr)
     else:
         record = ConfigRecord(cfg.to_dict())
-        result = run.strategy.start(
+        run.strategy.start(
             grid=grid,
             initial_arrays=run.initial_arrays,
             num_rounds=cfg.rounds - run.done,
@@ -338,12 +359,6 @@ def run_server(
             evaluate_config=record,
             evaluate_fn=run.evaluate,
         )
-        # The clients' held-out shares of their training data, weighted by size: the
-        # validation accuracy that settings are chosen on (never the test split).
-        for r, metrics in result.evaluate_metrics_clientapp.items():
-            acc = metrics.get("accuracy")
-            if isinstance(acc, (int, float)):
-                run.history.setdefault(run.done + r, {})["validation"] = float(acc)
     return write_results(run, complete=True)
 
 
@@ -367,7 +382,7 @@ def _round_rows(strategy: FedAvg, history: dict[int, dict[str, Any]]) -> list[di
                 {
                     "round": rep.round,
                     "accuracy": acc,
-                    "validation_accuracy": history.get(rep.round, {}).get("validation"),
+                    "validation_accuracy": rep.evaluation.get("validation"),
                     "upload_bytes": rep.upload_bytes,
                     "upload_bytes_total": rep.upload_bytes_total,
                     "epsilon_max": max(rep.epsilon.values()) if rep.epsilon else 0.0,
