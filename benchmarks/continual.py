@@ -173,9 +173,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for row in rows:
         x = range(1, len(row["accuracy_after"]) + 1)
         style = "-" if row["buffer"] in BUFFERS else "--"
-        label = row["buffer"] + (
-            " (fresh)" if row["protocol"].startswith("fresh") and row["buffer"] != "gdumb" else ""
-        )
+        label = _row_key(row).replace(INIT, ", initialization only").replace("+fresh", " (fresh)")
         ax.plot(x, row["accuracy_after"], style, marker="o", label=label)
     ax.set_xlabel("experiences trained")
     ax.set_ylabel("accuracy on the whole test stream")
