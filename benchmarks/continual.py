@@ -85,7 +85,9 @@ def run_row(
             last = i == len(benches[cfg.seed].train_stream) - 1
             keep = grids and cfg.seed == seeds[0] and last
             if keep and isinstance(memory, MemoryBuffer) and memory.syn is not None:
-                tag = f"{cfg.buffer}{'-fresh' if cfg.fresh else ''}"
+                # A memory's initialization-only row must not overwrite its distilled grid.
+                init = "-initialization" if cfg.iterations == 0 else ""
+                tag = f"{cfg.buffer}{'-fresh' if cfg.fresh else ''}{init}"
                 save_grid(memory.syn, RESULTS / f"{grids}_{tag}.png")
 
         runs.append(run_stream(cfg, benches[seed], on_experience=grid))
@@ -133,9 +135,9 @@ def run_row(
 INIT = "/initialization"  # the key of a memory's initialization-only row, after its own
 
 
-def _name(cfg: RunConfig) -> str:
-    """The configuration's ``--rows`` name."""
-    return f"{cfg.buffer}{'+fresh' if cfg.fresh else ''}"
+def _name(buffer: str, fresh: bool) -> str:
+    """A row's ``--rows`` name."""
+    return f"{buffer}{'+fresh' if fresh else ''}"
 
 
 def _row_key(row: dict[str, Any]) -> str:
@@ -145,7 +147,7 @@ def _row_key(row: dict[str, Any]) -> str:
         return str(row["row"])
     fresh = row["protocol"].startswith("fresh") and row["buffer"] != "gdumb"
     init = row["buffer"] in BUFFERS and row["memory"] == "initialization only"
-    return f"{row['buffer']}{'+fresh' if fresh else ''}{INIT if init else ''}"
+    return f"{_name(row['buffer'], fresh)}{INIT if init else ''}"
 
 
 def _line(row: dict) -> str:
@@ -347,7 +349,7 @@ def main() -> None:
         torch_threads=torch.get_num_threads(),
     )
     print(f"settings: {settings}")
-    names = [b + ("+fresh" if f else "") for b, f in ROWS]
+    names = [_name(b, f) for b, f in ROWS]
     unknown = sorted(set(args.rows or ()) - set(names))
     if unknown:
         p.error(f"unknown rows {unknown}; choose among {names}")
@@ -400,7 +402,9 @@ def main() -> None:
                 "references": REFERENCES,
                 "rows": table,
                 "rows_not_run_yet": [
-                    _name(c) for c in pending if _name(c) not in {_row_key(r) for r in table}
+                    _name(c.buffer, c.fresh)
+                    for c in pending
+                    if _name(c.buffer, c.fresh) not in {_row_key(r) for r in table}
                 ],
                 "targets": targets(table, args.benchmark, args.budget_images, command),
             },
@@ -416,7 +420,7 @@ def main() -> None:
     pending = list(chosen)
     while pending:
         cfg = pending.pop(0)
-        name = _name(cfg)
+        name = _name(cfg.buffer, cfg.fresh)
         done = {_row_key(r) for r in table}
         runs: list[tuple[str, RunConfig, dict[str, Any] | None]] = []
         if name in done:  # --resume: finished by an earlier run, with the choice it recorded
