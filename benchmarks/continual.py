@@ -395,17 +395,15 @@ def main() -> None:
 
     def save() -> None:
         """The table so far: a long run (SplitCIFAR-10) leaves every finished row on disk."""
+        done = {_row_key(r) for r in table}
+        waiting = [_name(c.buffer, c.fresh) for c in pending]
         write_json(
             {
                 "settings": settings,
                 "selection": selection,
                 "references": REFERENCES,
                 "rows": table,
-                "rows_not_run_yet": [
-                    _name(c.buffer, c.fresh)
-                    for c in pending
-                    if _name(c.buffer, c.fresh) not in {_row_key(r) for r in table}
-                ],
+                "rows_not_run_yet": [name for name in waiting if name not in done],
                 "targets": targets(table, args.benchmark, args.budget_images, command),
             },
             RESULTS / f"{stem}.json",
