@@ -124,7 +124,11 @@ def run_once(
         # what grid{i} holds) are refused, not reported as this one's.
         saved = FedConfig.from_mapping(done["config"]).to_dict()
         check_same_config(out / "results.json", saved, cfg)
-        interrupted = not done.get("complete", True) or len(done["rounds"]) <= cfg.rounds
+        # By the last round's number: a resumed run's rows start after its restart, without
+        # the initial model's row 0, so their count says nothing. Resuming a finished run
+        # would rewrite its results from the checkpoint and lose what only results.json holds.
+        last = max((row["round"] for row in done["rounds"]), default=0)
+        interrupted = not done.get("complete", True) or last < cfg.rounds
         if interrupted and (out / CHECKPOINT).is_file():
             resume = True
         else:

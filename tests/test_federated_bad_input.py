@@ -297,6 +297,33 @@ def test_select_rounds_chooses_on_short_runs_then_continues_the_chosen_one(
     assert row["chosen"] == bench.GRIDS["fedavg"][2] and row["rounds"] == 5
 
 
+def test_reuse_takes_a_finished_resumed_run_as_it_is_and_resumes_an_unfinished_one(
+    bench, monkeypatch, tmp_path
+):
+    """A run resumed after round 2 and finished has rows 1..5 and no row 0: ``--reuse`` takes
+    its results as they are (the validation accuracies only results.json holds included) and
+    does not resume it; a run whose last row is short of its rounds is resumed."""
+    cfg = FedConfig(preset="digits-iid-2", algorithm="fedavg", rounds=5)
+    out = tmp_path / "run"
+    out.mkdir()
+    rows = [{"round": r, "accuracy": 0.9, "validation_accuracy": 0.8} for r in range(1, 6)]
+    done = {"config": cfg.to_dict(), "rounds": rows, "complete": True, "resumed_after": 2}
+    (out / "results.json").write_text(json.dumps(done))
+    (out / "checkpoint.pt").write_bytes(b"left by the run")
+    resumed: list[bool] = []
+
+    def fake_simulate(cfg: FedConfig, out: Path, resume: bool, data_root: str | None) -> dict:
+        resumed.append(resume)
+        return {"config": cfg.to_dict(), "rounds": rows, "resumed_after": 4}
+
+    monkeypatch.setattr(bench, "simulate", fake_simulate)
+    results, _, _ = bench.run_once(cfg, out, True, None)
+    assert resumed == [] and results["rounds"] == rows
+    (out / "results.json").write_text(json.dumps({**done, "rounds": rows[:4], "complete": False}))
+    bench.run_once(cfg, out, True, None)
+    assert resumed == [True]
+
+
 def test_grid_values_replace_one_key_and_keep_the_folder_order(bench, monkeypatch, tmp_path):
     """--grid-values server-epochs=30,100: the synthetic grid runs 30 and 100 epochs at each of
     its own learning rates, epochs outermost (grid0..grid3), and the summary records them."""
