@@ -117,17 +117,18 @@ def test_faulty_clients_are_refused_and_rounds_go_on(tmp_path):
         assert (tmp_path / name).is_file(), name
 
 
-def test_fedavg_is_metered_as_ours_and_resumes_where_it_stopped(tmp_path):
-    """Flower's own FedAvg: bytes up and down, client and server seconds, per round. It
-    checkpoints after every round: 1 round, then resumed to 2, ends as an uninterrupted
-    2-round run does (same test and validation accuracy every round); resuming with other
-    settings or from an altered checkpoint is refused."""
+def test_fedavgm_is_metered_as_ours_and_resumes_where_it_stopped(tmp_path):
+    """Flower's own FedAvgM (FedAvg and FedProx are its subset: no server state): bytes up
+    and down, client and server seconds, per round. It checkpoints after every round, its
+    server momentum included: 1 round, then resumed to 2, ends as an uninterrupted 2-round
+    run does (same test and validation accuracy every round); resuming with other settings
+    or from an altered checkpoint is refused."""
     from fedcl_dd.strategies.flower.server_app import CHECKPOINT, resume_baseline
     from fedcl_dd.strategies.flower.strategy import CheckpointMismatch, initial_model
 
     from fedcl_dd.io import CorruptCheckpoint
 
-    cfg = FedConfig(preset="digits-iid-2", algorithm="fedavg", rounds=2)
+    cfg = FedConfig(preset="digits-iid-2", algorithm="fedavgm", rounds=2)
     cpu = torch.device("cpu")
     whole = simulate(cfg, tmp_path / "whole", device=cpu)
     rounds = {row["round"]: row for row in whole["rounds"]}
@@ -159,6 +160,8 @@ def test_fedavg_is_metered_as_ours_and_resumes_where_it_stopped(tmp_path):
     ]
 
     checkpoint = tmp_path / "split" / CHECKPOINT
+    *_, momentum = resume_baseline(cfg, checkpoint)
+    assert momentum and all(torch.isfinite(m).all() for m in momentum.values())
     with pytest.raises(CheckpointMismatch, match="local-lr: 0.01 vs 0.05"):
         resume_baseline(cfg.replace(local_lr=0.05), checkpoint)
     data = bytearray(checkpoint.read_bytes())

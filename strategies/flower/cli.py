@@ -1,7 +1,7 @@
 """``fedcl-dd simulate``: a federated run on Flower's Ray simulation backend.
 
 The same ServerApp and ClientApp as ``flwr run .``, configured from flags instead of the
-run config. ``--strategy`` picks our synthetic-set strategy or Flower's FedAvg / FedProx.
+run config. ``--strategy`` picks our synthetic-set strategy or Flower's FedAvg / FedProx / FedAvgM.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 from fedcl_dd.recipe import STORAGE_DTYPES
 from fedcl_dd.registry import OBJECTIVES, PARAMETERIZATIONS, get_objective
+
+from .config import ALGORITHMS  # Flower-free, as this module must stay (`fedcl-dd --help`)
 
 if TYPE_CHECKING:  # imported where used: `fedcl-dd --help` should not load Flower
     from .config import FedConfig
@@ -29,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--strategy",
         dest="algorithm",
         default="synthetic",
-        choices=("synthetic", "fedavg", "fedprox"),
+        choices=ALGORITHMS,
     )
     p.add_argument("--rounds", type=int, default=None, help="default: 1 for one-shot, 3 otherwise")
     p.add_argument("--mode", default="iterative", choices=("one-shot", "iterative"))
@@ -53,7 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--server-epochs", type=int, default=0)
     p.add_argument(
-        "--local-epochs", type=int, default=1, help="fedavg/fedprox local epochs per round"
+        "--local-epochs",
+        type=int,
+        default=1,
+        help="the baselines' (fedavg, fedprox, fedavgm) local epochs per round",
     )
     p.add_argument("--proximal-mu", type=float, default=0.01)
     p.add_argument("--fraction-train", type=float, default=1.0)

@@ -109,7 +109,7 @@ def perturbed_global(global_net: nn.Module, scale: float) -> NetworkSource:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Distill the local data (synthetic) or train locally (fedavg / fedprox)."""
+    """Distill the local data (synthetic) or train locally (fedavg / fedprox / fedavgm)."""
     cfg, pid, data, device = _setup(msg, context)
     server_round = _config_int(msg.content.config_records[CONFIG], "server-round")
     if cfg.algorithm == "synthetic":

@@ -30,7 +30,7 @@ from fedcl_dd.screen import DEFAULT_SCREEN_THRESHOLD
 
 __all__ = ["ALGORITHMS", "MODES", "POOLS", "FedConfig"]
 
-ALGORITHMS = ("synthetic", "fedavg", "fedprox")
+ALGORITHMS = ("synthetic", "fedavg", "fedprox", "fedavgm")
 MODES = ("one-shot", "iterative")
 POOLS = ("none", "latest")
 
@@ -45,7 +45,7 @@ class FedConfig:
 
     preset: str = "digits-iid-4"
     seed: int = 0
-    algorithm: str = "synthetic"  # synthetic | fedavg | fedprox
+    algorithm: str = "synthetic"  # synthetic | fedavg | fedprox | fedavgm
     rounds: int = 3
     fraction_train: float = 1.0
     fraction_evaluate: float = (
@@ -90,11 +90,15 @@ class FedConfig:
     # matching methods), the server's training of the global model and the FedAvg/FedProx
     # clients' local training (not DP-SGD's) run compiled; each process compiles once. "": eager.
     compile: str = ""
-    # --- FedAvg / FedProx clients ---
+    # --- FedAvg / FedProx / FedAvgM clients ---
     local_epochs: int = 1
     local_lr: float = 0.01
     batch_size: int = 64
     proximal_mu: float = 0.01
+    # FedAvgM (Hsu et al., 2019; Flower's FedAvgM): the server's momentum on the clients'
+    # averaged update, and its learning rate on that update (momentum 0 and 1.0: FedAvg)
+    server_momentum: float = 0.9
+    server_update_lr: float = 1.0
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -133,6 +137,15 @@ class FedConfig:
         if not 0.0 <= self.screen <= 1.0:
             raise ValueError(
                 f"screen must lie in [0, 1] (0: off; e.g. {DEFAULT_SCREEN_THRESHOLD}), got {self.screen}"
+            )
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise ValueError(
+                f"server-momentum must lie in [0, 1) (FedAvgM's, e.g. 0.9), got {self.server_momentum}"
+            )
+        if not (math.isfinite(self.server_update_lr) and self.server_update_lr > 0):
+            raise ValueError(
+                f"server-update-lr must be a finite number > 0 (FedAvgM's, e.g. 1.0), "
+                f"got {self.server_update_lr}"
             )
         if self.epsilon < 0 or not 0.0 < self.delta < 1.0:
             raise ValueError(

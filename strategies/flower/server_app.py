@@ -1,4 +1,4 @@
-"""The ServerApp: one federated run of our strategy or of Flower's own FedAvg / FedProx.
+"""The ServerApp: one federated run of our strategy or of Flower's own FedAvg / FedProx / FedAvgM.
 
 ``flwr run .`` reads the run configuration from ``[tool.flwr.app.config]`` (keys of
 :class:`~fedcl_dd.strategies.flower.config.FedConfig`, plus ``out-dir`` and ``resume``);
@@ -25,7 +25,7 @@ from fedcl_dd.scenarios.federated import (
 )
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import FedAvg, FedAvgM, FedProx
 from torch import nn
 
 from fedcl_dd.cli import resolve_device
@@ -165,8 +165,9 @@ def build_run(
     _keep_validation(strategy, pending)
     history: dict[int, dict[str, Any]] = {}
     if resume and isinstance(strategy, _Metered):
-        arrays, done, history = resume_baseline(cfg, out_dir / CHECKPOINT)
+        arrays, done, history, server_state = resume_baseline(cfg, out_dir / CHECKPOINT)
         strategy.round_offset = done
+        strategy.restore_server_state(server_state)
     return ServerRun(
         cfg,
         out_dir,
@@ -187,23 +188,26 @@ CHECKPOINT = "checkpoint.pt"
 
 
 def save_baseline_checkpoint(run: ServerRun, arrays: ArrayRecord, done: int) -> None:
-    """After round ``done`` of a FedAvg/FedProx run: its configuration, global model and
-    history, atomically. Flower's FedAvg and FedProx keep no state of their own between
-    rounds, so these resume the run exactly where it stopped."""
+    """After round ``done`` of a FedAvg/FedProx/FedAvgM run: its configuration, global model,
+    history and the strategy's own state (FedAvgM's momentum; FedAvg and FedProx keep none
+    between rounds), atomically: enough to resume the run exactly where it stopped."""
+    assert isinstance(run.strategy, _Metered)
     state = {
         "config": run.cfg.to_dict(),
         "round": done,
         "model": dict(arrays.to_torch_state_dict()),
         "history": run.history,
+        "server_state": run.strategy.server_state(),
     }
     save_checkpoint(state, run.out_dir / CHECKPOINT)
 
 
 def resume_baseline(
     cfg: FedConfig, path: Path
-) -> tuple[ArrayRecord, int, dict[int, dict[str, Any]]]:
-    """The global model, completed rounds and history a baseline run left at ``path``; refused
-    (naming the problem) when missing, altered, or written by another configuration."""
+) -> tuple[ArrayRecord, int, dict[int, dict[str, Any]], dict[str, torch.Tensor]]:
+    """The global model, completed rounds, history and strategy state (FedAvgM's momentum,
+    checked against the model) a baseline run left at ``path``; refused (naming the problem)
+    when missing, altered, or written by another configuration."""
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; start without resume")
     state = load_checkpoint(path)
@@ -216,13 +220,17 @@ def resume_baseline(
         history = {int(r): dict(h) for r, h in state["history"].items()}
         if sorted(k for k in history if k > 0) != list(range(1, done + 1)):
             raise ValueError(f"its history does not hold rounds 1..{done}")
+        # Written before strategies kept state: FedAvg's and FedProx's, which have none.
+        server_state = state.get("server_state", {})
+        if server_state:
+            server_state = checked_model_state(cfg, server_state)
     except CheckpointMismatch:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CorruptCheckpoint(
             f"{path} does not hold a valid state of this run ({type(exc).__name__}: {exc})"
         ) from None
-    return ArrayRecord(model), done, history
+    return ArrayRecord(model), done, history, server_state
 
 
 # The counter below is a mixin over Flower's strategies; type-checked as one of them.
@@ -241,6 +249,15 @@ class _Metered(_Strategy):
 
     pending: dict[str, MetricRecord]
     round_offset: int = 0
+
+    def server_state(self) -> dict[str, torch.Tensor]:
+        """What the strategy carries from round to round besides the global model (none)."""
+        return {}
+
+    def restore_server_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take back :meth:`server_state` from a checkpoint."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got {sorted(state)[:3]}")
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -273,8 +290,26 @@ class MeteredFedProx(_Metered, FedProx):
     """Flower's FedProx, metered (bytes down, server seconds)."""
 
 
+class MeteredFedAvgM(_Metered, FedAvgM):
+    """Flower's FedAvgM, metered (bytes down, server seconds); its momentum is checkpointed."""
+
+    def server_state(self) -> dict[str, torch.Tensor]:
+        """The momentum on the averaged update, by parameter name (empty before round 1)."""
+        if self.momentum_vector is None or self.current_arrays is None:
+            return {}
+        names = list(self.current_arrays.keys())
+        return {
+            n: torch.from_numpy(m.copy()) for n, m in zip(names, self.momentum_vector, strict=True)
+        }
+
+    def restore_server_state(self, state: dict[str, torch.Tensor]) -> None:
+        # In the global model's parameter order, which FedAvgM's aggregation follows.
+        self.momentum_vector = [t.numpy() for t in state.values()] if state else None
+
+
 def _baseline(cfg: FedConfig, pending: dict[str, MetricRecord]) -> FedAvg:
-    """Flower's own FedAvg or FedProx; each round's summed train metrics go to ``pending``."""
+    """Flower's own FedAvg, FedProx or FedAvgM; each round's summed train metrics go to
+    ``pending``."""
 
     def sum_train_metrics(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
         pending["train"] = _sum_metrics(contents, weighted_by_key)
@@ -288,11 +323,17 @@ def _baseline(cfg: FedConfig, pending: dict[str, MetricRecord]) -> FedAvg:
         min_available_nodes=cfg.nodes_required,
         train_metrics_aggr_fn=sum_train_metrics,
     )
-    strategy: _Metered = (
-        MeteredFedProx(proximal_mu=cfg.proximal_mu, **common)
-        if cfg.algorithm == "fedprox"
-        else MeteredFedAvg(**common)
-    )
+    strategy: _Metered
+    if cfg.algorithm == "fedprox":
+        strategy = MeteredFedProx(proximal_mu=cfg.proximal_mu, **common)
+    elif cfg.algorithm == "fedavgm":
+        strategy = MeteredFedAvgM(
+            server_learning_rate=cfg.server_update_lr,
+            server_momentum=cfg.server_momentum,
+            **common,
+        )
+    else:
+        strategy = MeteredFedAvg(**common)
     strategy.pending = pending
     return strategy
 

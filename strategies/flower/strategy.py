@@ -641,9 +641,12 @@ class SyntheticSetStrategy(FedAvg):
 
 def check_same_config(path: Path | None, saved: dict[str, Any], cfg: FedConfig) -> None:
     """:class:`CheckpointMismatch` unless the checkpoint at ``path`` was written by ``cfg``'s
-    configuration (``rounds`` may grow: a resumed run may go further)."""
-    now = cfg.to_dict()
-    differ = sorted(k for k in now if k != "rounds" and saved.get(k) != now[k])
+    configuration (``rounds`` may grow: a resumed run may go further).
+
+    A key the checkpoint lacks is a setting added since it was written: it agrees when
+    ``cfg`` leaves it at its default, which is what runs did before the setting existed."""
+    now, defaults = cfg.to_dict(), FedConfig().to_dict()
+    differ = sorted(k for k in now if k != "rounds" and saved.get(k, defaults.get(k)) != now[k])
     if differ:
         raise CheckpointMismatch(
             f"{path} was written by another configuration (differs in "
