@@ -39,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from fedcl_dd.scenarios.federated import class_histogram
 from fedcl_dd.strategies.flower.cli import private_variant
 from fedcl_dd.strategies.flower.config import FedConfig
@@ -153,6 +154,9 @@ def run_once(
             "peak_mib": mem.peak,
             "peak_rss_mib": mem.peak_rss,
             "resumed_after": results.get("resumed_after", 0),
+            # The server's training and evaluation run in this process at this many threads;
+            # each simulated client at one (its node config's "threads").
+            "server_threads": torch.get_num_threads(),
             "targets": [],
         },
         out / "cost.json",
