@@ -86,6 +86,9 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
         help="bf16: bfloat16 autocast for distilling and training where the device computes it "
         "natively (else fp32, with a warning)",
     )
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (the expected time is said)"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -144,7 +147,6 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--eval-every", type=int, default=0, help="evaluate every N iterations (watching only)"
     )
-    d.add_argument("--no-progress", action="store_true")
     add_option_flags(d)
     _add_eval_args(d)
 
@@ -252,6 +254,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         device=device,
         precision=args.precision,
         compile=args.compile,
+        progress=True,
+        bar=False if args.no_progress else None,
     )
     results = {
         "dataset": args.dataset,
@@ -305,6 +309,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=device,
         precision=args.precision,
+        progress=True,
+        bar=False if args.no_progress else None,
     )
     print(f"{args.file}: {ev}")
     if args.json:

@@ -17,7 +17,6 @@ exactly where the interrupted one stopped.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -30,6 +29,7 @@ from .compiled import check_mode
 from .io import CorruptCheckpoint, load_checkpoint, save_checkpoint
 from .objectives.base import DistillationDiverged, MatchingContext, Objective
 from .precision import PRECISIONS, Precision
+from .progress import ETA_AFTER, say_expected
 from .synthetic import SyntheticSet
 
 __all__ = [
@@ -125,11 +125,10 @@ class ProgressBar(Callback):
     """A tqdm progress bar showing the loss and the objective's report (e.g. epsilon).
 
     Whether or not the bar is shown, a run expected to last over a minute says so on stderr
-    once ``ETA_AFTER`` iterations after the first are timed, with the expected minutes (the
-    first is left out: it warms up caches and, with ``compile``, compiles).
+    once :data:`~fedcl_dd.progress.ETA_AFTER` iterations after the first are timed, with the
+    expected minutes (the first is left out: it warms up caches and, with ``compile``,
+    compiles).
     """
-
-    ETA_AFTER = 5  # iterations timed before the expected duration is printed
 
     def __init__(self, desc: str = "distill", disable: bool | None = None) -> None:
         self.desc, self.disable = desc, disable
@@ -143,21 +142,15 @@ class ProgressBar(Callback):
     def on_iteration(self, state: DistillState) -> None:
         if state.iteration - self.first == 1:
             self.started = time.perf_counter()
-        if state.iteration - self.first == 1 + self.ETA_AFTER:
-            per = (time.perf_counter() - self.started) / self.ETA_AFTER
+        if state.iteration - self.first == 1 + ETA_AFTER:
+            per = (time.perf_counter() - self.started) / ETA_AFTER
             remaining = self.total - state.iteration
             left = per * remaining
             if state.time_limit is not None and state.time_limit - state.seconds < left:
                 # The time limit ends the run first: say that, not the iteration count's time.
                 left = max(0.0, state.time_limit - state.seconds)
                 remaining = min(remaining, round(left / per))
-            if left > 60:
-                print(
-                    f"{self.desc}: {per:.2f} s per iteration, about {left / 60:.1f} more minutes "
-                    f"for the remaining {remaining} iterations",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            say_expected(self.desc, per, remaining, "iteration", left)
         post = {"loss": f"{state.loss:.4g}"}
         post.update({k: f"{v:.3g}" for k, v in state.objective.report().items()})
         if self.bar is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,7 @@ from .compiled import compile_embedding
 from .data import DatasetSpec
 from .models import make_model
 from .precision import Precision
+from .progress import StepBar
 from .synthetic import SyntheticSet
 
 __all__ = ["EvalResult", "accuracy", "evaluate", "train_epochs", "train_model"]
@@ -65,6 +67,7 @@ def train_epochs(
     augment: DSA | None = None,
     generator: torch.Generator | None = None,
     precision: str | Precision = "fp32",
+    on_epoch: Callable[[], None] | None = None,
 ) -> nn.Module:
     """Train ``model`` with ``optimizer`` at its current learning rate for ``epochs`` shuffled epochs.
 
@@ -72,7 +75,8 @@ def train_epochs(
     over between calls (DC keeps one network optimizer across all outer steps; MTT snapshots
     experts after every epoch).
     ``targets`` are class ids or (N, classes) probabilities; augmentation draws per sample.
-    ``precision`` is ``"fp32"`` or ``"bf16"`` (autocast of the forward pass and the loss).
+    ``precision`` is ``"fp32"`` or ``"bf16"`` (autocast of the forward pass and the loss);
+    ``on_epoch`` is called after every epoch (a progress bar's step).
     """
     device = images.device
     mode = Precision.resolve(precision, device)
@@ -91,6 +95,8 @@ def train_epochs(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        if on_epoch is not None:
+            on_epoch()
     return model
 
 
@@ -106,11 +112,13 @@ def train_model(
     augment: DSA | None = None,
     generator: torch.Generator | None = None,
     precision: str | Precision = "fp32",
+    on_epoch: Callable[[], None] | None = None,
 ) -> nn.Module:
     """Train ``model`` on ``(images, targets)``; lr drops tenfold at half of the epochs.
 
     ``targets`` are int64 class ids or (N, classes) probabilities (soft labels); ``precision``
-    is ``"fp32"`` or ``"bf16"`` (:func:`train_epochs`).
+    is ``"fp32"`` or ``"bf16"`` and ``on_epoch`` is called after every epoch
+    (:func:`train_epochs`).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -119,12 +127,21 @@ def train_model(
     images, targets = images.detach().to(device), targets.detach().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     first = max(1, epochs // 2)
-    train_epochs(model, opt, images, targets, first, batch_size, augment, generator, mode)
+    train_epochs(model, opt, images, targets, first, batch_size, augment, generator, mode, on_epoch)
     if epochs > first:
         for group in opt.param_groups:
             group["lr"] = lr / 10
         train_epochs(
-            model, opt, images, targets, epochs - first, batch_size, augment, generator, mode
+            model,
+            opt,
+            images,
+            targets,
+            epochs - first,
+            batch_size,
+            augment,
+            generator,
+            mode,
+            on_epoch,
         )
     return model
 
@@ -167,6 +184,8 @@ def evaluate(
     lr: float = 0.01,
     precision: str | Precision = "fp32",
     compile: str | None = None,
+    progress: bool = False,
+    bar: bool | None = None,
 ) -> EvalResult:
     """Train ``num_models`` fresh ``model`` networks on ``syn`` and test each on ``(test_x, test_y)``.
 
@@ -175,7 +194,9 @@ def evaluate(
     initialization, data order and augmentation. ``precision="bf16"`` trains and tests under
     bfloat16 autocast (falling back to fp32, with one warning, where the device lacks it).
     ``compile`` (a :mod:`fedcl_dd.compiled` mode; None, the default: eager) trains and tests
-    the networks with compiled embeddings, compiled once for all of them.
+    the networks with compiled embeddings, compiled once for all of them. With ``progress``,
+    an evaluation expected to last over a minute says so on stderr after its first epochs,
+    and ``bar`` shows a bar over every epoch of every network (None: on a terminal only).
     """
     if num_models < 1:
         raise ValueError(f"num_models must be >= 1, got {num_models}")
@@ -188,6 +209,12 @@ def evaluate(
     mode = Precision.resolve(precision, device)
     start = time.perf_counter()
     accs = []
+    # tqdm's disable=None hides the bar off a terminal.
+    steps = (
+        StepBar(num_models * epochs, f"evaluate {model}", "epoch", None if bar is None else not bar)
+        if progress
+        else None
+    )
     for k in range(num_models):
         gen = torch.Generator().manual_seed(seed + k)
         net = make_model(model, spec.channels, spec.num_classes, spec.image_size, gen, device)
@@ -204,7 +231,10 @@ def evaluate(
             augment=aug,
             generator=gen,
             precision=mode,
+            on_epoch=steps.step if steps is not None else None,
         )
         accs.append(accuracy(net, test_x, test_y, precision=mode))
+    if steps is not None:
+        steps.close()
     extra = {"precision": "bf16"} if mode.active else {}
     return EvalResult(accs, model, epochs, time.perf_counter() - start, extra)

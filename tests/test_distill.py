@@ -189,6 +189,49 @@ def test_the_estimate_leaves_out_the_first_iteration(capsys, monkeypatch):
     assert "10.00 s per iteration, about 15.7 more minutes for the remaining 94 iterations" in err
 
 
+def test_a_long_evaluation_says_its_expected_time_and_trains_as_a_quiet_one(
+    digits, capsys, monkeypatch
+):
+    """An evaluation with progress times its epochs after the first and says how long the
+    rest takes; the networks it trains are those of an evaluation without progress."""
+    import itertools
+
+    import fedcl_dd.progress as progress
+    from fedcl_dd.evaluate import evaluate
+
+    x, y = digits.train_x[:40], digits.train_y[:40]
+    test_x, test_y = digits.test_x[:200], digits.test_y[:200]
+    quiet = evaluate((x, y), test_x, test_y, digits.spec, num_models=2, epochs=8)
+    assert "more minutes" not in capsys.readouterr().err
+    clock = itertools.count(0.0, 1000.0)  # each reading 1000 s after the last
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    shown = evaluate(
+        (x, y), test_x, test_y, digits.spec, num_models=2, epochs=8, progress=True, bar=False
+    )
+    # Read after epochs 1 and 6: 1000 s for 5 epochs; 10 of the 2 x 8 are left.
+    assert (
+        "evaluate convnet: 200.00 s per epoch, about 33.3 more minutes for the remaining 10 "
+        "epochs" in capsys.readouterr().err
+    )
+    assert shown.accuracies == quiet.accuracies
+
+
+def test_a_step_bar_leaves_out_the_first_step(capsys, monkeypatch):
+    """A first epoch that compiles for ten minutes does not make the estimate ten minutes per
+    epoch."""
+    import fedcl_dd.progress as progress
+
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+    steps = progress.StepBar(100, "evaluate", "epoch", disable=True)
+    for seconds in [600.0] + [10.0] * 6:
+        now[0] += seconds
+        steps.step()
+    assert "10.00 s per epoch, about 15.7 more minutes for the remaining 94 epochs" in (
+        capsys.readouterr().err
+    )
+
+
 def test_a_short_run_prints_no_estimate(digits, digits_sampler, capsys):
     from fedcl_dd.distill import ProgressBar
 
