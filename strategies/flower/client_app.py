@@ -132,7 +132,7 @@ def _distill(
     spec = data.spec
     real = ClassSampler(data.train_x, data.train_y, spec.num_classes, device)
     state = ClientState(context, pid)
-    syn = state.warm_start() if cfg.mode == "iterative" else None
+    syn = state.warm_start(server_round) if cfg.mode == "iterative" else None
     source = None
     if cfg.mode == "iterative" and server_round > 1 and cfg.perturb >= 0:
         source = perturbed_global(
@@ -165,7 +165,7 @@ def _distill(
         objective.ledger.load_state_dict(ledger_before.state_dict())
     result = run.run()
     if cfg.mode == "iterative":
-        state.save_warm_start(syn)
+        state.save_warm_start(syn, server_round)
     metrics: dict[str, Any] = {
         "num-examples": int(data.train_y.numel()),
         "partition-id": pid,

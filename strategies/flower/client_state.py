@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from fedcl_dd.synthetic import SyntheticSet
 __all__ = ["ClientState"]
 
 _SET, _META, _LEDGER = "fedcl-synthetic", "fedcl-synthetic-meta", "fedcl-ledger"
+_LEGACY_SET = "synthetic.safetensors"  # one unnumbered set, as runs before sets by round wrote
+_ROUND_SET = re.compile(r"synthetic-round(\d+)\.safetensors")
 STATE_ENV = "FEDCL_DD_CLIENT_STATE"
 
 
@@ -67,20 +70,43 @@ class ClientState:
             )
             self.context.state[_LEDGER] = ConfigRecord(dict(ledger.state_dict()))
 
-    def warm_start(self) -> SyntheticSet | None:
-        """The set this client uploaded last (iterative mode starts the next round from it)."""
+    def warm_start(self, server_round: int) -> SyntheticSet | None:
+        """The set this client uploaded in its latest round before ``server_round`` (iterative
+        mode starts from it). By round, not the newest file: a round redone after a restart
+        starts from the set its first attempt started from, as an uninterrupted run does, not
+        from the one that attempt already wrote."""
         if self.dir is not None:
-            path = self.dir / "synthetic.safetensors"
-            return SyntheticSet.load(path) if path.is_file() else None
+            earlier = [r for r in self._saved_rounds() if r < server_round]
+            if earlier:
+                return SyntheticSet.load(self._set_path(max(earlier)))
+            legacy = self.dir / _LEGACY_SET
+            return SyntheticSet.load(legacy) if legacy.is_file() else None
         if _SET not in self.context.state:
             return None
         tensors = self.context.state.array_records[_SET].to_torch_state_dict()
         meta = self.context.state.config_records[_META]
         return SyntheticSet.from_state(dict(tensors), {k: str(v) for k, v in meta.items()})
 
-    def save_warm_start(self, syn: SyntheticSet) -> None:
-        if self.dir is not None:
-            syn.save(self.dir / "synthetic.safetensors")
-        else:
+    def save_warm_start(self, syn: SyntheticSet, server_round: int) -> None:
+        """Keep ``syn`` as this client's set of ``server_round``; on disk the sets of the two
+        latest rounds are kept, enough for a redone round to find its start."""
+        if self.dir is None:
             self.context.state[_SET] = ArrayRecord(syn.state_tensors())
             self.context.state[_META] = ConfigRecord(dict(syn.metadata()))
+            return
+        syn.save(self._set_path(server_round))
+        rounds = self._saved_rounds()
+        for r in rounds:
+            if r < server_round - 1:
+                self._set_path(r).unlink(missing_ok=True)
+        if server_round - 1 in rounds:  # the unnumbered set of older runs is no longer needed
+            (self.dir / _LEGACY_SET).unlink(missing_ok=True)
+
+    def _set_path(self, server_round: int) -> Path:
+        assert self.dir is not None
+        return self.dir / f"synthetic-round{server_round}.safetensors"
+
+    def _saved_rounds(self) -> list[int]:
+        assert self.dir is not None
+        names = (_ROUND_SET.fullmatch(p.name) for p in self.dir.glob("synthetic-round*"))
+        return sorted(int(m.group(1)) for m in names if m)
