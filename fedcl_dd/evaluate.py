@@ -127,22 +127,15 @@ def train_model(
     images, targets = images.detach().to(device), targets.detach().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     first = max(1, epochs // 2)
-    train_epochs(model, opt, images, targets, first, batch_size, augment, generator, mode, on_epoch)
+
+    def run(n: int) -> None:  # n epochs at the optimizer's current learning rate
+        train_epochs(model, opt, images, targets, n, batch_size, augment, generator, mode, on_epoch)
+
+    run(first)
     if epochs > first:
         for group in opt.param_groups:
             group["lr"] = lr / 10
-        train_epochs(
-            model,
-            opt,
-            images,
-            targets,
-            epochs - first,
-            batch_size,
-            augment,
-            generator,
-            mode,
-            on_epoch,
-        )
+        run(epochs - first)
     return model
 
 
