@@ -332,6 +332,21 @@ def cell_rows(args: argparse.Namespace, cell: Cell) -> list[dict]:
     return [run_one(args, ds, cell, s, device, selection) for s in args.seeds]
 
 
+def param_storages(params: list[str], storages: list[str]) -> list[tuple[str, str]]:
+    """The (parameterization, storage dtype) pairs to run: each ``PARAM`` with every one of
+    ``storages``, each ``PARAM:STORAGE`` with that one only; ``ValueError`` naming a bad item."""
+    pairs = []
+    for item in params:
+        param, sep, storage = item.partition(":")
+        if sep and storage not in STORAGE_DTYPES:
+            raise ValueError(
+                f"--params {item!r}: storage {storage!r} is not one of {sorted(STORAGE_DTYPES)} "
+                f"(e.g. {param}:fp16)"
+            )
+        pairs += [(param, s) for s in ([storage] if sep else storages)]
+    return list(dict.fromkeys(pairs))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -344,7 +359,8 @@ def main() -> None:
         "--params",
         nargs="+",
         default=["pixels"],
-        help="parameterizations, each run with every method (e.g. pixels multi)",
+        help="parameterizations, each run with every method (e.g. pixels multi); PARAM:STORAGE "
+        "runs that one at that storage dtype only (e.g. pixels multi:fp16)",
     )
     p.add_argument(
         "--storages",
@@ -412,11 +428,14 @@ def main() -> None:
         for m, _, v in map(lambda e: e.partition("="), args.lr_images)
     )
     device = resolve_device(args.device)
+    try:
+        pairs = param_storages(args.params, args.storages)
+    except ValueError as err:
+        p.error(str(err))
     cells = [
         Cell(ipc, param, m, storage)
         for ipc in args.ipc
-        for param in args.params
-        for storage in args.storages
+        for param, storage in pairs
         for m in args.methods
     ]
     budget = (
