@@ -13,6 +13,8 @@ and writes JSON.
     python benchmarks/accuracy.py --dataset mnist --ipc 10 --methods dm --minutes 15
     # multi-formation in fp16 beside fp32, at the same bytes
     python benchmarks/accuracy.py --dataset mnist --ipc 10 --methods dm --params pixels multi --storages fp32 fp16 --minutes 15
+    # only fp16 multi-formation beside the reference (DM on fp32 pixels)
+    python benchmarks/accuracy.py --dataset mnist --ipc 10 --methods dm --params pixels multi:fp16 --minutes 15
     # a full grid (needs a GPU for the published iteration counts)
     python benchmarks/accuracy.py --dataset cifar10 --ipc 1 10 50 --methods dm gm tm --iterations 20000
     # the same CIFAR-10 set trained on ResNet-18-BN and an MLP besides the ConvNet

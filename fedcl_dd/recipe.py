@@ -35,8 +35,8 @@ class Recipe:
     storage dtype, unless ``budget_bytes`` is given. A pixel set holds as many images
     as fit; an addressing memory spends the same bytes on bases and addresses.
     ``teacher_epochs`` > 0 trains a network on the real data for that many epochs after
-    distilling and stores its predictions on the set's images as their soft labels (counted
-    in the bytes; :mod:`fedcl_dd.teacher`). ``lr_images``, ``momentum`` and ``init`` default
+    distilling and stores its predictions on the set's images as their soft labels (within
+    the budget, which then buys fewer images: :meth:`image_budget`; :mod:`fedcl_dd.teacher`). ``lr_images``, ``momentum`` and ``init`` default
     to what the method's objective class declares; ``options`` are the objective's and the parameterization's own
     (e.g. ``{"real_per_class": 64, "bases": 8}``), checked against their declarations.
     """
@@ -126,6 +126,47 @@ class Recipe:
             return int(self.budget_bytes)
         return bytes_per_image(spec.image_shape, self.dtype) * self.ipc * num_classes
 
+    @property
+    def stores_soft_labels(self) -> bool:
+        """Whether the set stores a probability per class and image (learned or a teacher's)."""
+        return self.soft_labels or self.teacher_epochs > 0
+
+    def image_budget(self, spec: DatasetSpec, num_classes: int) -> int:
+        """The bytes of :meth:`budget_for` the images (with their hard labels) may take.
+
+        All of them with hard labels. A set that stores soft labels keeps ``spec.num_classes``
+        values per image at the storage dtype besides, so its images get the most bytes that
+        leave room for those: the labelled set still fits the budget (it holds fewer images).
+        ``ValueError`` if not even one image per class fits with its labels.
+        """
+        budget = self.budget_for(spec, num_classes)
+        if not self.stores_soft_labels:
+            return budget
+        param = self.parameterization(spec)
+        per_image = spec.num_classes * torch.empty((), dtype=self.dtype).element_size()
+
+        def fits(images_bytes: int) -> bool:
+            try:
+                held = param.max_images(images_bytes, num_classes)
+            except ValueError:  # not one image per class: nothing to label
+                return True
+            return images_bytes + held * per_image <= budget
+
+        # The largest share that fits (the images a share buys never shrink as it grows).
+        lo, hi = 0, budget
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        try:
+            param.check_budget(lo, num_classes)
+        except ValueError:
+            raise ValueError(
+                f"a budget of {budget} bytes holds no {self.param} set of {num_classes} classes "
+                f"once soft labels take {per_image} bytes per image: raise the budget (ipc) or "
+                "use hard labels (no soft_labels, teacher_epochs=0)"
+            ) from None
+        return lo
+
     def init_synthetic(
         self,
         real: ClassSampler,
@@ -147,7 +188,7 @@ class Recipe:
             **(info or {}),
         }
         assert self.init is not None  # resolved in __post_init__
-        budget = self.budget_for(spec, len(classes))
+        budget = self.image_budget(spec, len(classes))
         syn = self.parameterization(spec).init(real, budget, classes, self.init, generator, meta)
         if self.soft_labels:
             syn.make_labels_learnable()

@@ -5,7 +5,8 @@ teacher on the real data and storing its softened predictions on the synthetic i
 their labels (knowledge distillation, Hinton et al. 2015, as used for distilled sets since
 SRe2L, Yin et al., NeurIPS 2023) gives the student that information. The labels are stored
 with the set (``label_logits``, ``num_classes`` values per image at the storage dtype) and
-counted in its bytes.
+counted in its bytes: a recipe with a teacher plans fewer images, so that images and labels
+together fit its budget (:meth:`~fedcl_dd.recipe.Recipe.image_budget`).
 
 A teacher trained on private records leaks them: private methods refuse teacher labels.
 """
