@@ -20,7 +20,7 @@ from .objectives import Objective, Plan
 from .parameterizations import INITS, Parameterization
 from .registry import get_objective, get_parameterization, split_options
 from .sampling import ClassSampler
-from .synthetic import SyntheticSet, bytes_per_image
+from .synthetic import SyntheticSet, bytes_per_image, soft_label_bytes
 
 __all__ = ["STORAGE_DTYPES", "Recipe"]
 
@@ -36,8 +36,9 @@ class Recipe:
     as fit; an addressing memory spends the same bytes on bases and addresses.
     ``teacher_epochs`` > 0 trains a network on the real data for that many epochs after
     distilling and stores its predictions on the set's images as their soft labels (within
-    the budget, which then buys fewer images: :meth:`image_budget`; :mod:`fedcl_dd.teacher`). ``lr_images``, ``momentum`` and ``init`` default
-    to what the method's objective class declares; ``options`` are the objective's and the parameterization's own
+    the budget, which then buys fewer images: :meth:`image_budget`; :mod:`fedcl_dd.teacher`).
+    ``lr_images``, ``momentum`` and ``init`` default to what the method's objective class
+    declares; ``options`` are the objective's and the parameterization's own
     (e.g. ``{"real_per_class": 64, "bases": 8}``), checked against their declarations.
     """
 
@@ -143,7 +144,7 @@ class Recipe:
         if not self.stores_soft_labels:
             return budget
         param = self.parameterization(spec)
-        per_image = spec.num_classes * torch.empty((), dtype=self.dtype).element_size()
+        per_image = soft_label_bytes(spec.num_classes, self.dtype)
 
         def fits(images_bytes: int) -> bool:
             try:
@@ -152,7 +153,9 @@ class Recipe:
                 return True
             return images_bytes + held * per_image <= budget
 
-        # The largest share that fits (the images a share buys never shrink as it grows).
+        # A share that fits, found by bisection: the largest one for pixel and multi-formation
+        # sets, whose images never shrink as their share grows; an addressing plan is not
+        # monotone in bytes (it trades bases for addresses), so its share may be smaller.
         lo, hi = 0, budget
         while lo < hi:
             mid = (lo + hi + 1) // 2

@@ -48,6 +48,7 @@ __all__ = [
     "SyntheticSet",
     "bytes_per_image",
     "pixel_ipc_for_budget",
+    "soft_label_bytes",
 ]
 
 FORMAT = "fedcl-dd/synthetic-set"
@@ -83,6 +84,11 @@ def image_shape3(shape: Sequence[int]) -> tuple[int, int, int]:
 def bytes_per_image(image_shape: tuple[int, int, int], dtype: torch.dtype = torch.float32) -> int:
     """Bytes of one stored image with its hard label (int16)."""
     return math.prod(image_shape) * _itemsize(dtype) + _itemsize(LABEL_DTYPE)
+
+
+def soft_label_bytes(num_classes: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of one image's soft labels (``label_logits``: ``num_classes`` values at ``dtype``)."""
+    return num_classes * _itemsize(dtype)
 
 
 def pixel_ipc_for_budget(
