@@ -93,8 +93,10 @@ def validation_score(row: dict) -> float | None:
 
 
 def is_reference(row: dict) -> bool:
-    """DM on plain fp32 pixels, the reference every other row's gain is measured against."""
-    return (row["method"], row["param"], row.get("storage", "fp32")) == ("dm", "pixels", "fp32")
+    """DM on plain fp32 pixels with hard labels, the reference every other row's gain is
+    measured against."""
+    plain = (row["method"], row["param"], row.get("storage", "fp32")) == ("dm", "pixels", "fp32")
+    return plain and not row.get("teacher_epochs")
 
 
 def accuracy_targets(rows: list[dict], minutes: float | None, command: str) -> list[dict]:
@@ -120,6 +122,7 @@ def accuracy_targets(rows: list[dict], minutes: float | None, command: str) -> l
             [r["method"]]
             + ([r["param"]] if r["param"] != "pixels" else [])
             + ([storage] if storage != "fp32" else [])
+            + (["teacher"] if r.get("teacher_epochs") else [])
         )
         named = []
         goal = ACCURACY_TARGETS.get((r["dataset"], r["ipc"]))
@@ -148,13 +151,16 @@ cached_dataset = functools.cache(load_dataset)
 
 
 class Cell(NamedTuple):
-    """One (images per class, parameterization, method, storage dtype) of the table; ``ipc``
-    counts fp32 images of bytes per class, whatever the storage."""
+    """One (images per class, parameterization, method, storage dtype, teacher epochs) of the
+    table; ``ipc`` counts fp32 images of bytes per class, whatever the storage; ``teacher``
+    > 0 labels the set by a teacher trained that many epochs (its labels' bytes and its
+    seconds within the row's budget)."""
 
     ipc: int
     param: str
     method: str
     storage: str = "fp32"
+    teacher: int = 0
 
 
 def as_stored(syn: SyntheticSet) -> SyntheticSet:
@@ -179,7 +185,7 @@ def distill(
 ) -> tuple[Distillation, DistillResult, tuple[torch.Tensor, torch.Tensor]]:
     """One distillation of ``ds``'s training split: the run, its result and the set it started
     from (images, targets)."""
-    ipc, param, method, storage = cell
+    ipc, param, method, storage, teacher = cell
     # The command line's method and parameterization options, each given where it is declared.
     declared = {o.name for o in get_objective(method).options}
     declared |= {o.name for o in get_parameterization(param).options}
@@ -194,6 +200,7 @@ def distill(
         iterations=args.iterations,
         lr_images=lr,
         options=options,
+        teacher_epochs=teacher,
     )
     real = ClassSampler(ds.train_x, ds.train_y, ds.spec.num_classes, device)
     run = Distillation(
@@ -209,6 +216,7 @@ def distill(
         first = as_stored(run.syn)
         start = (first.images().detach().clone(), first.targets().detach().clone())
     label = f"{args.dataset} {method} {param}{'' if storage == 'fp32' else ' ' + storage} ipc{ipc}"
+    label += f" teacher {teacher} ep" if teacher else ""
     callbacks: list[Callback] = [ProgressBar(label)]
     if minutes:
         callbacks.append(TimeLimit(60 * minutes))
@@ -221,9 +229,9 @@ def choose_lr(
     """The image learning rate among ``--lr-grid`` multiples of the method's own (or the given
     one), by the accuracy of one network on ``val``'s held-out split after
     ``--select-minutes`` of distillation of the rest; the grid with every score."""
-    ipc, param, method, _ = cell
+    method = cell.method
     given = given_lr(args, method)
-    base = given if given is not None else get_objective(method).default_lr(ipc)
+    base = given if given is not None else get_objective(method).default_lr(cell.ipc)
     grid = []
     for mult in args.lr_grid:
         run, result, _ = distill(
@@ -244,7 +252,7 @@ def choose_lr(
         grid.append(
             {"lr_images": base * mult, "iterations": result.iterations, "validation": ev.mean}
         )
-        print(f"  select {method} {param} lr {base * mult:g}: validation {100 * ev.mean:.2f}%")
+        print(f"  select {cell} lr {base * mult:g}: validation {100 * ev.mean:.2f}%")
     best = max(grid, key=lambda g: g["validation"])  # ties: the first, i.e. the grid's order
     return best["lr_images"], grid
 
@@ -258,7 +266,7 @@ def run_one(
     selection: tuple[float, list[dict]] | None,
 ) -> dict:
     spec = ds.spec
-    ipc, param, method, storage = cell
+    ipc, param, method, storage, teacher = cell
     lr = selection[0] if selection else given_lr(args, method)
     run, result, start = distill(args, ds, cell, seed, device, lr, args.minutes)
     syn = as_stored(run.syn)
@@ -272,8 +280,10 @@ def run_one(
     )
     saved = None
     if args.save_sets:
-        storage_tag = "" if storage == "fp32" else f"-{storage}"
-        name = f"{args.dataset}-{method}-{param}{storage_tag}-ipc{ipc}-seed{seed}.safetensors"
+        tag = ("" if storage == "fp32" else f"-{storage}") + (
+            f"-teacher{teacher}" if teacher else ""
+        )
+        name = f"{args.dataset}-{method}-{param}{tag}-ipc{ipc}-seed{seed}.safetensors"
         saved = str(syn.save(Path(args.save_sets) / name))
     t = time.perf_counter()
     ev = evaluate(syn, ds.test_x, ds.test_y, spec, **ev_kw)
@@ -301,6 +311,7 @@ def run_one(
         "ipc": ipc,
         "param": param,
         "storage": storage,
+        "teacher_epochs": teacher,
         "seed": seed,
         "iterations": result.iterations,
         "distill_seconds": result.seconds,
@@ -349,6 +360,20 @@ def param_storages(params: list[str], storages: list[str]) -> list[tuple[str, st
     return list(dict.fromkeys(pairs))
 
 
+def make_cells(
+    ipcs: list[int], pairs: list[tuple[str, str]], methods: list[str], teacher_epochs: int
+) -> list[Cell]:
+    """Every (images per class, parameterization and storage, method), in the table's order;
+    each labelled by a teacher of ``teacher_epochs`` but the reference, which stays plain DM."""
+    cells = []
+    for ipc in ipcs:
+        for param, storage in pairs:
+            for m in methods:
+                plain = is_reference({"method": m, "param": param, "storage": storage})
+                cells.append(Cell(ipc, param, m, storage, 0 if plain else teacher_epochs))
+    return cells
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -371,6 +396,14 @@ def main() -> None:
         choices=sorted(STORAGE_DTYPES),
         help="storage dtypes, each run with every parameterization and method, at the bytes of "
         "--ipc fp32 images per class (fp16 stores twice the values; evaluated as stored)",
+    )
+    p.add_argument(
+        "--teacher-epochs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="label every set but the reference (DM on fp32 pixels, hard labels) by a teacher "
+        "trained N epochs on the real data first, within the row's minutes and bytes",
     )
     p.add_argument(
         "--iterations", type=int, default=20000, help="upper bound; --minutes may stop earlier"
@@ -434,12 +467,7 @@ def main() -> None:
         pairs = param_storages(args.params, args.storages)
     except ValueError as err:
         p.error(str(err))
-    cells = [
-        Cell(ipc, param, m, storage)
-        for ipc in args.ipc
-        for param, storage in pairs
-        for m in args.methods
-    ]
+    cells = make_cells(args.ipc, pairs, args.methods, args.teacher_epochs)
     budget = (
         (f"{args.minutes} min" if args.minutes else f"{args.iterations} it")
         + f" of distillation, options {options_from_args(args) or 'default'}; eval {args.eval_models}x {args.eval_model}, "
@@ -489,7 +517,7 @@ def main() -> None:
     for r in rows:
         pub = f"{r['published']:.1f}" if r["published"] is not None else "-"
         print(
-            f"{r['method']:7} {r['param'] + ('' if r['storage'] == 'fp32' else '/' + r['storage']):10} {r['ipc']:4d} {r['iterations']:6d} {r['seconds_per_iteration']:6.2f} "
+            f"{r['method']:7} {r['param'] + ('' if r['storage'] == 'fp32' else '/' + r['storage']) + ('+T' if r.get('teacher_epochs') else ''):10} {r['ipc']:4d} {r['iterations']:6d} {r['seconds_per_iteration']:6.2f} "
             f"{100 * r['accuracy_mean']:6.2f} ± {100 * r['accuracy_std']:4.2f} "
             f"{100 * r['start_accuracy_mean']:7.2f} ± {100 * r['start_accuracy_std']:4.2f} {pub:>11} {r['nbytes']:9d}"
         )

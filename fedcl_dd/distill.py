@@ -252,7 +252,8 @@ class Checkpointer(Callback):
 
 
 class TimeLimit(Callback):
-    """End the run once ``seconds`` of distillation have passed (e.g. "15 minutes of distilling")."""
+    """End the run once its clock reads ``seconds`` (e.g. "15 minutes of distilling"); the clock
+    counts the distillation and the work a run does before it, such as training a teacher."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
@@ -290,8 +291,12 @@ def distill(
     ctx: MatchingContext,
     config: DistillConfig,
     callbacks: Sequence[Callback] = (),
+    spent: float = 0.0,
 ) -> DistillResult:
     """Optimize ``syn`` in place with ``objective`` for ``config.iterations`` iterations.
+
+    ``spent`` seconds of work done for this run before it (e.g. training a teacher) start its
+    clock, so a :class:`TimeLimit` and the result's seconds include them.
 
     Raises :class:`DistillationDiverged` (naming the iteration) if the loss or S turns
     NaN/Inf; S is then restored to its last finite state and no checkpoint is overwritten.
@@ -315,6 +320,7 @@ def distill(
     )
     for cb in callbacks:
         cb.on_prepare(state)
+    state.seconds += spent  # after a resumed checkpoint's seconds: both were spent
     for cb in callbacks:
         cb.on_start(state, config.iterations)
 

@@ -117,12 +117,13 @@ class Distillation:
         )
 
     def run(self, callbacks: Sequence[Callback] = ()) -> DistillResult:
-        """Distill ``syn`` in place for the recipe's iterations (none: nothing is set up or run),
-        then label it by a teacher when the recipe asks (its seconds count in the result's)."""
-        if self.config.iterations == 0:
-            result = DistillResult([], 0.0, 0, {}, self.objective.report())
-        else:
-            result = distill(self.syn, self.objective, self.ctx, self.config, callbacks)
+        """Distill ``syn`` in place for the recipe's iterations (none: nothing is set up or run).
+
+        A recipe with a teacher trains it first, on the run's clock: a time limit covers the
+        teacher and the distillation together, and the result's seconds count both. The
+        teacher then labels the distilled images.
+        """
+        teacher, spent = None, 0.0
         if self.recipe.teacher_epochs:
             start = time.perf_counter()
             teacher = train_teacher(
@@ -133,8 +134,14 @@ class Distillation:
                 self.ctx.generator,
                 self.ctx.device,
             )
+            spent = time.perf_counter() - start
+        if self.config.iterations == 0:
+            result = DistillResult([], spent, 0, {}, self.objective.report())
+        else:
+            result = distill(self.syn, self.objective, self.ctx, self.config, callbacks, spent)
+        if teacher is not None:
+            start = time.perf_counter()
             label_by_teacher(self.syn, teacher)
-            seconds = time.perf_counter() - start
-            result.seconds += seconds
-            result.report["teacher_seconds"] = seconds
+            result.seconds += time.perf_counter() - start
+            result.report["teacher_seconds"] = spent
         return result

@@ -27,9 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 
 __all__ = [
     "PrivacyBudgetError",
@@ -38,6 +35,23 @@ __all__ = [
     "epsilon_for",
     "noise_for_target",
 ]
+
+
+def _opacus_rdp() -> Any:
+    """Opacus's RDP analysis module, imported on first use: importing Opacus (its optimizers,
+    SciPy's stats) costs a process about 2 s, and every Ray actor, SuperNode and ClientApp of
+    a run that releases nothing private would pay it for nothing."""
+    from opacus.accountants.analysis import rdp
+
+    return rdp
+
+
+def _orders() -> list[float]:
+    """The RDP orders Opacus's accountant tracks (its default)."""
+    from opacus.accountants import RDPAccountant
+
+    return RDPAccountant.DEFAULT_ALPHAS
+
 
 # A client-held key must resist guessing: 128 bits at least.
 MIN_KEY_BYTES = 16
@@ -132,26 +146,27 @@ def _check_sample_rate(sample_rate: float) -> None:
 class PrivacyLedger:
     """Running (epsilon, delta) spent by a sequence of subsampled Gaussian mechanisms.
 
-    The history lives in an :class:`opacus.accountants.RDPAccountant` (``accountant``) as
-    run-length encoded ``(noise_multiplier, sample_rate, steps)`` entries. :meth:`epsilon`
-    gives the same value as ``accountant.get_epsilon(delta)``, but caches the one-step RDP
-    curve per ``(noise_multiplier, sample_rate)``: Opacus recomputes it on every call (about
-    0.1 s for q < 1), which would dominate a loop that reports epsilon every iteration.
+    The history is a list of run-length encoded ``(noise_multiplier, sample_rate, steps)``
+    entries, as an :class:`opacus.accountants.RDPAccountant` keeps it. :meth:`epsilon` gives
+    the same value as that accountant's ``get_epsilon(delta)`` on the same history, but
+    caches the one-step RDP curve per ``(noise_multiplier, sample_rate)``: Opacus recomputes
+    it on every call (about 0.1 s for q < 1), which would dominate a loop that reports
+    epsilon every iteration.
     """
 
     def __init__(self) -> None:
-        self.accountant = RDPAccountant()
+        self._history: list[tuple[float, float, int]] = []
         self._one_step: dict[tuple[float, float], np.ndarray] = {}
 
     @property
     def history(self) -> list[tuple[float, float, int]]:
         """A copy of the ``(noise_multiplier, sample_rate, steps)`` entries, oldest first."""
-        return list(self.accountant.history)
+        return list(self._history)
 
     @property
     def steps(self) -> int:
         """Total number of mechanism steps recorded."""
-        return sum(n for _, _, n in self.accountant.history)
+        return sum(n for _, _, n in self._history)
 
     def step(self, noise_multiplier: float, sample_rate: float, num_steps: int = 1) -> None:
         """Record ``num_steps`` releases with noise ``noise_multiplier * C`` on Poisson rate ``sample_rate``."""
@@ -165,7 +180,7 @@ class PrivacyLedger:
             raise ValueError(f"num_steps must be >= 0, got {num_steps}")
         if n == 0:
             return
-        history = self.accountant.history
+        history = self._history
         # The accountant's own run-length encoding (RDPAccountant.step), but adding n steps in O(1):
         # a server may book a client's whole round at once.
         if history and history[-1][0] == sigma and history[-1][1] == q:
@@ -174,12 +189,12 @@ class PrivacyLedger:
             history.append((sigma, q, n))
 
     def _rdp(self, history: list[tuple[float, float, int]]) -> np.ndarray:
-        orders = RDPAccountant.DEFAULT_ALPHAS
+        orders = _orders()
         total = np.zeros(len(orders))
         for sigma, q, n in history:
             key = (sigma, q)
             if key not in self._one_step:
-                self._one_step[key] = rdp_analysis.compute_rdp(
+                self._one_step[key] = _opacus_rdp().compute_rdp(
                     q=q, noise_multiplier=sigma, steps=1, orders=orders
                 )
             # compute_rdp is linear in steps (it returns the one-step curve times steps).
@@ -190,20 +205,21 @@ class PrivacyLedger:
         _check_delta(delta)
         if not history:
             return 0.0
-        orders = RDPAccountant.DEFAULT_ALPHAS
-        eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=self._rdp(history), delta=delta)
+        eps, _ = _opacus_rdp().get_privacy_spent(
+            orders=_orders(), rdp=self._rdp(history), delta=delta
+        )
         return float(eps)
 
     def epsilon(self, delta: float) -> float:
         """Epsilon spent so far at ``delta`` (0 before any step)."""
-        return self._epsilon(self.accountant.history, delta)
+        return self._epsilon(self._history, delta)
 
     def projected_epsilon(
         self, delta: float, noise_multiplier: float, sample_rate: float, num_steps: int = 1
     ) -> float:
         """Epsilon that would be spent after ``num_steps`` more steps, without recording them."""
         trial = PrivacyLedger()
-        trial.accountant.history = self.history
+        trial._history = self.history
         trial._one_step = self._one_step  # share the cache: same curves
         trial.step(noise_multiplier, sample_rate, num_steps)
         return trial.epsilon(delta)
@@ -214,7 +230,7 @@ class PrivacyLedger:
         Flat lists fit JSON, ``torch.save``/``torch.load(weights_only=True)`` and Flower's
         ``MetricRecord`` (which takes lists of ints or floats, not nested lists).
         """
-        history = self.accountant.history
+        history = self._history
         return {
             "noise_multipliers": [float(s) for s, _, _ in history],
             "sample_rates": [float(q) for _, q, _ in history],
@@ -240,7 +256,7 @@ class PrivacyLedger:
         fresh = PrivacyLedger()
         for sigma, q, n in zip(sigmas, rates, steps, strict=True):
             fresh.step(sigma, q, int(n))
-        self.accountant.history = fresh.accountant.history
+        self._history = fresh._history
 
 
 def epsilon_for(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
@@ -268,6 +284,8 @@ def noise_for_target(
     _check_sample_rate(sample_rate)
     if int(steps) != steps or steps < 1:
         raise PrivacyBudgetError(f"steps must be a whole number >= 1, got {steps}")
+    from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier  # see _opacus_rdp
+
     # The search visits extreme noise levels whose optimal RDP order is at the edge of the grid;
     # Opacus warns about each, which says nothing about the answer.
     with warnings.catch_warnings():

@@ -34,8 +34,9 @@ class Recipe:
     ``ipc`` sets the budget as the bytes of ``ipc`` labelled images per class at the
     storage dtype, unless ``budget_bytes`` is given. A pixel set holds as many images
     as fit; an addressing memory spends the same bytes on bases and addresses.
-    ``teacher_epochs`` > 0 trains a network on the real data for that many epochs after
-    distilling and stores its predictions on the set's images as their soft labels (within
+    ``teacher_epochs`` > 0 trains a network on the real data for that many epochs before
+    distilling (on the run's clock) and stores its predictions on the distilled images as
+    their soft labels (within
     the budget, which then buys fewer images: :meth:`image_budget`; :mod:`fedcl_dd.teacher`).
     ``lr_images``, ``momentum`` and ``init`` default to what the method's objective class
     declares; ``options`` are the objective's and the parameterization's own

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torchvision.utils import make_grid, save_image
 
 from .synthetic import SyntheticSet
 
@@ -16,6 +15,10 @@ def class_grid(
     syn: SyntheticSet, mean: tuple[float, ...], std: tuple[float, ...], per_class: int = 10
 ) -> torch.Tensor:
     """A (3 or 1, H, W) image in [0, 1]: up to ``per_class`` images of each held class, a row each."""
+    # Imported here: torchvision costs every process that imports the CLI or the Flower apps
+    # (each Ray actor, SuperNode and ClientApp) about a second, and few of them draw a grid.
+    from torchvision.utils import make_grid
+
     with torch.no_grad():
         images = syn.images().detach().cpu().float()
     ids = syn.class_ids.cpu()
@@ -33,6 +36,8 @@ def class_grid(
 
 def save_grid(syn: SyntheticSet, path: str | Path, per_class: int = 10) -> Path:
     """Write :func:`class_grid` as a PNG, using the normalization recorded in ``syn.info``."""
+    from torchvision.utils import save_image  # see class_grid
+
     channels = syn.image_shape[0]
     mean = tuple(syn.info.get("mean", [0.0] * channels))
     std = tuple(syn.info.get("std", [1.0] * channels))

@@ -24,3 +24,16 @@ def test_plain_params_run_at_every_storage_and_pinned_ones_at_theirs(bench):
 def test_a_pinned_storage_that_does_not_exist_is_named_with_the_fix(bench):
     with pytest.raises(ValueError, match=r"'multi:bf8'.*storage 'bf8'.*multi:fp16"):
         bench.param_storages(["multi:bf8"], ["fp32"])
+
+
+def test_a_teacher_labels_every_set_but_the_reference_and_is_named_in_its_targets(bench):
+    cells = bench.make_cells([10], [("pixels", "fp32"), ("multi", "fp16")], ["dm"], 1)
+    assert [(c.param, c.teacher) for c in cells] == [("pixels", 0), ("multi", 1)]
+    row = {"dataset": "mnist", "ipc": 10, "seed": 0, "method": "dm", "lr_images": 10.0}
+    reference = {**row, "param": "pixels", "storage": "fp32", "accuracy_mean": 0.96}
+    taught = {**row, "param": "multi", "storage": "fp16", "accuracy_mean": 0.98}
+    taught |= {"teacher_epochs": 1, "lr_selection": [{"lr_images": 10.0, "validation": 0.97}]}
+    targets = {t["name"]: t for t in bench.accuracy_targets([reference, taught], 15, "cmd")}
+    gain = targets["mnist-ipc10-15min-gain-over-dm-dm-multi-fp16-teacher"]
+    assert gain["value"] == pytest.approx(0.02)
+    assert targets["mnist-ipc10-15min-acc"]["value"] == 0.98  # the validated row speaks

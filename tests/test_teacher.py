@@ -7,6 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fedcl_dd.distill import TimeLimit
 from fedcl_dd.evaluate import evaluate
 from fedcl_dd.pipeline import Distillation
 from fedcl_dd.recipe import Recipe
@@ -19,11 +20,14 @@ def test_teacher_labels_are_soft_counted_in_the_bytes_and_round_trip(
     hard = Distillation(Recipe(ipc=2, iterations=2), digits_sampler, digits.spec, seed=0)
     hard.run()
     run = Distillation(
-        Recipe(ipc=2, iterations=2, teacher_epochs=30), digits_sampler, digits.spec, seed=0
+        Recipe(ipc=2, iterations=50, teacher_epochs=30), digits_sampler, digits.spec, seed=0
     )
-    result = run.run()
+    # The teacher trains first, on the run's clock: it alone spends this limit, so the run
+    # stops after its first iteration (a limit checks after each), and its seconds count both.
+    result = run.run([TimeLimit(1e-3)])
     syn = run.syn
-    assert syn.label_mode == "soft" and result.report["teacher_seconds"] > 0
+    assert syn.label_mode == "soft" and result.iterations == 1
+    assert result.seconds > result.report["teacher_seconds"] > 1e-3
     targets = syn.targets().detach()
     assert torch.allclose(targets.sum(1), torch.ones(syn.num_images), atol=1e-5)
     # The labels are the teacher's, not the one-hot ones: most agree with the image's class.
