@@ -152,13 +152,30 @@ def accuracy(
     mode = Precision.resolve(precision, device)
     was_training = model.training
     model.eval()
+    # Forward-only, oneDNN's convolutions run faster on channels-last weights on CPU (a
+    # ConvNet's test pass on MNIST: 1.1 against 1.8 ms per image, measured), while training
+    # runs slower in that layout (3.7 against 3.4): so only for this pass, and back after.
+    # Not for a compiled network (a layout change would recompile it) nor eager bf16 (slow
+    # GroupNorm in that layout, see DistributionMatching.network).
+    relayout = (
+        device.type == "cpu"
+        and not mode.active
+        and "embed" not in vars(model)  # compile_embedding's instance attribute
+        and any(p.dim() == 4 for p in model.parameters())
+    )
+    if relayout:
+        model.to(memory_format=torch.channels_last)
     correct = 0
-    for start in range(0, x.shape[0], batch_size):
-        xb = x[start : start + batch_size].to(device)
-        with mode.autocast():
-            logits = model(xb)
-        correct += int((logits.argmax(1) == y[start : start + batch_size].to(device)).sum())
-    model.train(was_training)
+    try:
+        for start in range(0, x.shape[0], batch_size):
+            xb = x[start : start + batch_size].to(device)
+            with mode.autocast():
+                logits = model(xb)
+            correct += int((logits.argmax(1) == y[start : start + batch_size].to(device)).sum())
+    finally:
+        if relayout:
+            model.to(memory_format=torch.contiguous_format)
+        model.train(was_training)
     return correct / max(1, x.shape[0])
 
 

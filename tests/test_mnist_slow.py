@@ -22,13 +22,13 @@ def test_distill_real_mnist_with_dm(data_root, tmp_path):
         "--ipc",
         "10",
         "--iterations",
-        "20",
+        "10",
         "--real-per-class",
         "64",
         "--lr-images",
         "10",
         "--eval-epochs",
-        "50",
+        "30",
         "--eval-models",
         "1",
         "--out",
@@ -40,6 +40,7 @@ def test_distill_real_mnist_with_dm(data_root, tmp_path):
     syn = SyntheticSet.load(out / "synthetic.safetensors")
     assert syn.num_images == 100 and syn.image_shape == (1, 28, 28)
     assert results["nbytes"] == 100 * (28 * 28 * 4 + 2)
-    # Ten real-started images per class reach ~93% after 50 epochs (measured: 93.1%); a broken
-    # loop or loader would not.
+    # Ten real-started images per class after 10 iterations reach 87.6% after 30 epochs
+    # (measured; 89.6% at seed 1, 93.1% after 20 iterations and 50 epochs, at twice this test's
+    # time); a broken loop or loader would not.
     assert results["accuracy_mean"] > 0.85, results

@@ -42,3 +42,21 @@ def test_initialization_follows_the_generator_not_the_global_rng():
 def test_unknown_model_is_refused():
     with pytest.raises(ValueError, match="unknown model 'vgg'.*convnet"):
         make_model("vgg", 1, 10, 28)
+
+
+@pytest.mark.parametrize("name", ["convnet", "resnet18"])
+def test_accuracy_counts_as_the_plain_forward_and_leaves_the_model_as_it_was(name):
+    """accuracy() runs its forward pass in channels-last on CPU (faster there): it must count
+    what the plain forward predicts and hand the model back in its layout and mode."""
+    from fedcl_dd.evaluate import accuracy
+
+    gen = torch.Generator().manual_seed(0)
+    net = make_model(name, 1, 10, 16, gen).train()
+    x, y = torch.randn(300, 1, 16, 16, generator=gen), torch.randint(0, 10, (300,), generator=gen)
+    net.eval()
+    with torch.no_grad():
+        plain = net(x).argmax(1)
+    net.train()
+    assert accuracy(net, x, y, batch_size=128) == pytest.approx(float((plain == y).float().mean()))
+    assert net.training
+    assert all(p.is_contiguous() for p in net.parameters())
