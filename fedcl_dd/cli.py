@@ -110,7 +110,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--storage", default="fp32", choices=sorted(STORAGE_DTYPES))
     d.add_argument("--iterations", type=int, default=1000)
     d.add_argument(
-        "--max-minutes", type=float, default=None, help="stop distilling after this long"
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop after this long of distilling (a teacher, which trains first, included)",
     )
     d.add_argument(
         "--lr-images", type=float, default=None, help="default: the method's published value"
