@@ -23,7 +23,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["COMPILE_MODES", "check_mode", "compile_embedding", "compiled_forward"]
+__all__ = [
+    "COMPILE_MODES",
+    "check_mode",
+    "compile_embedding",
+    "compiled_forward",
+    "has_compiled_embedding",
+]
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
@@ -66,6 +72,11 @@ def compile_embedding(net: nn.Module, mode: str = "default") -> nn.Module:
         _COMPILED[mode] = torch.compile(_embed_of_class, mode=mode)
     setattr(net, "embed", functools.partial(_COMPILED[mode], net))  # noqa: B010 (nn.Module typing)
     return net
+
+
+def has_compiled_embedding(net: nn.Module) -> bool:
+    """Whether :func:`compile_embedding` routed ``net.embed`` through a compiled function."""
+    return "embed" in vars(net)  # the instance attribute compile_embedding sets
 
 
 def _forward_of_class(net: nn.Module, x: torch.Tensor) -> torch.Tensor:

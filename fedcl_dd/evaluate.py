@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import DSA
-from .compiled import compile_embedding
+from .compiled import compile_embedding, has_compiled_embedding
 from .data import DatasetSpec
 from .models import make_model
 from .precision import Precision
@@ -160,7 +160,7 @@ def accuracy(
     relayout = (
         device.type == "cpu"
         and not mode.active
-        and "embed" not in vars(model)  # compile_embedding's instance attribute
+        and not has_compiled_embedding(model)
         and any(p.dim() == 4 for p in model.parameters())
     )
     if relayout:
