@@ -59,6 +59,7 @@ ROWS = (  # (buffer, fresh-model protocol)
     ("herding", False),
     ("addressing", False),
     ("pixels", False),
+    ("multi", False),
     ("compressed-real", False),
     ("er-ace", False),
     ("der", False),
@@ -114,7 +115,11 @@ def run_row(
         ),
         "matching_iterations": iterations,
         "iterations_per_update": per_update,
-        "protocol": "fresh model on buffer" if (fresh or buffer == "gdumb") else "replay mix",
+        "protocol": "fresh model on buffer"
+        if (fresh or buffer == "gdumb")
+        else "ER-ACE loss"
+        if row_cfg.strategy == "er-ace"
+        else "replay mix",
         "accuracy_after": [
             statistics.fmean(a) for a in zip(*(r.accuracy_after for r in runs), strict=True)
         ],
@@ -279,6 +284,13 @@ def main() -> None:
     p.add_argument("--budget-images", type=int, default=100)
     p.add_argument("--model", default="mlp")
     p.add_argument("--epochs", type=int, default=1)
+    p.add_argument(
+        "--strategy",
+        default="naive",
+        choices=("naive", "er-ace"),
+        help="er-ace: every row replays its memory with ER-ACE's asymmetric loss "
+        "(rows gdumb, er-ace, der and +fresh have their own protocol and are left out)",
+    )
     p.add_argument("--batch-size-mem", type=int, default=None)
     p.add_argument("--buffer-epochs", type=int, default=None)
     p.add_argument("--iterations", type=int, default=None)
@@ -332,6 +344,7 @@ def main() -> None:
         budget_images=args.budget_images,
         model=args.model,
         epochs=args.epochs,
+        strategy=args.strategy,
     )
     for name in ("batch_size_mem", "buffer_epochs", "iterations", "downsample", "bases", "method"):
         if getattr(args, name) is not None:
@@ -349,7 +362,12 @@ def main() -> None:
         torch_threads=torch.get_num_threads(),
     )
     print(f"settings: {settings}")
-    names = [_name(b, f) for b, f in ROWS]
+    rows = [
+        (b, f)
+        for b, f in ROWS
+        if args.strategy == "naive" or not (f or b in ("gdumb", "er-ace", "der"))
+    ]
+    names = [_name(b, f) for b, f in rows]
     unknown = sorted(set(args.rows or ()) - set(names))
     if unknown:
         p.error(f"unknown rows {unknown}; choose among {names}")
@@ -359,8 +377,10 @@ def main() -> None:
             buffer=b,
             fresh=f,
             build_over_train=args.build_over_train if b in BUFFERS else None,
+            # Matching iterations are our memories' alone (compressed-real refuses any).
+            iterations=base.iterations if b in BUFFERS else None,
         )
-        for b, f in (ROWS if args.rows is None else [ROWS[names.index(r)] for r in args.rows])
+        for b, f in (rows if args.rows is None else [rows[names.index(r)] for r in args.rows])
     ]
     benches = {s: make_benchmark(base.benchmark, seed=s, root=base.data_root) for s in args.seeds}
     val = (

@@ -253,19 +253,23 @@ def _digits_stream(digits, task_labels: bool = False, nan_in: int | None = None)
     )
 
 
+@pytest.mark.parametrize("learner", ["naive", "er-ace"])
 @pytest.mark.parametrize(
     "stream_kwargs, match",
     [({"nan_in": 3}, "2 images with NaN or Inf"), ({"task_labels": True}, "task labels \\[1\\]")],
 )
-def test_a_bad_experience_is_refused_before_any_weight_changes(digits, stream_kwargs, match):
+def test_a_bad_experience_is_refused_before_any_weight_changes(
+    digits, stream_kwargs, match, learner
+):
     from fedcl_dd.models import make_model
 
     bench = _digits_stream(digits, **stream_kwargs)
     buffer = PixelBuffer(20 * IMAGE, SPEC, **FAST)
     model = make_model("mlp", 1, 10, 8, torch.Generator().manual_seed(0))
-    strategy = make_strategy(
-        RunConfig(epochs=1, train_mb_size=10), model, [MemoryReplayPlugin(buffer)]
-    )
+    cfg = RunConfig(epochs=1, train_mb_size=10, strategy=learner)
+    # er-ace replays the buffer itself (MemoryER_ACE), naive through the plugin.
+    plugins = [] if learner == "er-ace" else [MemoryReplayPlugin(buffer)]
+    strategy = make_strategy(cfg, model, plugins, buffer)
     first, second = bench.train_stream[0], bench.train_stream[1]  # classes 0-1, then 2-3
     strategy.train(first)
     before = {k: v.clone() for k, v in model.state_dict().items()}

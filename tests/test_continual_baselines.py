@@ -35,6 +35,10 @@ RUNS = {
     "der": {},
     "compressed-real": {},  # factor 2, fp32: 4 sub-images at 4x4 per stored image
     "compressed-real-fp16": dict(buffer="compressed-real", factor=1, storage="fp16"),
+    # ER-ACE's loss over a storage policy of our choosing: Avalanche's own buffer (which must
+    # reproduce ER_ACE exactly) and our pixel memory.
+    "er-ace/class-balanced": dict(buffer="class-balanced", strategy="er-ace"),
+    "er-ace/pixels": dict(buffer="pixels", strategy="er-ace", iterations=3, real_per_class=32),
 }
 
 
@@ -100,6 +104,35 @@ def test_compressed_real_holds_more_distinct_samples_than_replay_in_its_stored_b
     # would not fit: 10 classes x 5 x 130 B = 6,500 B > 5,160 B).
     assert runs["compressed-real-fp16"][0].buffer_samples == 30
     assert runs["compressed-real"][0].distinct_samples == 80
+
+
+def test_er_ace_over_its_own_buffer_kind_reproduces_avalanches_er_ace(runs):
+    """MemoryER_ACE keeps ER_ACE's loop and loss: over the class-balanced buffer ER_ACE builds
+    itself, every accuracy is the same number."""
+    ours, theirs = runs["er-ace/class-balanced"][0], runs["er-ace"][0]
+    assert ours.accuracy_after == theirs.accuracy_after
+    assert ours.buffer_samples == theirs.buffer_samples == 20
+
+
+def test_er_ace_replays_our_distilled_memory_within_the_budget(runs):
+    result, none = runs["er-ace/pixels"][0], runs["replay"][0]
+    assert result.matching_iterations == 3 and 0 < result.buffer_bytes <= BUDGET
+    assert result.buffer_samples == 20  # 2 per class after the last experience
+    # Trained on the replayed memory: far above the last experience's two classes alone.
+    assert result.final_accuracy > 0.5, result.accuracy_after
+    assert result.accuracy_after != none.accuracy_after
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(buffer="gdumb"), "gdumb trains a fresh model"),
+        (dict(buffer="pixels", fresh=True), "fresh-model protocol"),
+    ],
+)
+def test_er_ace_refuses_a_memory_it_cannot_replay(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RunConfig(benchmark="split-digits", strategy="er-ace", **kwargs)
 
 
 @pytest.mark.parametrize("buffer", ["er-ace", "der"])

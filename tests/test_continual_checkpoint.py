@@ -28,6 +28,7 @@ from fedcl_dd.strategies.avalanche.buffers import (
     _OnDemand,
 )
 from fedcl_dd.strategies.avalanche.checkpoint import memories, resume, save
+from fedcl_dd.strategies.avalanche.er_ace import MemoryER_ACE
 from fedcl_dd.strategies.avalanche.plugin import MemoryReplayPlugin
 
 from fedcl_dd.data import SPECS
@@ -59,6 +60,10 @@ def _strategy(kind: str) -> Any:
         plugin = MemoryReplayPlugin(buffer, batch_size_mem=16)
         return Naive(model=model, optimizer=optimizer, plugins=[plugin], **common)
     buffer = PixelBuffer(BUDGET, SPEC, iterations=3, real_per_class=32)
+    if kind == "er-ace-pixels":
+        return MemoryER_ACE(
+            storage_policy=buffer, model=model, optimizer=optimizer, batch_size_mem=16, **common
+        )
     plugin = MemoryReplayPlugin(buffer, batch_size_mem=16)
     return EWC(model=model, optimizer=optimizer, ewc_lambda=0.4, plugins=[plugin], **common)
 
@@ -114,7 +119,7 @@ def test_dill_copies_torch_optimizer_classes_and_fails_on_a_typing_sentinel() ->
     )
 
 
-@pytest.mark.parametrize("kind", ["naive-addressing", "ewc-pixels"])
+@pytest.mark.parametrize("kind", ["naive-addressing", "ewc-pixels", "er-ace-pixels"])
 def test_avalanches_own_checkpoint_resumes_bit_exactly(
     bench: Any, tmp_path: Path, kind: str
 ) -> None:

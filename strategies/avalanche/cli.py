@@ -58,8 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--strategy",
         default="naive",
-        choices=("naive", "ewc"),
-        help="the learner around the memory (er-ace and der are strategies themselves: naive only)",
+        choices=("naive", "ewc", "er-ace"),
+        help="the learner around the memory: er-ace trains with ER-ACE's asymmetric loss, "
+        "replaying the chosen buffer (--buffer er-ace and der are strategies themselves: naive "
+        "only)",
     )
     c.add_argument("--ewc-lambda", type=float, default=0.4)
     c.add_argument(

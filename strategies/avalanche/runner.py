@@ -39,6 +39,7 @@ from fedcl_dd.synthetic import bytes_per_image, image_shape3
 
 from .buffers import BUFFERS, CompressedRealBuffer, MemoryBuffer
 from .checkpoint import memories, resume, save
+from .er_ace import MemoryER_ACE
 from .plugin import DEFAULT_BATCH_SIZE_MEM, MemoryReplayPlugin
 
 __all__ = [
@@ -63,7 +64,7 @@ BUFFER_CHOICES = (
     "der",
     "compressed-real",
 )
-STRATEGIES = ("naive", "ewc")
+STRATEGIES = ("naive", "ewc", "er-ace")
 STRATEGY_BUFFERS = ("er-ace", "der")  # Avalanche strategies that own their replay buffer
 _LOGIT_BYTES = torch.finfo(torch.float32).bits // 8  # DER stores fp32 logits
 # Layers whose output is a flat embedding, for Avalanche's herding (it hooks a module's output).
@@ -135,6 +136,16 @@ class RunConfig:
             raise ValueError(
                 f"buffer {self.buffer!r} is Avalanche's own strategy and trains with its own loss; "
                 f"it does not combine with strategy {self.strategy!r}: use strategy 'naive'"
+            )
+        if self.strategy == "er-ace" and (self.buffer == "gdumb" or self.fresh):
+            raise ValueError(
+                "strategy 'er-ace' replays its memory inside each minibatch; "
+                + (
+                    "gdumb trains a fresh model on its memory instead"
+                    if self.buffer == "gdumb"
+                    else "the fresh-model protocol (fresh=True) trains on the memory alone"
+                )
+                + ": use strategy 'naive' for it"
             )
         if self.model not in MODEL_CHOICES:
             raise ValueError(f"unknown model {self.model!r}; choose one of {list(MODEL_CHOICES)}")
@@ -295,9 +306,12 @@ def make_memory(cfg: RunConfig, bench: ContinualBenchmark, model: nn.Module) -> 
     ), policy
 
 
-def make_strategy(cfg: RunConfig, model: nn.Module, plugins: list[Any]) -> Any:
+def make_strategy(
+    cfg: RunConfig, model: nn.Module, plugins: list[Any], storage_policy: Any = None
+) -> Any:
     """The strategy over ``model`` with Avalanche's accuracy and forgetting metrics: ``ER_ACE``
-    or ``DER`` with their buffer at the budget for those buffers, else ``Naive`` or ``EWC``."""
+    or ``DER`` with their buffer at the budget for those buffers; for strategy ``er-ace``,
+    :class:`~.er_ace.MemoryER_ACE` replaying ``storage_policy``; else ``Naive`` or ``EWC``."""
     from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics
     from avalanche.training.plugins import EvaluationPlugin
     from avalanche.training.supervised import DER, ER_ACE, EWC, Naive
@@ -329,6 +343,17 @@ def make_strategy(cfg: RunConfig, model: nn.Module, plugins: list[Any]) -> Any:
         replay = dict(mem_size=mem_size, batch_size_mem=min(cfg.batch_size_mem, mem_size))
         learner = DER if cfg.buffer == "der" else ER_ACE
         return learner(model=model, optimizer=optimizer, criterion=criterion, **replay, **kwargs)
+    if cfg.strategy == "er-ace":
+        if storage_policy is None:
+            raise ValueError("strategy 'er-ace' replays a storage policy: pass storage_policy")
+        return MemoryER_ACE(
+            storage_policy=storage_policy,
+            model=model,
+            optimizer=optimizer,
+            criterion=criterion,
+            batch_size_mem=min(cfg.batch_size_mem, storage_policy.max_size),
+            **kwargs,
+        )
     if cfg.strategy == "ewc":
         return EWC(model, optimizer, criterion, ewc_lambda=cfg.ewc_lambda, **kwargs)
     return Naive(model, optimizer, criterion, **kwargs)
@@ -354,8 +379,12 @@ def run_stream(
     bench = bench or make_benchmark(cfg.benchmark, seed=cfg.seed, root=cfg.data_root)
     torch.manual_seed(cfg.seed)  # Avalanche's data loaders shuffle with the global RNG
     model = make_learner(cfg, bench.spec)
-    plugins = [] if cfg.buffer in STRATEGY_BUFFERS else [make_memory(cfg, bench, model)[0]]
-    strategy = make_strategy(cfg, model, plugins)
+    plugins, policy = [], None
+    if cfg.buffer not in STRATEGY_BUFFERS:
+        plugin, policy = make_memory(cfg, bench, model)
+        # Strategy er-ace replays the memory itself, with its loss: no replay plugin.
+        plugins = [] if cfg.strategy == "er-ace" else [plugin]
+    strategy = make_strategy(cfg, model, plugins, policy)
     strategy.fedcl_result = RunResult(config=asdict(cfg))  # travels inside the checkpoint
     start = 0
     if checkpoint is not None:
