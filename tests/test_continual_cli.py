@@ -131,3 +131,16 @@ def test_split_mnist_streams_the_real_data_in_the_seeds_order(data_root):
     assert sum(len(e.dataset) for e in bench.train_stream) == 60000
     x, y, task = bench.train_stream[0].dataset[0]
     assert tuple(x.shape) == (1, 28, 28) and task == 0 and int(y) in class_order(0)[:2]
+
+
+def test_command_line_offers_every_buffer_and_strategy_the_runner_takes():
+    """The parser spells its choices out (so ``fedcl-dd --help`` needs no Avalanche): they must
+    stay the runner's own lists."""
+    from fedcl_dd.strategies.avalanche.runner import BUFFER_CHOICES, STRATEGIES
+
+    from fedcl_dd.cli import _parser
+
+    continual = _parser()._subparsers._group_actions[0].choices["continual"]
+    choices = {a.dest: a.choices for a in continual._actions}
+    assert sorted(choices["buffer"]) == sorted(BUFFER_CHOICES)
+    assert sorted(choices["strategy"]) == sorted(STRATEGIES)
