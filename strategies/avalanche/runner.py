@@ -14,6 +14,9 @@ epochs, seeds, batch mix and metrics. Baselines are at the same bytes:
 * ``compressed-real`` (:class:`~.buffers.CompressedRealBuffer`): real images at
   1/``factor`` resolution and the ``storage`` dtype, more of them in the same bytes.
 
+Strategy ``er-ace`` (:class:`~.er_ace.MemoryER_ACE`) trains with ER-ACE's loss over any of
+these memories but ``gdumb`` (ours included), in place of ``Naive`` and the replay plugin.
+
 A baseline memory of real images holds ``budget_bytes // sample_bytes`` samples, counted
 like our memories: fp32 pixels plus a 2-byte label, plus DER's fp32 logits per sample.
 
