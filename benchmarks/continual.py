@@ -36,7 +36,12 @@ from fedcl_dd.scenarios.continual import ContinualBenchmark, make_benchmark, wit
 from fedcl_dd.strategies.avalanche.buffers import BUFFERS, MemoryBuffer
 from fedcl_dd.strategies.avalanche.checkpoint import memories
 from fedcl_dd.strategies.avalanche.cli import parse_options
-from fedcl_dd.strategies.avalanche.runner import RunConfig, RunResult, run_stream
+from fedcl_dd.strategies.avalanche.runner import (
+    STRATEGY_BUFFERS,
+    RunConfig,
+    RunResult,
+    run_stream,
+)
 from fedcl_dd.strategies.avalanche.selection import choose
 from targets import target
 
@@ -365,7 +370,7 @@ def main() -> None:
     rows = [
         (b, f)
         for b, f in ROWS
-        if args.strategy == "naive" or not (f or b in ("gdumb", "er-ace", "der"))
+        if args.strategy == "naive" or not (f or b in ("gdumb", *STRATEGY_BUFFERS))
     ]
     names = [_name(b, f) for b, f in rows]
     unknown = sorted(set(args.rows or ()) - set(names))

@@ -128,6 +128,7 @@ def test_er_ace_replays_our_distilled_memory_within_the_budget(runs):
     [
         (dict(buffer="gdumb"), "gdumb trains a fresh model"),
         (dict(buffer="pixels", fresh=True), "fresh-model protocol"),
+        (dict(buffer="pixels", build_over_train=1.0), "builds the memory before training"),
     ],
 )
 def test_er_ace_refuses_a_memory_it_cannot_replay(kwargs, match):

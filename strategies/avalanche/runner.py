@@ -170,6 +170,14 @@ class RunConfig:
                     f"build_over_train caps the matching of our memories ({sorted(BUFFERS)}); "
                     f"buffer {self.buffer!r} runs none: leave it unset"
                 )
+            if self.strategy == "er-ace":
+                # The cap lives in the replay plugin, which er-ace does not use: the memory
+                # is built before the experience trains, with no training time to measure.
+                raise ValueError(
+                    "build_over_train caps a memory update by the experience's training time; "
+                    "strategy 'er-ace' builds the memory before training: leave it unset, or "
+                    "cap the update with iterations"
+                )
         if self.buffer == "compressed-real" and self.iterations:
             raise ValueError(
                 f"compressed-real runs no matching iteration (got iterations={self.iterations}); "
