@@ -37,6 +37,7 @@ from fedcl_dd.strategies.avalanche.buffers import BUFFERS, MemoryBuffer
 from fedcl_dd.strategies.avalanche.checkpoint import memories
 from fedcl_dd.strategies.avalanche.cli import parse_options
 from fedcl_dd.strategies.avalanche.runner import (
+    HERDING_MODELS,
     STRATEGY_BUFFERS,
     RunConfig,
     RunResult,
@@ -367,10 +368,11 @@ def main() -> None:
         torch_threads=torch.get_num_threads(),
     )
     print(f"settings: {settings}")
-    rows = [
+    rows = [  # the rows this strategy and learner can run
         (b, f)
         for b, f in ROWS
-        if args.strategy == "naive" or not (f or b in ("gdumb", *STRATEGY_BUFFERS))
+        if (args.strategy == "naive" or not (f or b in ("gdumb", *STRATEGY_BUFFERS)))
+        and (b != "herding" or args.model in HERDING_MODELS)
     ]
     names = [_name(b, f) for b, f in rows]
     unknown = sorted(set(args.rows or ()) - set(names))
@@ -419,16 +421,17 @@ def main() -> None:
         print(f"resuming: {', '.join(_row_key(r) for r in table)} done already")
 
     def save() -> None:
-        """The table so far: a long run (SplitCIFAR-10) leaves every finished row on disk."""
+        """The table so far: a long run (SplitCIFAR-10) leaves every finished row on disk.
+        Rows not run yet are every row of this strategy's table still missing, whether or not
+        this invocation's ``--rows`` names it."""
         done = {_row_key(r) for r in table}
-        waiting = [_name(c.buffer, c.fresh) for c in pending]
         write_json(
             {
                 "settings": settings,
                 "selection": selection,
                 "references": REFERENCES,
                 "rows": table,
-                "rows_not_run_yet": [name for name in waiting if name not in done],
+                "rows_not_run_yet": [name for name in names if name not in done],
                 "targets": targets(table, args.benchmark, args.budget_images, command),
             },
             RESULTS / f"{stem}.json",

@@ -426,3 +426,29 @@ def test_a_cap_that_is_not_positive_is_refused(bad):
 def test_a_cap_on_a_baseline_is_refused():
     with pytest.raises(ValueError, match="runs none: leave it unset"):
         RunConfig(benchmark="split-digits", buffer="replay", build_over_train=1.0)
+
+
+def test_the_benchmark_lists_every_row_a_partial_run_left_out(tmp_path, monkeypatch):
+    """``benchmarks/continual.py --rows X`` (and ``--resume --rows X``) must not hide the rows
+    it did not run: rows_not_run_yet lists every row of the strategy's table still missing, and
+    leaves out herding for a learner it cannot select with."""
+    import json
+    import sys
+
+    from bench_scripts import load_script
+
+    script = load_script("continual")
+    monkeypatch.setattr(script, "RESULTS", tmp_path)
+    argv = ["continual.py", "--benchmark", "split-digits", "--seeds", "0", "--strategy", "er-ace"]
+    argv += ["--model", "convnet", "--tag", "_t"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--rows", "replay"])
+    script.main()
+    first = json.loads((tmp_path / "continual_split_digits_t.json").read_text())
+    assert [r["row"] for r in first["rows"]] == ["replay"]
+    waiting = ["class-balanced", "addressing", "pixels", "multi", "compressed-real"]
+    assert first["rows_not_run_yet"] == waiting  # no herding: the convnet has no flat embedding
+    monkeypatch.setattr(sys, "argv", [*argv, "--resume", "--rows", "class-balanced"])
+    script.main()
+    second = json.loads((tmp_path / "continual_split_digits_t.json").read_text())
+    assert [r["row"] for r in second["rows"]] == ["replay", "class-balanced"]
+    assert second["rows_not_run_yet"] == waiting[1:]

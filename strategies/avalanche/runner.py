@@ -47,6 +47,7 @@ from .plugin import DEFAULT_BATCH_SIZE_MEM, MemoryReplayPlugin
 
 __all__ = [
     "BUFFER_CHOICES",
+    "HERDING_MODELS",
     "MODEL_CHOICES",
     "STRATEGIES",
     "RunConfig",
@@ -74,6 +75,7 @@ _LOGIT_BYTES = torch.finfo(torch.float32).bits // 8  # DER stores fp32 logits
 # SlimResNet18 has none: it pools and flattens functionally, so its last module output before
 # the classifier is layer4's 4-D map.
 _EMBEDDING_LAYER = {"mlp": "body"}
+HERDING_MODELS = tuple(_EMBEDDING_LAYER)  # the learners buffer "herding" can select with
 SLIM_RESNET18 = "slim-resnet18"  # Avalanche's SlimResNet18
 _SLIM_RESNET18_INPUT = (3, 32, 32)  # its forward views every input as 3x32x32
 MODEL_CHOICES = (*MODELS, SLIM_RESNET18)
@@ -251,9 +253,13 @@ def make_learner(cfg: RunConfig, spec: DatasetSpec) -> nn.Module:
     return make_model(cfg.model, spec.channels, spec.num_classes, spec.image_size, generator)
 
 
-def make_memory(cfg: RunConfig, bench: ContinualBenchmark, model: nn.Module) -> tuple[Any, Any]:
+def make_memory(
+    cfg: RunConfig, bench: ContinualBenchmark, model: nn.Module
+) -> tuple[Any | None, Any]:
     """The replay plugin and its storage policy for ``cfg.buffer`` (one of ours or a baseline);
-    ``er-ace`` and ``der`` have none (:func:`make_strategy` builds them with their buffer)."""
+    buffers ``er-ace`` and ``der`` have none (:func:`make_strategy` builds them with their
+    buffer). Under strategy ``er-ace`` the plugin is None: the strategy replays the policy
+    itself, with its own loss."""
     from avalanche.training.plugins import GDumbPlugin, ReplayPlugin
     from avalanche.training.storage_policy import (
         ClassBalancedBuffer,
@@ -284,6 +290,8 @@ def make_memory(cfg: RunConfig, bench: ContinualBenchmark, model: nn.Module) -> 
             options=cfg.options,
             precision=cfg.precision,
         )
+        if cfg.strategy == "er-ace":
+            return None, buffer
         plugin = MemoryReplayPlugin(
             buffer,
             batch_size_mem=cfg.batch_size_mem,
@@ -312,6 +320,8 @@ def make_memory(cfg: RunConfig, bench: ContinualBenchmark, model: nn.Module) -> 
             groupby="class",
             selection_strategy=HerdingSelectionStrategy(model, _EMBEDDING_LAYER[cfg.model]),
         )
+    if cfg.strategy == "er-ace":
+        return None, policy
     return ReplayPlugin(
         mem_size=n, batch_size_mem=cfg.batch_size_mem, storage_policy=policy
     ), policy
@@ -393,8 +403,7 @@ def run_stream(
     plugins, policy = [], None
     if cfg.buffer not in STRATEGY_BUFFERS:
         plugin, policy = make_memory(cfg, bench, model)
-        # Strategy er-ace replays the memory itself, with its loss: no replay plugin.
-        plugins = [] if cfg.strategy == "er-ace" else [plugin]
+        plugins = [plugin] if plugin is not None else []
     strategy = make_strategy(cfg, model, plugins, policy)
     strategy.fedcl_result = RunResult(config=asdict(cfg))  # travels inside the checkpoint
     start = 0
