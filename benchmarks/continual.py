@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,16 +76,35 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
 
 
+def config_key(cfg: RunConfig) -> dict[str, Any]:
+    """``cfg`` as JSON holds it, without the seed and the progress bars: what a seed's stored
+    result must have been run with to stand in for a run of ``cfg``."""
+    kept = {k: v for k, v in asdict(cfg).items() if k not in ("seed", "progress")}
+    return dict(json.loads(json.dumps(kept)))
+
+
 def run_row(
-    row_cfg: RunConfig, benches: dict[int, ContinualBenchmark], grids: str | None
+    row_cfg: RunConfig,
+    benches: dict[int, ContinualBenchmark],
+    grids: str | None,
+    done: dict[int, dict[str, Any]] | None = None,
+    on_seed: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """One row's configuration on the test stream of each seed's benchmark; the table's row."""
+    """One row's configuration on the test stream of each seed's benchmark; the table's row.
+
+    ``done`` holds seeds already run (``RunResult.as_dict()`` by seed, e.g. from a stopped
+    run), which are not run again; ``on_seed(seed, result)`` is called after each new seed,
+    so that a long row can be resumed seed by seed."""
     seeds = list(benches)
     buffer, fresh = row_cfg.buffer, row_cfg.fresh
     runs = []
     start = time.perf_counter()
     for seed in seeds:
         cfg = replace(row_cfg, seed=seed)
+        if done and seed in done:
+            stored = {k: v for k, v in done[seed].items() if k != "final_accuracy"}
+            runs.append(RunResult(**stored))
+            continue
 
         def grid(i: int, result: RunResult, strategy: Any, cfg: RunConfig = cfg) -> None:
             memory = memories(strategy)[0]
@@ -98,6 +117,8 @@ def run_row(
                 save_grid(memory.syn, RESULTS / f"{grids}_{tag}.png")
 
         runs.append(run_stream(cfg, benches[seed], on_experience=grid))
+        if on_seed is not None:
+            on_seed(seed, runs[-1].as_dict())
     acc, std = _mean_std([r.final_accuracy for r in runs])
     iterations = min(r.matching_iterations for r in runs)
     per_update = [i for r in runs for i in r.iterations_per_update]
@@ -137,8 +158,11 @@ def run_row(
         "distinct_samples": min(r.distinct_samples for r in runs),
         "build_seconds_per_exp": statistics.fmean(s for r in runs for s in r.build_seconds),
         "train_seconds_per_exp": statistics.fmean(s for r in runs for s in r.train_seconds),
+        # This invocation's seconds: seeds taken from a stopped run add none.
         "wall_seconds": time.perf_counter() - start,
     }
+    if done:
+        row["seeds_resumed"] = sorted(seed for seed in seeds if seed in done)
     print(_line(row), flush=True)
     return row
 
@@ -339,8 +363,8 @@ def main() -> None:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="keep the rows a stopped run with the same settings and tag left in its JSON "
-        "and run only the others",
+        help="keep the rows a stopped run with the same settings and tag left in its JSON, "
+        "and the finished seeds of a row it left part-way, and run only the rest",
     )
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -402,6 +426,8 @@ def main() -> None:
         else "none: the settings above, for every row"
     )
     table: list[dict[str, Any]] = []
+    # Rows part-way, by row key: the seeds finished so far, their configuration and choice.
+    partial: dict[str, dict[str, Any]] = {}
     if args.resume and (RESULTS / f"{stem}.json").is_file():
         earlier = json.loads((RESULTS / f"{stem}.json").read_text())
         same = json.loads(json.dumps(settings))  # as the file holds them
@@ -417,8 +443,10 @@ def main() -> None:
                 f"--resume: {stem}.json was run with other settings ({', '.join(differ)}); "
                 "give the same ones, or another --tag"
             )
-        table = earlier["rows"]
+        table, partial = earlier["rows"], earlier.get("partial", {})
         print(f"resuming: {', '.join(_row_key(r) for r in table)} done already")
+        for key, entry in partial.items():
+            print(f"resuming: {key} has seeds {', '.join(entry['seeds'])} done already")
 
     def save() -> None:
         """The table so far: a long run (SplitCIFAR-10) leaves every finished row on disk.
@@ -432,10 +460,13 @@ def main() -> None:
                 "references": REFERENCES,
                 "rows": table,
                 "rows_not_run_yet": [name for name in names if name not in done],
+                "partial": partial,
                 "targets": targets(table, args.benchmark, args.budget_images, command),
             },
             RESULTS / f"{stem}.json",
         )
+        if not table:  # a first row part-way: nothing to plot yet
+            return
         plot(
             table,
             RESULTS / f"{stem}.png",
@@ -452,6 +483,10 @@ def main() -> None:
         if name in done:  # --resume: finished by an earlier run, with the choice it recorded
             record = next(r for r in table if _row_key(r) == name).get("selection")
             picked = replace(cfg, **record["chosen"]) if record else cfg
+        elif name in partial:  # --resume: part-way, with the choice made before its first seed
+            record = partial[name]["selection"]
+            picked = replace(cfg, **record["chosen"]) if record else cfg
+            runs.append((name, picked, record))
         elif val is not None:  # each row chooses on validation just before its test run
             picked, record = select(replace(cfg, seed=args.seeds[0]), val)
             picked = replace(picked, seed=base.seed)
@@ -466,7 +501,27 @@ def main() -> None:
         for key, run_cfg, chosen_by in runs:
             if not table:
                 print(HEADER)
-            row = {"row": key, **run_row(run_cfg, benches, stem)}
+            stored = partial.get(key)
+            if stored is not None and stored["config"] != config_key(run_cfg):
+                del partial[key]  # seeds of another configuration stand in for nothing
+            entry = partial.get(key, {"seeds": {}})
+
+            def keep(
+                seed: int,
+                result: dict[str, Any],
+                key: str = key,
+                run_cfg: RunConfig = run_cfg,
+                chosen_by: dict[str, Any] | None = chosen_by,
+            ) -> None:
+                part = partial.setdefault(
+                    key, {"config": config_key(run_cfg), "selection": chosen_by, "seeds": {}}
+                )
+                part["seeds"][str(seed)] = result
+                save()
+
+            finished = {int(seed): result for seed, result in entry["seeds"].items()}
+            row = {"row": key, **run_row(run_cfg, benches, stem, finished, keep)}
+            partial.pop(key, None)
             if chosen_by is not None:
                 row["selection"] = chosen_by
             table.append(row)

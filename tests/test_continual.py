@@ -452,3 +452,42 @@ def test_the_benchmark_lists_every_row_a_partial_run_left_out(tmp_path, monkeypa
     second = json.loads((tmp_path / "continual_split_digits_t.json").read_text())
     assert [r["row"] for r in second["rows"]] == ["replay", "class-balanced"]
     assert second["rows_not_run_yet"] == waiting[1:]
+
+
+def test_a_stopped_benchmark_resumes_seed_by_seed(tmp_path, monkeypatch):
+    """A row stopped after its first seed keeps that seed in the JSON; --resume runs only the
+    others and ends with the row an uninterrupted run gives."""
+    import json
+    import sys
+
+    from bench_scripts import load_script
+
+    script = load_script("continual")
+    monkeypatch.setattr(script, "RESULTS", tmp_path)
+    real_run, ran = script.run_stream, []
+
+    def stopping(cfg, bench, **kwargs):
+        if cfg.seed == 1 and "stopped" not in ran:
+            ran.append("stopped")
+            raise KeyboardInterrupt  # the session ends part-way through the row
+        ran.append(cfg.seed)
+        return real_run(cfg, bench, **kwargs)
+
+    monkeypatch.setattr(script, "run_stream", stopping)
+    argv = ["continual.py", "--benchmark", "split-digits", "--seeds", "0", "1", "--rows", "replay"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--tag", "_stop"])
+    with pytest.raises(KeyboardInterrupt):
+        script.main()
+    stopped = json.loads((tmp_path / "continual_split_digits_stop.json").read_text())
+    assert stopped["rows"] == [] and list(stopped["partial"]["replay"]["seeds"]) == ["0"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--tag", "_stop", "--resume"])
+    script.main()
+    assert ran == [0, "stopped", 1]  # seed 0 was not run again
+    resumed = json.loads((tmp_path / "continual_split_digits_stop.json").read_text())
+    assert resumed["partial"] == {} and resumed["rows"][0]["seeds_resumed"] == [0]
+    monkeypatch.setattr(script, "run_stream", real_run)
+    monkeypatch.setattr(sys, "argv", [*argv, "--tag", "_whole"])
+    script.main()
+    whole = json.loads((tmp_path / "continual_split_digits_whole.json").read_text())
+    for key in ("final_accuracies", "accuracy_after", "forgetting", "distinct_samples"):
+        assert resumed["rows"][0][key] == whole["rows"][0][key]
