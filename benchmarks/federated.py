@@ -120,7 +120,9 @@ def run_once(
 
     With ``reuse``, a run that was interrupted and left a checkpoint (every strategy writes one
     after each round) is resumed after its last completed round; its seconds are then those
-    of the resumed part (``cost.json`` says after which round it resumed)."""
+    of the resumed part plus those ``cost.json`` held from the parts before it (a part
+    stopped before it finished wrote none: its rounds' client and server seconds stay in
+    ``results.json``), its peak the highest of them."""
     resume = False
     if reuse and (out / "results.json").is_file():
         done = json.loads((out / "results.json").read_text())
@@ -143,16 +145,20 @@ def run_once(
                 float(measured.get("seconds", "nan")),
                 float(measured.get("peak_mib", "nan")),
             )
+    before = {}
+    if resume and (out / "cost.json").is_file():
+        before = json.loads((out / "cost.json").read_text())  # the earlier parts' cost
     start = time.perf_counter()
     with PeakTreeMemory() as mem:
         results = simulate(cfg, out, resume=resume, data_root=data_root)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start + float(before.get("seconds", 0.0))
+    peak = max(mem.peak, float(before.get("peak_mib", 0.0)))
     # A run's own cost; the named targets are the summary's, so this file's list is empty.
     write_json(
         {
             "seconds": seconds,
-            "peak_mib": mem.peak,
-            "peak_rss_mib": mem.peak_rss,
+            "peak_mib": peak,
+            "peak_rss_mib": max(mem.peak_rss, float(before.get("peak_rss_mib", 0.0))),
             "resumed_after": results.get("resumed_after", 0),
             # The server's training and evaluation run in this process at this many threads;
             # each simulated client at one (its node config's "threads").
@@ -161,7 +167,7 @@ def run_once(
         },
         out / "cost.json",
     )
-    return results, seconds, mem.peak
+    return results, seconds, peak
 
 
 def validation(results: dict) -> float:
@@ -326,12 +332,10 @@ def main(argv: list[str] | None = None) -> int:
                     for item in chosen.iterdir():
                         copy = shutil.copytree if item.is_dir() else shutil.copy2
                         copy(item, final / item.name)
+                # The short run's cost.json came with the copy: run_once counts it in.
                 results, seconds, peak = run_once(
                     cfg, final, args.reuse or continued, args.data_root
                 )
-                if continued:  # the short run's seconds and peak count too
-                    seconds += best["seconds"]
-                    peak = max(peak, best["peak_mib"])
             else:
                 results, seconds, peak = best["results"], best["seconds"], best["peak_mib"]
             cfg = FedConfig.from_mapping(results["config"])
