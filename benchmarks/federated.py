@@ -137,6 +137,15 @@ def run_once(
         interrupted = not done.get("complete", True) or last < cfg.rounds
         if interrupted and (out / CHECKPOINT).is_file():
             resume = True
+        elif interrupted:
+            # Short of its rounds with nothing to resume from (checkpoints are not committed:
+            # a fresh clone has results.json alone): run it anew rather than report it whole.
+            print(
+                f"{out}: results end after round {last} of {cfg.rounds} and there is no "
+                f"{CHECKPOINT} to resume from: running it from the start",
+                file=sys.stderr,
+            )
+            (out / "cost.json").unlink(missing_ok=True)  # not this run's cost
         else:
             cost = out / "cost.json"
             measured = json.loads(cost.read_text()) if cost.is_file() else {}

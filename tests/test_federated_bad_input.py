@@ -326,6 +326,11 @@ def test_reuse_takes_a_finished_resumed_run_as_it_is_and_resumes_an_unfinished_o
     # The parts before the resume count in: seconds add up, the peak is the highest.
     cost = json.loads((out / "cost.json").read_text())
     assert 100.0 <= seconds == cost["seconds"] < 160.0 and peak == cost["peak_mib"] == 5e6
+    # Short of its rounds with no checkpoint (a fresh clone): run anew, never reported whole.
+    (out / "checkpoint.pt").unlink()
+    (out / "results.json").write_text(json.dumps({**done, "rounds": rows[:4], "complete": False}))
+    _, seconds, _ = bench.run_once(cfg, out, True, None)
+    assert resumed == [True, False] and seconds < 60.0
 
 
 def test_grid_values_replace_one_key_and_keep_the_folder_order(bench, monkeypatch, tmp_path):
