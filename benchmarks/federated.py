@@ -84,32 +84,40 @@ GRIDS: dict[str, list[dict[str, Any]]] = {n: grid_settings(v) for n, v in GRID_V
 
 
 def grid_overrides(items: Sequence[str], strategies: Sequence[str]) -> dict[str, tuple[Any, ...]]:
-    """``KEY=V1,V2`` items as ``{key: (v1, v2)}`` (numbers parsed), each key checked to be in
-    the grid of one of ``strategies``; ``ValueError`` naming the item and the fix otherwise."""
+    """``KEY=V1,V2`` items as ``{key: (v1, v2)}``, each key checked to be in the grid of one
+    of ``strategies`` and each value to be a positive number of the key's kind (whole for
+    epochs, any for learning rates); ``ValueError`` naming the item and the fix otherwise."""
     known = {k for n in strategies for k in GRID_VALUES[n]}
     out: dict[str, tuple[Any, ...]] = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        values = tuple(_number(v) for v in raw.split(",") if v.strip())
-        if not sep or not values:
+        texts = [v.strip() for v in raw.split(",") if v.strip()]
+        if not sep or not texts:
             raise ValueError(f"--grid-values {item!r}: write KEY=V1,V2 (e.g. server-epochs=30,100)")
         if key not in known:
             raise ValueError(
                 f"--grid-values {item!r}: {key!r} is in none of the grids of "
                 f"{', '.join(strategies)}; their keys are {sorted(known)}"
             )
-        out[key] = values
+        whole = all(isinstance(v, int) for n in strategies for v in GRID_VALUES[n].get(key, ()))
+        values = []
+        for text in texts:
+            value = _positive(text, whole)
+            if value is None:
+                kind = "whole numbers" if whole else "numbers"
+                raise ValueError(f"--grid-values {item!r}: {key} takes {kind} > 0, not {text!r}")
+            values.append(value)
+        out[key] = tuple(values)
     return out
 
 
-def _number(text: str) -> int | float | str:
-    """``text`` as an int, else a float, else as given."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text.strip()
+def _positive(text: str, whole: bool) -> int | float | None:
+    """``text`` as an int (``whole``) or a float, if it is one and > 0; else None."""
+    try:
+        value = int(text) if whole else float(text)
+    except ValueError:
+        return None
+    return value if value > 0 else None
 
 
 def run_once(

@@ -3,8 +3,10 @@
 import json
 
 import pytest
+import torch
 
 from fedcl_dd.cli import main
+from fedcl_dd.io import load_checkpoint, save_checkpoint
 from fedcl_dd.synthetic import SyntheticSet
 
 
@@ -74,6 +76,17 @@ def test_resume_continues_a_run(tmp_path):
     assert main([*base, "--iterations", "2"]) == 0
     assert main([*base, "--iterations", "4", "--resume"]) == 0
     assert json.loads((out / "results.json").read_text())["iterations"] == 4
+    # The resumed run starts from the checkpoint (a resume that ignored it and ran 4 fresh
+    # iterations would end where this one does): moved images there move the result. That a
+    # resume is bit-exact is test_distill's.
+    resumed = SyntheticSet.load(out / "synthetic.safetensors").images()
+    moved = tmp_path / "moved"
+    assert main([*base[:-4], str(moved), *base[-3:], "--iterations", "2"]) == 0
+    state = load_checkpoint(moved / "checkpoint.pt")
+    state["syn"]["pixels"] += 1.0
+    save_checkpoint(state, moved / "checkpoint.pt")
+    assert main([*base[:-4], str(moved), *base[-3:], "--iterations", "4", "--resume"]) == 0
+    assert not torch.equal(SyntheticSet.load(moved / "synthetic.safetensors").images(), resumed)
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+import fedcl_dd.objectives.dm as dm_module
 import fedcl_dd.pool as pool_module
 from fedcl_dd.compiled import compile_embedding, compiled_forward
 from fedcl_dd.distill import DistillConfig
@@ -62,6 +63,13 @@ def test_a_compiled_run_distills_the_same_images(digits, digits_sampler, method,
         return compiled_forward(mode)
 
     monkeypatch.setattr(pool_module, "compiled_forward", spy)
+    matching = []  # the modes the matching networks were compiled in
+
+    def spy_matching(net, mode):
+        matching.append(mode)
+        return compile_embedding(net, mode)
+
+    monkeypatch.setattr(dm_module, "compile_embedding", spy_matching)
     runs = {}
     for mode in (None, "default"):
         recipe = Recipe(method=method, ipc=2, iterations=2, options=options)
@@ -74,6 +82,9 @@ def test_a_compiled_run_distills_the_same_images(digits, digits_sampler, method,
         runs[mode] = (run, run.run())
     (eager, eager_result), (compiled, compiled_result) = runs[None], runs["default"]
     assert compiled_result.losses == pytest.approx(eager_result.losses, rel=1e-4)
+    # Every matching network of the compiled run went through torch.compile, none of the
+    # eager run's (without this, both runs could be eager and agree).
+    assert matching == ["default"] * len(matching) and matching
     if method == "idm":  # a step per iteration, compiled in the compiled run only
         assert trained == ["default"] * 2
     moved = (eager.syn.images() - start).detach().norm()

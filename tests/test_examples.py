@@ -42,15 +42,23 @@ def test_a_model_the_run_cannot_load_is_refused_before_round_one():
 
 
 def test_evaluate_fn_normalizes_raw_pixels_and_refuses_normalized_ones(digits):
-    strategy = SyntheticSetStrategy(CFG)
+    """A trained MLP (a ConvNet's instance norm would hide a missing normalization): raw
+    pixels given to evaluate_fn score as the normalized split does, and the same pixels fed
+    to the model unnormalized score visibly less."""
+    from fedcl_dd.evaluate import accuracy, train_model
+
+    strategy = SyntheticSetStrategy(FedConfig(preset="digits-iid-4", ipc=5, model="mlp"))
     spec = digits.spec
+    net = make_model("mlp", spec.channels, spec.num_classes, spec.image_size)
+    train_model(net, digits.train_x, digits.train_y, 30, generator=torch.Generator().manual_seed(0))
     raw = digits.test_x * torch.tensor(spec.std).view(1, -1, 1, 1) + torch.tensor(spec.mean).view(
         1, -1, 1, 1
     )
-    arrays = strategy.initial_arrays()
+    arrays = model_arrays(net)
     on_raw = strategy.evaluate_fn(raw.clamp(0, 1), digits.test_y)(1, arrays)["accuracy"]
     on_split = strategy.evaluate_fn()(1, arrays)["accuracy"]
-    assert on_raw == pytest.approx(on_split, abs=0.01)
+    assert on_split > 0.8 and on_raw == pytest.approx(on_split, abs=0.005)
+    assert accuracy(net, raw.clamp(0, 1), digits.test_y) < on_split - 0.01  # not normalized
     with pytest.raises(ValueError, match=r"raw pixels in \[0, 1\]"):
         strategy.evaluate_fn(digits.test_x, digits.test_y)
 

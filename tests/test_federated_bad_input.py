@@ -368,7 +368,7 @@ def test_grid_values_replace_one_key_and_keep_the_folder_order(bench, monkeypatc
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    key=st.sampled_from(["server-epochs", "local-lr", "rounds", "server_epochs", ""]),
+    key=st.sampled_from(["server-epochs", "server-lr", "local-lr", "rounds", "server_epochs", ""]),
     raw=st.lists(st.sampled_from(["30", "0.05", "", " ", "x"]), max_size=3).map(",".join),
     sep=st.sampled_from(["=", ":"]),
 )
@@ -376,12 +376,15 @@ def test_grid_values_are_parsed_or_refused_with_the_fix(bench, key, raw, sep):
     """A KEY=V1,V2 item is accepted only with '=', a key of a chosen strategy's grid and at
     least one value; anything else names the item and what to write."""
     item = f"{key}{sep}{raw}"
-    values = [v for v in raw.split(",") if v.strip()]
-    ok = sep == "=" and key in ("server-epochs",) and values
-    if ok:
+    values = [v.strip() for v in raw.split(",") if v.strip()]
+    # Of the values drawn, server-epochs takes "30" (whole numbers > 0), server-lr "30" and
+    # "0.05" (numbers > 0, as floats); nothing else is a key of the synthetic grid.
+    takes = {"server-epochs": {"30"}, "server-lr": {"30", "0.05"}}.get(key, set())
+    if sep == "=" and values and set(values) <= takes:
         parsed = bench.grid_overrides([item], ["synthetic"])[key]
-        assert len(parsed) == len(values)
-        assert all(isinstance(v, (int, float, str)) for v in parsed)
+        kind = int if key == "server-epochs" else float
+        assert parsed == tuple(kind(v) for v in values)
+        assert all(type(v) is kind for v in parsed)
     else:
         with pytest.raises(ValueError, match="--grid-values"):
             bench.grid_overrides([item], ["synthetic"])

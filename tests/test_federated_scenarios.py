@@ -75,8 +75,15 @@ def test_presets_parse_and_bad_names_are_refused():
         10,
     )
     assert parse_preset("cifar10-path2-10").partitioning.classes_per_client == 2
-    for bad in ("mnist-dir-10", "imagenet-iid-4", "digits-iid", "digits-path11-4", "digits-dir0-4"):
-        with pytest.raises(ValueError):
+    refusals = {
+        "mnist-dir-10": "unknown preset 'mnist-dir-10': expected <dataset>-",
+        "imagenet-iid-4": "unknown preset .*dataset in \\['cifar10', 'digits', 'mnist'\\]",
+        "digits-iid": "unknown preset 'digits-iid'",
+        "digits-path11-4": "11 classes per client, but digits has 10",
+        "digits-dir0-4": "needs alpha > 0",
+    }
+    for bad, reason in refusals.items():
+        with pytest.raises(ValueError, match=reason):
             parse_preset(bad)
 
 

@@ -78,6 +78,9 @@ def test_a_round_redone_after_a_restart_starts_where_its_first_attempt_did(tmp_p
     again = _upload(train_in_process(PLAIN, 2, node))  # a fresh context: a restarted client
     assert first.keys() == again.keys()
     assert all(torch.equal(first[k], again[k]) for k in first)
+    # The warm start is used: without round 1's set, round 2 uploads something else.
+    cold = _upload(train_in_process(PLAIN, 2, {**node, "state-dir": str(tmp_path / "empty")}))
+    assert not all(torch.equal(first[k], cold[k]) for k in first)
     train_in_process(PLAIN, 3, node)
     kept = sorted(p.name for p in (tmp_path / "partition-1").glob("synthetic*"))
     assert kept == ["synthetic-round2.safetensors", "synthetic-round3.safetensors"]
@@ -95,5 +98,7 @@ def test_the_unnumbered_set_of_an_older_run_is_its_warm_start(tmp_path):
     train_in_process(PLAIN, 1, {**node, "state-dir": str(tmp_path / "fresh")})
     whole = _upload(train_in_process(PLAIN, 2, {**node, "state-dir": str(tmp_path / "fresh")}))
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+    cold = _upload(train_in_process(PLAIN, 2, {**node, "state-dir": str(tmp_path / "empty")}))
+    assert not all(torch.equal(resumed[k], cold[k]) for k in whole)  # the old set was used
     train_in_process(PLAIN, 3, node)
     assert not (client / "synthetic.safetensors").exists()

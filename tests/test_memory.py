@@ -91,7 +91,7 @@ def test_pixel_memory_shrinks_by_herding_and_refuses_too_small(digits):
 
 def test_memory_for_names_what_exists():
     assert memory_for("pixels") is PixelMemory and memory_for("addressing") is AddressingMemory
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown parameterization .*'pixels'"):
         memory_for("no-such-parameterization")
 
 

@@ -172,15 +172,21 @@ def test_limits_on_images_and_bytes(digits_sampler, gen):
 def test_save_is_atomic_and_keeps_the_old_file_on_failure(
     digits_sampler, gen, tmp_path, monkeypatch
 ):
+    """The new bytes are written in full, then the rename into place fails: the old file is
+    still there, whole, and no temporary file is left (a save that wrote in place would
+    have replaced it)."""
     syn = _pixels(digits_sampler, gen)
     path = syn.save(tmp_path / "s.safetensors")
     before = path.read_bytes()
+    with torch.no_grad():
+        for param in syn.parameters():
+            param.add_(0.5)  # other content, so an in-place write would show
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("fedcl_dd.synthetic.safetensors_bytes", boom)
-    with pytest.raises(OSError):
+    monkeypatch.setattr("fedcl_dd.io.os.replace", boom)
+    with pytest.raises(OSError, match="disk full"):
         syn.save(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
