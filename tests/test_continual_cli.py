@@ -100,7 +100,9 @@ def test_continual_command_refuses_a_budget_below_one_image_per_class(tmp_path, 
 
 
 def test_class_orders_are_fixed_by_the_seed():
-    assert class_order(3) == class_order(3) and sorted(class_order(3)) == list(range(10))
+    # Pinned: a stream's classes must not move with a library's random generator.
+    assert class_order(3) == [6, 0, 3, 7, 8, 5, 1, 9, 2, 4]
+    assert class_order(0) == [4, 1, 7, 5, 3, 9, 0, 8, 6, 2]
     assert class_order(3) != class_order(4)
     bench = make_benchmark("split-digits", seed=3)
     order = class_order(3)
