@@ -303,7 +303,11 @@ def test_substitution_is_bounded_by_the_accounted_mechanism(sigma, q):
     from scipy.stats import norm
 
     x = np.linspace(-80, 80, 200_001)
-    s = 2 * sigma  # the noise std in units of C
+    # The noise the objective adds, in units of C: sigma times its sensitivity (2C for
+    # same-class replacement); a change to either shows here.
+    obj = PrivateDistributionMatching(clip=0.5, noise_multiplier=sigma)
+    s = sigma * obj.sensitivity / obj.clip
+    assert s == pytest.approx(2 * sigma)
 
     def mix(mu: float) -> np.ndarray:
         return np.logaddexp(np.log1p(-q) + norm.logpdf(x, 0, s), np.log(q) + norm.logpdf(x, mu, s))
