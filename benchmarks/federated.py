@@ -34,6 +34,7 @@ import json
 import math
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -64,6 +65,7 @@ def reach(rows: list[dict], target: float) -> tuple[int, int] | None:
 # The tuning grids: the same effort (4 settings) for our strategy and for the baselines.
 # ``--grid-values KEY=V1,V2`` replaces one key's values for a run (e.g. fewer server epochs
 # where the pool is large); the grid and the choice are written to the summary either way.
+COST_EVERY = 60.0  # seconds between writes of a running simulation's cost.json
 GRID_VALUES: dict[str, dict[str, tuple[Any, ...]]] = {
     "synthetic": {"server-epochs": (50, 200), "server-lr": (0.01, 0.05)},
     "fedavg": {"local-epochs": (1, 5), "local-lr": (0.01, 0.05)},
@@ -162,28 +164,49 @@ def run_once(
                 float(measured.get("seconds", "nan")),
                 float(measured.get("peak_mib", "nan")),
             )
-    before = {}
+    before: dict[str, Any] = {}
     if resume and (out / "cost.json").is_file():
         before = json.loads((out / "cost.json").read_text())  # the earlier parts' cost
     start = time.perf_counter()
-    with PeakTreeMemory() as mem:
-        results = simulate(cfg, out, resume=resume, data_root=data_root)
-    seconds = time.perf_counter() - start + float(before.get("seconds", 0.0))
-    peak = max(mem.peak, float(before.get("peak_mib", 0.0)))
-    # A run's own cost; the named targets are the summary's, so this file's list is empty.
-    write_json(
-        {
+
+    def record(mem: PeakTreeMemory, finished: dict | None) -> tuple[float, float]:
+        """cost.json so far: this part's seconds on top of the earlier parts', the highest
+        peak. Written every COST_EVERY seconds too, so a part stopped by a session's end still counts
+        (rounds it redoes after a resume count twice: wall time spent on the run)."""
+        seconds = time.perf_counter() - start + float(before.get("seconds", 0.0))
+        peak = max(mem.peak, float(before.get("peak_mib", 0.0)))
+        cost = {
             "seconds": seconds,
             "peak_mib": peak,
             "peak_rss_mib": max(mem.peak_rss, float(before.get("peak_rss_mib", 0.0))),
-            "resumed_after": results.get("resumed_after", 0),
             # The server's training and evaluation run in this process at this many threads;
             # each simulated client at one (its node config's "threads").
             "server_threads": torch.get_num_threads(),
+            # A run's own cost; the named targets are the summary's, so this list is empty.
             "targets": [],
-        },
-        out / "cost.json",
-    )
+        }
+        if finished is None:
+            cost["running"] = True
+        else:
+            cost["resumed_after"] = finished.get("resumed_after", 0)
+        write_json(cost, out / "cost.json")
+        return seconds, peak
+
+    stop = threading.Event()
+
+    def tick(mem: PeakTreeMemory) -> None:
+        while not stop.wait(COST_EVERY):
+            record(mem, None)
+
+    with PeakTreeMemory() as mem:
+        ticker = threading.Thread(target=tick, args=(mem,), daemon=True)
+        ticker.start()
+        try:
+            results = simulate(cfg, out, resume=resume, data_root=data_root)
+        finally:
+            stop.set()
+            ticker.join()
+    seconds, peak = record(mem, results)
     return results, seconds, peak
 
 

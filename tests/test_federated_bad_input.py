@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -326,11 +327,27 @@ def test_reuse_takes_a_finished_resumed_run_as_it_is_and_resumes_an_unfinished_o
     # The parts before the resume count in: seconds add up, the peak is the highest.
     cost = json.loads((out / "cost.json").read_text())
     assert 100.0 <= seconds == cost["seconds"] < 160.0 and peak == cost["peak_mib"] == 5e6
+    # While a part runs its cost is on disk, so a part stopped by a session's end counts.
+    monkeypatch.setattr(bench, "COST_EVERY", 0.05)
+    during = []
+
+    def slow_simulate(cfg: FedConfig, out: Path, resume: bool, data_root: str | None) -> dict:
+        time.sleep(0.5)
+        during.append(json.loads((out / "cost.json").read_text()))
+        return fake_simulate(cfg, out, resume, data_root)
+
+    monkeypatch.setattr(bench, "simulate", slow_simulate)
+    (out / "results.json").write_text(json.dumps({**done, "rounds": rows[:4], "complete": False}))
+    _, seconds, _ = bench.run_once(cfg, out, True, None)
+    assert during[0]["running"] and during[0]["seconds"] >= cost["seconds"] + 0.1
+    final = json.loads((out / "cost.json").read_text())
+    assert "running" not in final and final["seconds"] == seconds >= during[0]["seconds"]
+    monkeypatch.setattr(bench, "simulate", fake_simulate)
     # Short of its rounds with no checkpoint (a fresh clone): run anew, never reported whole.
     (out / "checkpoint.pt").unlink()
     (out / "results.json").write_text(json.dumps({**done, "rounds": rows[:4], "complete": False}))
     _, seconds, _ = bench.run_once(cfg, out, True, None)
-    assert resumed == [True, False] and seconds < 60.0
+    assert resumed == [True, True, False] and seconds < 60.0
 
 
 def test_grid_values_replace_one_key_and_keep_the_folder_order(bench, monkeypatch, tmp_path):
