@@ -261,6 +261,32 @@ def make_memory(
     buffer). Under strategy ``er-ace`` the plugin is None: the strategy replays the policy
     itself, with its own loss."""
     from avalanche.training.plugins import GDumbPlugin, ReplayPlugin
+
+    if cfg.buffer in STRATEGY_BUFFERS:
+        raise ValueError(f"{cfg.buffer!r} is a strategy with its own buffer: use make_strategy")
+    if cfg.buffer == "gdumb":  # its plugin builds its own policy
+        plugin = GDumbPlugin(mem_size=real_samples_for_budget(cfg.budget, bench.spec.image_shape))
+        return plugin, plugin.storage_policy
+    policy = _storage_policy(cfg, bench.spec, model)
+    if cfg.strategy == "er-ace":
+        return None, policy
+    if isinstance(policy, MemoryBuffer):
+        return MemoryReplayPlugin(
+            policy,
+            batch_size_mem=cfg.batch_size_mem,
+            fresh_epochs=cfg.buffer_epochs if cfg.fresh else 0,
+            seed=cfg.seed,
+            precision=cfg.precision,
+            build_over_train=cfg.build_over_train,
+        ), policy
+    return ReplayPlugin(
+        mem_size=policy.max_size, batch_size_mem=cfg.batch_size_mem, storage_policy=policy
+    ), policy
+
+
+def _storage_policy(cfg: RunConfig, spec: DatasetSpec, model: nn.Module) -> Any:
+    """The memory ``cfg.buffer`` names (but gdumb's): one of ours, or Avalanche's reservoir,
+    class-balanced or herding buffer of the real samples that fit the budget."""
     from avalanche.training.storage_policy import (
         ClassBalancedBuffer,
         HerdingSelectionStrategy,
@@ -268,12 +294,9 @@ def make_memory(
         ReservoirSamplingBuffer,
     )
 
-    spec = bench.spec
-    if cfg.buffer in STRATEGY_BUFFERS:
-        raise ValueError(f"{cfg.buffer!r} is a strategy with its own buffer: use make_strategy")
     kinds: dict[str, type[MemoryBuffer]] = {**BUFFERS, "compressed-real": CompressedRealBuffer}
     if cfg.buffer in kinds:
-        buffer = kinds[cfg.buffer](
+        return kinds[cfg.buffer](
             cfg.budget,
             spec,
             method=cfg.method,
@@ -290,41 +313,21 @@ def make_memory(
             options=cfg.options,
             precision=cfg.precision,
         )
-        if cfg.strategy == "er-ace":
-            return None, buffer
-        plugin = MemoryReplayPlugin(
-            buffer,
-            batch_size_mem=cfg.batch_size_mem,
-            fresh_epochs=cfg.buffer_epochs if cfg.fresh else 0,
-            seed=cfg.seed,
-            precision=cfg.precision,
-            build_over_train=cfg.build_over_train,
-        )
-        return plugin, buffer
     n = real_samples_for_budget(cfg.budget, spec.image_shape)
-    if cfg.buffer == "gdumb":
-        plugin = GDumbPlugin(mem_size=n)
-        return plugin, plugin.storage_policy
     if cfg.buffer == "replay":
-        policy: Any = ReservoirSamplingBuffer(n)
-    elif cfg.buffer == "class-balanced":
-        policy = ClassBalancedBuffer(n, adaptive_size=True)
-    else:
-        if cfg.model not in _EMBEDDING_LAYER:
-            raise ValueError(
-                f"herding selects in a flat embedding; the {cfg.model!r} model has none: use --model "
-                f"{' or '.join(_EMBEDDING_LAYER)}"
-            )
-        policy = ParametricBuffer(
-            n,
-            groupby="class",
-            selection_strategy=HerdingSelectionStrategy(model, _EMBEDDING_LAYER[cfg.model]),
+        return ReservoirSamplingBuffer(n)
+    if cfg.buffer == "class-balanced":
+        return ClassBalancedBuffer(n, adaptive_size=True)
+    if cfg.model not in _EMBEDDING_LAYER:
+        raise ValueError(
+            f"herding selects in a flat embedding; the {cfg.model!r} model has none: use --model "
+            f"{' or '.join(_EMBEDDING_LAYER)}"
         )
-    if cfg.strategy == "er-ace":
-        return None, policy
-    return ReplayPlugin(
-        mem_size=n, batch_size_mem=cfg.batch_size_mem, storage_policy=policy
-    ), policy
+    return ParametricBuffer(
+        n,
+        groupby="class",
+        selection_strategy=HerdingSelectionStrategy(model, _EMBEDDING_LAYER[cfg.model]),
+    )
 
 
 def make_strategy(
