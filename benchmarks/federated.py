@@ -130,9 +130,9 @@ def run_once(
 
     With ``reuse``, a run that was interrupted and left a checkpoint (every strategy writes one
     after each round) is resumed after its last completed round; its seconds are then those
-    of the resumed part plus those ``cost.json`` held from the parts before it (a part
-    stopped before it finished wrote none: its rounds' client and server seconds stay in
-    ``results.json``), its peak the highest of them."""
+    of the resumed part plus those ``cost.json`` held from the parts before it (a running
+    part rewrites it every ``COST_EVERY`` seconds, so a stopped one counts up to its last
+    write), its peak the highest of them."""
     resume = False
     if reuse and (out / "results.json").is_file():
         done = json.loads((out / "results.json").read_text())
@@ -171,8 +171,8 @@ def run_once(
 
     def record(mem: PeakTreeMemory, finished: dict | None) -> tuple[float, float]:
         """cost.json so far: this part's seconds on top of the earlier parts', the highest
-        peak. Written every COST_EVERY seconds too, so a part stopped by a session's end still counts
-        (rounds it redoes after a resume count twice: wall time spent on the run)."""
+        peak; ``finished`` is the run's results once it ends, else None (``"running"``).
+        Rounds a part redoes after a resume count twice: wall time spent on the run."""
         seconds = time.perf_counter() - start + float(before.get("seconds", 0.0))
         peak = max(mem.peak, float(before.get("peak_mib", 0.0)))
         cost = {

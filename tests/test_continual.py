@@ -397,17 +397,26 @@ def test_a_cap_on_a_baseline_is_refused():
         RunConfig(benchmark="split-digits", buffer="replay", build_over_train=1.0)
 
 
-def test_the_benchmark_lists_every_row_a_partial_run_left_out(tmp_path, monkeypatch):
+@pytest.fixture
+def continual_script(tmp_path, monkeypatch):
+    """``benchmarks/continual.py`` as a module, writing its results under ``tmp_path``."""
+    from bench_scripts import load_script
+
+    script = load_script("continual")
+    monkeypatch.setattr(script, "RESULTS", tmp_path)
+    return script
+
+
+def test_the_benchmark_lists_every_row_a_partial_run_left_out(
+    continual_script, tmp_path, monkeypatch
+):
     """``benchmarks/continual.py --rows X`` (and ``--resume --rows X``) must not hide the rows
     it did not run: rows_not_run_yet lists every row of the strategy's table still missing, and
     leaves out herding for a learner it cannot select with."""
     import json
     import sys
 
-    from bench_scripts import load_script
-
-    script = load_script("continual")
-    monkeypatch.setattr(script, "RESULTS", tmp_path)
+    script = continual_script
     argv = ["continual.py", "--benchmark", "split-digits", "--seeds", "0", "--strategy", "er-ace"]
     argv += ["--model", "convnet", "--tag", "_t"]
     monkeypatch.setattr(sys, "argv", [*argv, "--rows", "replay"])
@@ -423,16 +432,13 @@ def test_the_benchmark_lists_every_row_a_partial_run_left_out(tmp_path, monkeypa
     assert second["rows_not_run_yet"] == waiting[1:]
 
 
-def test_a_stopped_benchmark_resumes_seed_by_seed(tmp_path, monkeypatch):
+def test_a_stopped_benchmark_resumes_seed_by_seed(continual_script, tmp_path, monkeypatch):
     """A row stopped after its first seed keeps that seed in the JSON; --resume runs only the
     others and ends with the row an uninterrupted run gives."""
     import json
     import sys
 
-    from bench_scripts import load_script
-
-    script = load_script("continual")
-    monkeypatch.setattr(script, "RESULTS", tmp_path)
+    script = continual_script
     real_run, ran = script.run_stream, []
 
     def stopping(cfg, bench, **kwargs):
