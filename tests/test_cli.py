@@ -56,36 +56,26 @@ def test_distill_writes_set_results_and_grid_then_evaluate_reads_it(tmp_path, ca
 
 
 def test_resume_continues_a_run(tmp_path):
+    base = ["distill", "--dataset", "digits", "--ipc", "1", "--eval-epochs", "2"]
+    base += ["--eval-models", "1", "--no-progress", "--checkpoint-every", "1"]
+
+    def distill(out, *extra):
+        return main([*base, "--out", str(out), *extra])
+
     out = tmp_path / "run"
-    base = [
-        "distill",
-        "--dataset",
-        "digits",
-        "--ipc",
-        "1",
-        "--eval-epochs",
-        "2",
-        "--eval-models",
-        "1",
-        "--out",
-        str(out),
-        "--no-progress",
-        "--checkpoint-every",
-        "1",
-    ]
-    assert main([*base, "--iterations", "2"]) == 0
-    assert main([*base, "--iterations", "4", "--resume"]) == 0
+    assert distill(out, "--iterations", "2") == 0
+    assert distill(out, "--iterations", "4", "--resume") == 0
     assert json.loads((out / "results.json").read_text())["iterations"] == 4
     # The resumed run starts from the checkpoint (a resume that ignored it and ran 4 fresh
     # iterations would end where this one does): moved images there move the result. That a
     # resume is bit-exact is test_distill's.
     resumed = SyntheticSet.load(out / "synthetic.safetensors").images()
     moved = tmp_path / "moved"
-    assert main([*base[:-4], str(moved), *base[-3:], "--iterations", "2"]) == 0
+    assert distill(moved, "--iterations", "2") == 0
     state = load_checkpoint(moved / "checkpoint.pt")
     state["syn"]["pixels"] += 1.0
     save_checkpoint(state, moved / "checkpoint.pt")
-    assert main([*base[:-4], str(moved), *base[-3:], "--iterations", "4", "--resume"]) == 0
+    assert distill(moved, "--iterations", "4", "--resume") == 0
     assert not torch.equal(SyntheticSet.load(moved / "synthetic.safetensors").images(), resumed)
 
 
