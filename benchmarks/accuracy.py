@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import torch
 
-from fedcl_dd.cli import add_compile_flag, resolve_device
+from fedcl_dd.cli import add_compile_flag, add_precision_flag, resolve_device
 from fedcl_dd.data import Dataset, data_root, holdout, load_dataset
 from fedcl_dd.distill import Callback, DistillResult, ProgressBar, TimeLimit
 from fedcl_dd.evaluate import EvalResult, evaluate
@@ -211,6 +211,7 @@ def distill(
         device=device,
         cache_dir=data_root(args.data_root),
         compile=args.compile,
+        precision=args.precision,
     )
     with torch.no_grad():
         first = as_stored(run.syn)
@@ -248,6 +249,7 @@ def choose_lr(
             seed=args.seeds[0] + 1000,
             device=device,
             compile=args.compile,
+            precision=args.precision,
         )
         grid.append(
             {"lr_images": base * mult, "iterations": result.iterations, "validation": ev.mean}
@@ -277,6 +279,7 @@ def run_one(
         seed=seed + 1000,
         device=device,
         compile=args.compile,
+        precision=args.precision,
     )
     saved = None
     if args.save_sets:
@@ -448,6 +451,7 @@ def main() -> None:
         "torch.compile the matching and evaluation networks of every run alike (MODE "
         "default: 'default'); each process compiles once",
     )
+    add_precision_flag(p)
     p.add_argument("--jobs", type=int, default=1, help="runs side by side, one process each (CPU)")
     p.add_argument("--json", default="benchmarks/results/accuracy.json")
     p.add_argument(
@@ -473,6 +477,7 @@ def main() -> None:
         + f" of distillation, options {options_from_args(args) or 'default'}; eval {args.eval_models}x {args.eval_model}, "
         f"{args.eval_epochs} epochs; device {device}, {torch.get_num_threads()} threads"
         + (f", compiled ({args.compile})" if args.compile else "")
+        + (f", {args.precision}" if args.precision != "fp32" else "")
         + (
             f"; image lr chosen among {args.lr_grid} x the method's on {args.val_fraction} of "
             f"the training set held out, {args.select_minutes} min of distillation each"

@@ -65,6 +65,17 @@ def add_compile_flag(p: argparse.ArgumentParser, help: str) -> None:
     )
 
 
+def add_precision_flag(p: argparse.ArgumentParser) -> None:
+    """``--precision {fp32,bf16}``, fp32 by default."""
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=PRECISIONS,
+        help="bf16: bfloat16 autocast for distilling and training where the device computes it "
+        "natively (else fp32, with a warning)",
+    )
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     value = int(text)
@@ -79,13 +90,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
         "--eval-epochs", type=positive_int, default=300, help="epochs per evaluated network"
     )
     p.add_argument("--eval-models", type=positive_int, default=3, help="networks to average over")
-    p.add_argument(
-        "--precision",
-        default="fp32",
-        choices=PRECISIONS,
-        help="bf16: bfloat16 autocast for distilling and training where the device computes it "
-        "natively (else fp32, with a warning)",
-    )
+    add_precision_flag(p)
     p.add_argument(
         "--no-progress", action="store_true", help="no progress bars (the expected time is said)"
     )

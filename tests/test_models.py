@@ -2,8 +2,11 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from fedcl_dd.models import make_model
+from fedcl_dd.models import AvgPool2x2, make_model
 
 
 @pytest.mark.parametrize(
@@ -60,3 +63,41 @@ def test_accuracy_counts_as_the_plain_forward_and_leaves_the_model_as_it_was(nam
     assert accuracy(net, x, y, batch_size=128) == pytest.approx(float((plain == y).float().mean()))
     assert net.training
     assert all(p.is_contiguous() for p in net.parameters())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 3),
+    c=st.integers(1, 5),
+    h=st.integers(1, 9),
+    w=st.integers(1, 9),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    channels_last=st.booleans(),
+)
+def test_avg_pool_2x2_is_avg_pool2d_forward_and_backward(n, c, h, w, dtype, channels_last):
+    # The fast paths (slice sums, a matrix product) against PyTorch's kernel, bit for bit: odd
+    # sizes and channels-last fall back to it.
+    if h < 2 or w < 2:
+        return
+    gen = torch.Generator().manual_seed(n * 1000 + c * 100 + h * 10 + w)
+    x = torch.randn(n, c, h, w, generator=gen).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expected = AvgPool2x2()(ours), F.avg_pool2d(ref, 2)
+    grad = torch.randn(expected.shape, generator=gen).to(dtype)
+    out.backward(grad)
+    expected.backward(grad)
+    assert out.dtype == dtype
+    assert torch.equal(out, expected)  # the same sums in the same order
+    assert torch.equal(ours.grad, ref.grad)
+
+
+def test_avg_pool_2x2_gradients_and_vmap():
+    x = torch.randn(2, 3, 6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(AvgPool2x2(), (x,))
+    batch = torch.randn(4, 2, 3, 6, 4)
+    torch.testing.assert_close(
+        torch.func.vmap(AvgPool2x2())(batch),
+        F.avg_pool2d(batch.flatten(0, 1), 2).view(4, 2, 3, 3, 2),
+    )

@@ -89,14 +89,13 @@ class DistributionMatching(Objective):
             self.member = self.pool.pick(ctx)
             net = self.pool.matching_network(ctx, self.member)
         # The network is only a feature map: no weight gradients are needed, which makes the
-        # backward pass compute input gradients alone. Channels-last weights make the
-        # activations channels-last too, where oneDNN's forward convolutions and pooling run
-        # faster on CPU (forward ~18% here; it slows weight-gradient training, hence here only).
-        # Not under eager bfloat16 on CPU: PyTorch's bf16 GroupNorm is slow in that layout
-        # (7.5 ms against 0.9 ms for the convolution of a 16-image MNIST chunk, measured), which
-        # made a bf16 DM iteration 1.5x slower than fp32. Compiled, the norm is generated code.
-        eager_bf16_cpu = ctx.precision.active and ctx.device.type == "cpu" and not ctx.compile
-        layout = torch.contiguous_format if eager_bf16_cpu else torch.channels_last
+        # backward pass compute input gradients alone. Eager on CPU it stays contiguous (NCHW):
+        # oneDNN's convolutions run as fast there as channels-last, and PyTorch's GroupNorm
+        # runs up to 17x slower channels-last (16x16x128 maps, fp32; worse in bf16), while
+        # models.AvgPool2x2 pools the contiguous layout fast. Compiled, or on a GPU,
+        # channels-last suits the generated and cuDNN kernels.
+        eager_cpu = ctx.device.type == "cpu" and not ctx.compile
+        layout = torch.contiguous_format if eager_cpu else torch.channels_last
         net = net.to(memory_format=layout)
         return compile_embedding(net, ctx.compile) if ctx.compile else net
 
