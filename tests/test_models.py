@@ -71,7 +71,7 @@ def test_accuracy_counts_as_the_plain_forward_and_leaves_the_model_as_it_was(nam
     c=st.integers(1, 5),
     h=st.integers(1, 9),
     w=st.integers(1, 9),
-    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
     channels_last=st.booleans(),
 )
 def test_avg_pool_2x2_is_avg_pool2d_forward_and_backward(n, c, h, w, dtype, channels_last):
