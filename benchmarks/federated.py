@@ -24,6 +24,8 @@ for the strategy's full rounds (the issue's "selected on 5 rounds"), continuing 
 from the checkpoint (non-private runs; a resumed run ends as an uninterrupted one).
 ``--grid-values server-epochs=30,100`` replaces one key's values (the summary records the grid
 run); ``--reuse`` refuses a folder whose results another configuration wrote.
+``--set KEY=VALUE`` applies to every strategy, ``--set synthetic:KEY=VALUE`` to ours alone
+(distillation settings, which would otherwise enter the baselines' recorded configuration).
 """
 
 from __future__ import annotations
@@ -111,6 +113,42 @@ def grid_overrides(items: Sequence[str], strategies: Sequence[str]) -> dict[str,
             values.append(value)
         out[key] = tuple(values)
     return out
+
+
+# Settings the command line sets by flags of its own (a --set of them would be overridden).
+OWN_FLAGS = {
+    "preset": "--preset",
+    "algorithm": "--strategies",
+    "rounds": "--rounds (ours) or --fedavg-rounds (the baselines)",
+    "epsilon": "--epsilon",
+}
+
+
+def scoped_settings(
+    items: Sequence[str], strategies: Sequence[str]
+) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """``--set [STRATEGY:]KEY=VALUE`` items as (settings for every strategy, each strategy's
+    own). A scoped item applies to its strategy alone and wins over an unscoped one, so that
+    one invocation can run ours with distillation settings beside baselines whose recorded
+    configuration (checked on ``--reuse``) keeps the defaults. ``ValueError`` naming the item
+    and the fix for an item without ``=``, of a key with its own flag (:data:`OWN_FLAGS`) or
+    scoped to a strategy that is not run."""
+    shared: dict[str, str] = {}
+    own: dict[str, dict[str, str]] = {name: {} for name in strategies}
+    for item in items:
+        setting, sep, value = item.partition("=")
+        scope, colon, key = setting.rpartition(":")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: write KEY=VALUE or STRATEGY:KEY=VALUE")
+        if key in OWN_FLAGS:
+            raise ValueError(f"--set {item!r}: {key} has its own flag; use {OWN_FLAGS[key]}")
+        if colon and scope not in own:
+            raise ValueError(
+                f"--set {item!r}: {scope!r} is not one of the strategies run "
+                f"({', '.join(strategies)}); scope it to one of them or add it to --strategies"
+            )
+        (own[scope] if colon else shared)[key] = value
+    return shared, own
 
 
 def _positive(text: str, whole: bool) -> int | float | None:
@@ -284,7 +322,12 @@ def main(argv: list[str] | None = None) -> int:
         help="> 0: dm-dp clients vs DP-SGD FedAvg at this epsilon",
     )
     p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="shared FedConfig settings"
+        "--set",
+        action="append",
+        default=[],
+        metavar="[STRATEGY:]KEY=VALUE",
+        help="a FedConfig setting for every strategy, or with STRATEGY: for that one alone "
+        "(e.g. synthetic:param=multi, so that the baselines' results keep their own config)",
     )
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", default="benchmarks/results/federated")
@@ -323,18 +366,20 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         p.error(str(err))
 
-    shared: dict = {"preset": args.preset}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        shared[key] = value
+    try:
+        common, own_settings = scoped_settings(args.set, args.strategies)
+    except ValueError as err:
+        p.error(str(err))
+    shared: dict = {"preset": args.preset, **common}
     runs, summary = {}, []
     targets: list[dict[str, Any] | None] = []
     for name in args.strategies:
-        values = dict(
-            shared,
-            algorithm=name,
-            rounds=args.rounds if name == "synthetic" else args.fedavg_rounds,
-        )
+        values = {
+            **shared,
+            **own_settings[name],
+            "algorithm": name,
+            "rounds": args.rounds if name == "synthetic" else args.fedavg_rounds,
+        }
         if args.epsilon > 0:
             values["epsilon"] = args.epsilon
             if name == "synthetic":

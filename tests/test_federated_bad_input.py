@@ -424,3 +424,51 @@ def test_grid_values_without_grid_is_refused(bench, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--grid-values", "server-epochs=30,100", "--strategies", "synthetic"])
     assert "add --grid" in capsys.readouterr().err
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    scope=st.sampled_from(["", "synthetic:", "fedavg:", "fedprox:", "x:", ":"]),
+    key=st.sampled_from(["param", "iterations", "rounds", "preset", ""]),
+    sep=st.sampled_from(["=", ""]),
+)
+def test_set_items_are_scoped_or_refused_with_the_fix(bench, scope, key, sep):
+    """--set [STRATEGY:]KEY=VALUE: a scoped item reaches its strategy alone, an unscoped one
+    every strategy; an item without '=', with a key that has its own flag or scoped to a
+    strategy not run is refused, naming the item."""
+    item = f"{scope}{key}{sep}7"
+    strategies = ["synthetic", "fedavg"]
+    name = scope.rstrip(":")
+    if sep and key in ("param", "iterations") and scope in ("", "synthetic:", "fedavg:"):
+        shared, own = bench.scoped_settings([item], strategies)
+        assert (shared, own) == (
+            ({key: "7"}, {"synthetic": {}, "fedavg": {}})
+            if not scope
+            else ({}, {"synthetic": {}, "fedavg": {}, name: {key: "7"}})
+        )
+    else:
+        with pytest.raises(ValueError, match="--set") as err:
+            bench.scoped_settings([item], strategies)
+        assert repr(item) in str(err.value)
+
+
+def test_scoped_set_keeps_the_baselines_config_at_its_defaults(bench, monkeypatch, tmp_path):
+    """One invocation runs ours with distillation settings beside FedAvg: each run's recorded
+    configuration holds only its own (what --reuse compares), a scoped item wins over a
+    shared one, and the shared ones reach both."""
+    seen: dict[str, FedConfig] = {}
+
+    def fake_run_once(cfg: FedConfig, out: Path, reuse: bool, data_root: str | None):
+        seen[cfg.algorithm] = cfg
+        row = {"round": 1, "accuracy": 0.5, "upload_bytes": 1, "upload_bytes_total": 1}
+        return {"config": cfg.to_dict(), "rounds": [row]}, 1.0, 1.0
+
+    monkeypatch.setattr(bench, "run_once", fake_run_once)
+    argv = ["--strategies", "synthetic", "fedavg", "--out", str(tmp_path), "--set", "ipc=5"]
+    argv += ["--set", "synthetic:param=multi", "--set", "synthetic:ipc=3"]
+    assert bench.main(argv) == 0
+    default = FedConfig()
+    assert (seen["synthetic"].param, seen["synthetic"].ipc) == ("multi", 3)
+    assert (seen["fedavg"].param, seen["fedavg"].ipc) == (default.param, 5)
