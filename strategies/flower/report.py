@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,9 @@ def plot_runs(
     runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, title: str = ""
 ) -> Path:
     """Three panels, one line per run: accuracy by round, by cumulative upload (MB) and by
-    cumulative client compute (the seconds every client reported, summed)."""
+    cumulative client compute (the seconds every client reported, summed). Where every
+    trained round is above 0.5 accuracy, the axis starts just below them (the label says
+    so), leaving the initial model's point off the chart."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,11 +37,25 @@ def plot_runs(
             [r["upload_bytes_total"] / 1e6 for r, _ in kept], acc, marker="o", label=label
         )
         by_compute.plot([c for _, c in kept], acc, marker="o", label=label)
+    ylabel = "test accuracy (global model)"
+    trained = [
+        r["accuracy"]
+        for rows in runs.values()
+        for r in rows
+        if r["round"] > 0 and r.get("accuracy") is not None
+    ]
+    if trained and min(trained) > 0.5:
+        # The initial model's chance-level row would flatten what tells runs apart (tenths of
+        # a point near the top) into one line: the axis starts just below the trained rounds.
+        low = math.floor((min(trained) - 0.005) * 100) / 100
+        ylabel = f"test accuracy (axis from {low:.2f})"
+        for ax in (by_round, by_bytes, by_compute):
+            ax.set_ylim(low, min(1.0, max(trained) + 0.005))
     by_round.set_xlabel("round")
     by_bytes.set_xlabel("cumulative upload (MB, all clients)")
     by_compute.set_xlabel("cumulative client compute (CPU-minutes, all clients)")
     for ax in (by_round, by_bytes, by_compute):
-        ax.set_ylabel("test accuracy (global model)")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
     if title:
