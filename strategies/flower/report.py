@@ -48,7 +48,7 @@ def plot_runs(
         # The initial model's chance-level row would flatten what tells runs apart (tenths of
         # a point near the top) into one line: the axis starts just below the trained rounds.
         low = math.floor((min(trained) - 0.005) * 100) / 100
-        ylabel = f"test accuracy (axis from {low:.2f})"
+        ylabel = f"test accuracy, global model (axis from {low:.2f})"
         for ax in (by_round, by_bytes, by_compute):
             ax.set_ylim(low, min(1.0, max(trained) + 0.005))
     by_round.set_xlabel("round")
