@@ -29,6 +29,7 @@ from fedcl_dd.strategies.flower.loopback import Loopback
 from fedcl_dd.strategies.flower.report import format_table
 from procmem import PeakTreeMemory
 
+from fedcl_dd.cli import parse_settings
 from fedcl_dd.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results/deployment")
     args = p.parse_args(argv)
 
-    values: dict[str, str] = {"preset": args.preset, "rounds": str(args.rounds)}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        values[key] = value
+    try:
+        settings = parse_settings(args.set, own_flags={"preset": "--preset", "rounds": "--rounds"})
+    except ValueError as err:
+        p.error(str(err))
+    values: dict[str, str] = {**settings, "preset": args.preset, "rounds": str(args.rounds)}
     cfg = FedConfig.from_mapping(values)  # refuses bad settings before any process starts
     nodes = args.nodes or cfg.preset_obj.num_clients
     out = Path(args.out).resolve()  # the ServerApp runs in the SuperLink's working directory

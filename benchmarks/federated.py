@@ -53,6 +53,7 @@ from fedcl_dd.strategies.flower.strategy import check_same_config
 from procmem import PeakTreeMemory
 from targets import target
 
+from fedcl_dd.cli import split_setting
 from fedcl_dd.io import write_json
 
 
@@ -136,12 +137,8 @@ def scoped_settings(
     shared: dict[str, str] = {}
     own: dict[str, dict[str, str]] = {name: {} for name in strategies}
     for item in items:
-        setting, sep, value = item.partition("=")
+        setting, value = split_setting(item, own_flags=OWN_FLAGS)
         scope, colon, key = setting.rpartition(":")
-        if not sep or not key:
-            raise ValueError(f"--set {item!r}: write KEY=VALUE or STRATEGY:KEY=VALUE")
-        if key in OWN_FLAGS:
-            raise ValueError(f"--set {item!r}: {key} has its own flag; use {OWN_FLAGS[key]}")
         if colon and scope not in own:
             raise ValueError(
                 f"--set {item!r}: {scope!r} is not one of the strategies run "

@@ -36,6 +36,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from targets import target
 
+from fedcl_dd.cli import parse_settings
 from fedcl_dd.io import write_json
 from fedcl_dd.screen import DEFAULT_SCREEN_THRESHOLD
 from fedcl_dd.synthetic import PixelSet, SyntheticSet
@@ -124,10 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results/poisoning")
     args = p.parse_args(argv)
 
-    values: dict[str, Any] = {"preset": args.preset, "rounds": args.rounds}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        values[key] = value
+    own_flags = {"preset": "--preset", "rounds": "--rounds", "screen": "--screen"}
+    try:
+        settings = parse_settings(args.set, own_flags=own_flags)
+    except ValueError as err:
+        p.error(str(err))
+    values: dict[str, Any] = {**settings, "preset": args.preset, "rounds": args.rounds}
     base = FedConfig.from_mapping(values)
     clients = base.preset_obj.num_clients
     if not 0 < args.attackers < clients / 2:

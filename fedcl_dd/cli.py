@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -82,6 +82,29 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def split_setting(
+    item: str, flag: str = "--set", own_flags: Mapping[str, str] | None = None
+) -> tuple[str, str]:
+    """One ``KEY=VALUE`` command-line item as ``(key, value)``. ``ValueError`` naming the item
+    and the fix for an item without ``=`` or a key, and for a key in ``own_flags`` (key: the
+    flag to use instead), so that ``--set rounds=3`` cannot silently override ``--rounds 5``.
+    ``KEY`` may carry a ``STRATEGY:`` scope; the caller splits it off."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.rpartition(":")[2]:
+        raise ValueError(f"{flag} {item!r}: write KEY=VALUE")
+    bare = key.rpartition(":")[2]
+    if own_flags and bare in own_flags:
+        raise ValueError(f"{flag} {item!r}: {bare} has its own flag; use {own_flags[bare]}")
+    return key, value
+
+
+def parse_settings(
+    items: list[str], flag: str = "--set", own_flags: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """``KEY=VALUE`` items (:func:`split_setting`) as ``{key: value}``, a later item winning."""
+    return dict(split_setting(item, flag, own_flags) for item in items)
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:

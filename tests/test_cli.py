@@ -4,8 +4,10 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from fedcl_dd.cli import main
+from fedcl_dd.cli import main, parse_settings
 from fedcl_dd.io import load_checkpoint, save_checkpoint
 from fedcl_dd.synthetic import SyntheticSet
 
@@ -101,6 +103,14 @@ def test_resume_continues_a_run(tmp_path):
         ),
         (["--data-root", "/nonexistent/root", "distill", "--dataset", "mnist"], "MNIST"),
         (["evaluate", "/nonexistent/s.safetensors", "--dataset", "digits"], "no synthetic set at"),
+        # a --set naming a key with its own flag would silently override that flag
+        (
+            ["simulate", "--rounds", "5", "--set", "rounds=3"],
+            "rounds has its own flag; use --rounds",
+        ),
+        (["simulate", "--set", "algorithm=fedavg"], "algorithm has its own flag; use --strategy"),
+        (["simulate", "--set", "perturb"], "--set 'perturb': write KEY=VALUE"),
+        (["continual", "--benchmark", "split-digits", "--option", "=3"], "--option '=3': write"),
     ],
 )
 def test_bad_input_gets_a_clear_error(args, message, capsys):
@@ -148,3 +158,20 @@ def test_evaluate_refuses_a_set_of_another_dataset(tmp_path, capsys):
     )
     assert main(["evaluate", str(out / "synthetic.safetensors"), "--dataset", "cifar10"]) == 2
     assert "but cifar10 has" in capsys.readouterr().err
+
+
+@settings(max_examples=200, deadline=None)
+@given(item=st.text(alphabet="ab:=-_ 1", max_size=8))
+def test_settings_split_at_the_first_equals_or_are_refused_naming_the_item(item):
+    """``KEY=VALUE`` items: the key is everything before the first '=' and the value the rest;
+    an item without '=', with an empty key, or naming a key that has its own flag is refused
+    with the item quoted, so nothing is silently dropped or overridden."""
+    own = {"a": "--a"}
+    key, sep, value = item.partition("=")
+    bare = key.rpartition(":")[2]
+    if sep and bare and bare not in own:
+        assert parse_settings([item], own_flags=own) == {key: value}
+    else:
+        with pytest.raises(ValueError, match="--set") as err:
+            parse_settings([item], own_flags=own)
+        assert repr(item) in str(err.value)

@@ -164,13 +164,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def parse_options(items: list[str]) -> dict[str, str]:
     """``KEY=VALUE`` strings as options by name (hyphens to underscores); the memory's recipe
     parses each value against its declaration."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--option takes KEY=VALUE (e.g. syn-per-class=32), got {item!r}")
-        out[key.replace("-", "_")] = value
-    return out
+    from fedcl_dd.cli import parse_settings
+
+    return {k.replace("-", "_"): v for k, v in parse_settings(items, "--option").items()}
 
 
 def _run(args: argparse.Namespace) -> int:

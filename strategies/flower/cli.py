@@ -88,6 +88,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace) -> FedConfig:
+    from fedcl_dd.cli import parse_settings
+
     from .config import FedConfig
 
     values = {
@@ -112,11 +114,8 @@ def _config(args: argparse.Namespace) -> FedConfig:
         "rounds": args.rounds
         or (1 if args.mode == "one-shot" and args.algorithm == "synthetic" else 3),
     }
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        values[key] = value
+    own_flags = {k: "--strategy" if k == "algorithm" else f"--{k}" for k in values}
+    values.update(parse_settings(args.set, own_flags=own_flags))
     if args.epsilon > 0 and args.algorithm == "synthetic":
         values["method"] = private_variant(
             str(values["method"])
