@@ -59,6 +59,7 @@ def _saved_run(tmp_path) -> SyntheticSetStrategy:
         (lambda s: next(iter(s["model"].values())).fill_(float("nan")), "NaN"),
         (lambda s: s["model"].pop(next(iter(s["model"]))), "not those of the run's model"),
         (lambda s: s.pop("pool"), "KeyError"),
+        (lambda s: s.update(initial_evaluation={"accuracy": "high"}), "ValueError"),
     ],
 )
 def test_a_crafted_server_checkpoint_is_refused_and_changes_nothing(tmp_path, craft, match):
@@ -74,6 +75,9 @@ def test_a_crafted_server_checkpoint_is_refused_and_changes_nothing(tmp_path, cr
 
 def test_a_sound_server_checkpoint_resumes(tmp_path):
     saved = _saved_run(tmp_path)
+    saved.record_evaluation(0, {"accuracy": 0.125})  # the initial model's, before round 1
+    saved.save_checkpoint()
     fresh = SyntheticSetStrategy(CFG, checkpoint=tmp_path / "ckpt.pt")
     arrays, done = fresh.resume()
     assert done == 1 and set(arrays) == set(saved._global)
+    assert fresh.initial_evaluation == {"accuracy": 0.125}  # a resumed run still has round 0

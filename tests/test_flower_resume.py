@@ -84,6 +84,8 @@ def test_kill_after_round_two_then_resume(tmp_path):
     assert resumed.returncode == 0, log[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["resumed_after"] == killed_at
+    first = results["rounds"][0]  # the initial model's accuracy survives the restart
+    assert first["round"] == 0 and 0.0 < first["accuracy"] <= 1.0, first
     rows = [row for row in results["rounds"] if row["round"] > 0]
     assert [row["round"] for row in rows] == [1, 2, 3, 4]
     # A client that finished the interrupted round before the kill keeps that release in its

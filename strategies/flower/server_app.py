@@ -164,6 +164,8 @@ def build_run(
         strategy = _baseline(cfg, pending)
     _keep_validation(strategy, pending)
     history: dict[int, dict[str, Any]] = {}
+    if resume and isinstance(strategy, SyntheticSetStrategy) and strategy.initial_evaluation:
+        history[0] = {"accuracy": strategy.initial_evaluation["accuracy"]}
     if resume and isinstance(strategy, _Metered):
         arrays, done, history, server_state = resume_baseline(cfg, out_dir / CHECKPOINT)
         strategy.round_offset = done

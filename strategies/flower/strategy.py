@@ -214,6 +214,8 @@ class SyntheticSetStrategy(FedAvg):
         self.ledgers = ClientLedgers(cfg.epsilon, cfg.delta) if cfg.private else None
         self.bindings = PartitionBindings()
         self.reports: list[RoundReport] = []
+        # The initial model's evaluation (round 0), kept so a resumed run still reports it.
+        self.initial_evaluation: dict[str, float] = {}
         self._global: ArrayRecord | None = None
         self._outgoing: list[Message] = []
 
@@ -554,6 +556,8 @@ class SyntheticSetStrategy(FedAvg):
     def record_evaluation(self, server_round: int, metrics: dict[str, float]) -> None:
         """Attach centralized evaluation results to the round's report (and checkpoint them)."""
         r = self.round_offset + server_round
+        if r == 0:
+            self.initial_evaluation = dict(metrics)
         for report in self.reports:
             if report.round == r:
                 report.evaluation.update(metrics)
@@ -574,6 +578,7 @@ class SyntheticSetStrategy(FedAvg):
             },
             "ledgers": self.ledgers.state_dict() if self.ledgers is not None else {},
             "reports": [asdict(rep) for rep in self.reports],
+            "initial_evaluation": self.initial_evaluation,
         }
         save_checkpoint(state, self.checkpoint)
 
@@ -631,8 +636,11 @@ class SyntheticSetStrategy(FedAvg):
             )
             for rep in state["reports"]
         ]
+        # Absent from checkpoints written before it was kept: the resumed run then lacks round 0.
+        initial = {str(k): float(v) for k, v in state.get("initial_evaluation", {}).items()}
         # Everything checked: adopt it.
         self.pool, self.ledgers, self.reports = pool, ledgers, reports
+        self.initial_evaluation = initial
         self.round_offset = done
         self._global = ArrayRecord(model)
         log(INFO, "resumed from %s after round %d", self.checkpoint, self.round_offset)
