@@ -1,4 +1,4 @@
-"""Results a user can look at: accuracy against rounds, uploaded megabytes and client compute."""
+"""Results a user can look at: accuracy against rounds, uploaded megabytes and compute."""
 
 from __future__ import annotations
 
@@ -14,13 +14,15 @@ def plot_runs(
     runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, title: str = ""
 ) -> Path:
     """Three panels, one line per run: accuracy by round, by cumulative upload (MB) and by
-    cumulative client compute (the seconds every client reported, summed). Where every
+    cumulative compute: the seconds every client reported, summed, plus the server's (ours
+    trains the global model there; a baseline's server only averages). Where every
     trained round is above 0.5 accuracy, the axis starts just below them (the label says
     so), leaving the initial model's point off the chart."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,7 +30,7 @@ def plot_runs(
     for label, rows in runs.items():
         spent, compute = 0.0, []
         for r in rows:
-            spent += r.get("client_seconds_sum") or 0.0
+            spent += (r.get("client_seconds_sum") or 0.0) + (r.get("server_seconds") or 0.0)
             compute.append(spent / 60)
         kept = [(r, c) for r, c in zip(rows, compute, strict=True) if r.get("accuracy") is not None]
         acc = [r["accuracy"] for r, _ in kept]
@@ -52,8 +54,9 @@ def plot_runs(
         for ax in (by_round, by_bytes, by_compute):
             ax.set_ylim(low, min(1.0, max(trained) + 0.005))
     by_round.set_xlabel("round")
+    by_round.xaxis.set_major_locator(MaxNLocator(integer=True))  # no round 2.5
     by_bytes.set_xlabel("cumulative upload (MB, all clients)")
-    by_compute.set_xlabel("cumulative client compute (CPU-minutes, all clients)")
+    by_compute.set_xlabel("cumulative compute (minutes, clients summed + server)")
     for ax in (by_round, by_bytes, by_compute):
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
