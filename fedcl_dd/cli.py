@@ -92,9 +92,9 @@ def split_setting(
     flag to use instead), so that ``--set rounds=3`` cannot silently override ``--rounds 5``.
     ``KEY`` may carry a ``STRATEGY:`` scope; the caller splits it off."""
     key, sep, value = item.partition("=")
-    if not sep or not key.rpartition(":")[2]:
-        raise ValueError(f"{flag} {item!r}: write KEY=VALUE")
     bare = key.rpartition(":")[2]
+    if not sep or not bare:
+        raise ValueError(f"{flag} {item!r}: write KEY=VALUE")
     if own_flags and bare in own_flags:
         raise ValueError(f"{flag} {item!r}: {bare} has its own flag; use {own_flags[bare]}")
     return key, value
