@@ -102,7 +102,7 @@ def test_kill_after_round_two_then_resume(tmp_path):
     # Each round's validation accuracy was checkpointed with it, the rounds before the kill too;
     # only the round the kill interrupted (its model checkpointed, its evaluation not yet run)
     # may lack one.
-    validation = {row["round"]: row["validation_accuracy"] for row in results["rounds"]}
+    validation = {row["round"]: row["validation_accuracy"] for row in rows}
     assert all(0.0 < validation[r] <= 1.0 for r in (1, 2, 3, 4) if r != killed_at), validation
 
     # Every client released exactly what the run planned, 4 rounds x 5 at its (sigma, q), as
