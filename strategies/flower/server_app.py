@@ -155,17 +155,17 @@ def build_run(
     evaluator = initial_model(cfg, device)
     arrays, done = model_arrays(evaluator), 0
     pending: dict[str, MetricRecord] = {}
+    history: dict[int, dict[str, Any]] = {}
     if cfg.algorithm == "synthetic":
         synthetic = SyntheticSetStrategy(cfg, checkpoint=out_dir / CHECKPOINT, device=device)
         if resume:
             arrays, done = synthetic.resume()
+            if synthetic.initial_evaluation:  # the round-0 row, kept by the checkpoint
+                history[0] = {"accuracy": synthetic.initial_evaluation["accuracy"]}
         strategy: FedAvg = synthetic
     else:
         strategy = _baseline(cfg, pending)
     _keep_validation(strategy, pending)
-    history: dict[int, dict[str, Any]] = {}
-    if resume and isinstance(strategy, SyntheticSetStrategy) and strategy.initial_evaluation:
-        history[0] = {"accuracy": strategy.initial_evaluation["accuracy"]}
     if resume and isinstance(strategy, _Metered):
         arrays, done, history, server_state = resume_baseline(cfg, out_dir / CHECKPOINT)
         strategy.round_offset = done
