@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from machine import machine
 
 from fedcl_dd.cli import add_compile_flag, add_precision_flag, resolve_device
 from fedcl_dd.data import Dataset, data_root, holdout, load_dataset
@@ -495,7 +496,16 @@ def main() -> None:
         rows = [r for c in cells if c in done for r in done[c]]
         targets = accuracy_targets(rows, args.minutes, command)
         # Atomic: a run killed while writing leaves the last complete file.
-        write_json({"budget": budget, "complete": complete, "rows": rows, "targets": targets}, out)
+        write_json(
+            {
+                "machine": machine(),
+                "budget": budget,
+                "complete": complete,
+                "rows": rows,
+                "targets": targets,
+            },
+            out,
+        )
         return rows
 
     if args.jobs > 1:

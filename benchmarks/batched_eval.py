@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from machine import machine
 from torch.func import functional_call, stack_module_state, vmap
 
 from fedcl_dd.io import write_json
@@ -104,6 +105,7 @@ def main() -> int:
     print(f"largest weight difference after {2 * args.steps + 1} steps: {diff:.2e}")
     write_json(
         {
+            "machine": machine(),
             "device": str(dev),
             "threads": torch.get_num_threads(),
             "nets": k,

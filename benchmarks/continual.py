@@ -44,6 +44,7 @@ from fedcl_dd.strategies.avalanche.runner import (
     run_stream,
 )
 from fedcl_dd.strategies.avalanche.selection import choose
+from machine import machine
 from targets import target
 
 from fedcl_dd.io import write_json
@@ -524,6 +525,8 @@ def main() -> None:
             partial.pop(key, None)
             if chosen_by is not None:
                 row["selection"] = chosen_by
+            # Rows of one table may run in different sittings, on different machines.
+            row["machine"] = machine()
             table.append(row)
             save()
     print(

@@ -27,6 +27,7 @@ from pathlib import Path
 from fedcl_dd.strategies.flower.config import FedConfig
 from fedcl_dd.strategies.flower.loopback import Loopback
 from fedcl_dd.strategies.flower.report import format_table
+from machine import machine
 from procmem import PeakTreeMemory
 
 from fedcl_dd.cli import parse_settings
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     write_json(
         {
+            "machine": machine(),
             "preset": args.preset,
             "nodes": nodes,
             "run_config": run_config,

@@ -50,6 +50,7 @@ from fedcl_dd.strategies.flower.report import format_table, plot_runs
 from fedcl_dd.strategies.flower.server_app import CHECKPOINT
 from fedcl_dd.strategies.flower.simulation import simulate
 from fedcl_dd.strategies.flower.strategy import check_same_config
+from machine import machine
 from procmem import PeakTreeMemory
 from targets import target
 
@@ -168,7 +169,7 @@ def run_once(
     of the resumed part plus those ``cost.json`` held from the parts before it (a running
     part rewrites it every ``COST_EVERY`` seconds, so a stopped one counts up to its last
     write), its peak the highest of them."""
-    resume = False
+    resume, started_after = False, 0
     if reuse and (out / "results.json").is_file():
         done = json.loads((out / "results.json").read_text())
         # Results of another configuration (e.g. a grid folder after --grid-values changed
@@ -181,7 +182,7 @@ def run_once(
         last = max((row["round"] for row in done["rounds"]), default=0)
         interrupted = not done.get("complete", True) or last < cfg.rounds
         if interrupted and (out / CHECKPOINT).is_file():
-            resume = True
+            resume, started_after = True, last
         elif interrupted:
             # Short of its rounds with nothing to resume from (checkpoints are not committed:
             # a fresh clone has results.json alone): run it anew rather than report it whole.
@@ -202,13 +203,21 @@ def run_once(
     before: dict[str, Any] = {}
     if resume and (out / "cost.json").is_file():
         before = json.loads((out / "cost.json").read_text())  # the earlier parts' cost
+    # A cost.json from before parts were recorded holds the earlier seconds without a machine.
+    earlier_parts = before.get("parts") or (
+        [{"started_after_round": None, "seconds": before["seconds"], "machine": None}]
+        if "seconds" in before
+        else []
+    )
+    here = machine()
     start = time.perf_counter()
 
     def record(mem: PeakTreeMemory, finished: dict | None) -> tuple[float, float]:
         """cost.json so far: this part's seconds on top of the earlier parts', the highest
         peak; ``finished`` is the run's results once it ends, else None (``"running"``).
         Rounds a part redoes after a resume count twice: wall time spent on the run."""
-        seconds = time.perf_counter() - start + float(before.get("seconds", 0.0))
+        part = time.perf_counter() - start
+        seconds = part + float(before.get("seconds", 0.0))
         peak = max(mem.peak, float(before.get("peak_mib", 0.0)))
         cost = {
             "seconds": seconds,
@@ -220,6 +229,16 @@ def run_once(
             # A run's own cost; the named targets are the summary's, so this list is empty.
             "targets": [],
         }
+        # Each part of a run resumed over sittings may run on another machine: its seconds
+        # and the rounds it started after are recorded beside that machine.
+        cost["parts"] = [
+            *earlier_parts,
+            {
+                "started_after_round": started_after,
+                "seconds": part,
+                "machine": here,
+            },
+        ]
         if finished is None:
             cost["running"] = True
         else:
@@ -518,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     write_json(
         {
+            "machine": machine(),
             "preset": args.preset,
             "summary": summary,
             "targets": [t for t in targets if t is not None],

@@ -34,6 +34,7 @@ from fedcl_dd.strategies.flower.report import plot_runs
 from fedcl_dd.strategies.flower.simulation import simulate
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from machine import machine
 from targets import target
 
 from fedcl_dd.cli import parse_settings
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     write_json(
         {
+            "machine": machine(),
             "preset": args.preset,
             "attackers": args.attackers,
             "screen": args.screen,

@@ -35,6 +35,7 @@ import tempfile
 import time
 
 import torch
+from machine import machine
 from procmem import peak_since_reset, reset_peak
 from targets import target
 from torch import nn
@@ -336,6 +337,7 @@ def main() -> None:
     if args.json:
         write_json(
             {
+                "machine": machine(),
                 "device": str(device),
                 "conv_rate": rate,
                 "rows": rows,

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from machine import machine
 from targets import target
 
 from fedcl_dd.io import write_json
@@ -59,7 +60,7 @@ def main() -> int:
             "pytest_summary": summary[-1] if summary else None,
             "failed": failed,
             "slowest": slowest,
-            "cpu_count": os.cpu_count(),
+            "machine": machine(),
             # A suite that fails has not met its time, however fast it failed.
             "targets": [
                 target(

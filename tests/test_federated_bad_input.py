@@ -327,6 +327,11 @@ def test_reuse_takes_a_finished_resumed_run_as_it_is_and_resumes_an_unfinished_o
     # The parts before the resume count in: seconds add up, the peak is the highest.
     cost = json.loads((out / "cost.json").read_text())
     assert 100.0 <= seconds == cost["seconds"] < 160.0 and peak == cost["peak_mib"] == 5e6
+    # Each part says which machine ran it (the one from before parts were recorded: unknown).
+    earlier, part = cost["parts"]
+    assert earlier == {"started_after_round": None, "seconds": 100.0, "machine": None}
+    assert part["started_after_round"] == 4 and part["machine"]["cores"] >= 1
+    assert part["seconds"] == pytest.approx(seconds - 100.0)
     # While a part runs its cost is on disk, so a part stopped by a session's end counts.
     monkeypatch.setattr(bench, "COST_EVERY", 0.05)
     during = []
@@ -342,6 +347,8 @@ def test_reuse_takes_a_finished_resumed_run_as_it_is_and_resumes_an_unfinished_o
     assert during[0]["running"] and during[0]["seconds"] >= cost["seconds"] + 0.1
     final = json.loads((out / "cost.json").read_text())
     assert "running" not in final and final["seconds"] == seconds >= during[0]["seconds"]
+    assert len(final["parts"]) == 3
+    assert sum(p["seconds"] for p in final["parts"]) == pytest.approx(seconds)
     monkeypatch.setattr(bench, "simulate", fake_simulate)
     # Short of its rounds with no checkpoint (a fresh clone): run anew, never reported whole.
     (out / "checkpoint.pt").unlink()
