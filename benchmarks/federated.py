@@ -24,6 +24,8 @@ for the strategy's full rounds (the issue's "selected on 5 rounds"), continuing 
 from the checkpoint (non-private runs; a resumed run ends as an uninterrupted one).
 ``--grid-values server-epochs=30,100`` replaces one key's values (the summary records the grid
 run); ``--reuse`` refuses a folder whose results another configuration wrote.
+``--baselines-out DIR`` reads (with ``--reuse``) or runs the baselines under ``DIR``, so that
+a variant of ours is compared against a tuned baseline another run finished.
 ``--set KEY=VALUE`` applies to every strategy, ``--set synthetic:KEY=VALUE`` to ours alone
 (distillation settings, which would otherwise enter the baselines' recorded configuration).
 """
@@ -348,6 +350,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", default="benchmarks/results/federated")
     p.add_argument(
+        "--baselines-out",
+        default=None,
+        metavar="DIR",
+        help="the baselines' folders live under DIR instead of --out (e.g. a tuned FedAvg "
+        "finished by an earlier run: with --reuse it is read, not run again, and this "
+        "summary compares ours against it)",
+    )
+    p.add_argument(
         "--reuse",
         action="store_true",
         help="take each strategy's rounds from <out>/<strategy>/results.json when present "
@@ -375,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         "own) and then the chosen one for the strategy's full rounds (0: grid runs are full)",
     )
     args = p.parse_args(argv)
+    if args.baselines_out and not args.reuse:
+        # Without --reuse the other run's finished baselines would be run again over its files.
+        p.error("--baselines-out reads finished baselines; add --reuse")
     if args.grid_values and not args.grid:
         p.error("--grid-values changes the tuning grid; add --grid, or drop --grid-values")
     try:
@@ -403,6 +416,10 @@ def main(argv: list[str] | None = None) -> int:
         # A preset split too thin is refused here, not in a simulation whose server would
         # fail before round 1 with the reason only in its log.
         class_histogram(FedConfig.from_mapping(values).preset_obj, args.data_root)
+        # A baseline may live in another run's folder (--baselines-out): one tuned FedAvg
+        # stands as the reference for several variants of ours without running again.
+        base_out = args.baselines_out if name != "synthetic" and args.baselines_out else args.out
+        home = Path(base_out) / name
         grid: list[dict[str, Any]] = []
         if args.grid:
             full = int(values["rounds"])
@@ -410,9 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             own = {k: overrides.get(k, v) for k, v in GRID_VALUES[name].items()}
             for i, setting in enumerate(grid_settings(own)):
                 cfg = FedConfig.from_mapping({**values, **setting, "rounds": short})
-                res, secs, peak = run_once(
-                    cfg, Path(args.out) / name / f"grid{i}", args.reuse, args.data_root
-                )
+                res, secs, peak = run_once(cfg, home / f"grid{i}", args.reuse, args.data_root)
                 grid.append(grid_entry(setting, res, secs, peak))
                 print(f"{name} {setting}: validation {validation(res):.4f}", file=sys.stderr)
             best = choose_setting(grid, name)  # never the test accuracy
@@ -422,8 +437,8 @@ def main(argv: list[str] | None = None) -> int:
             if short < full:  # selected on the short runs; the chosen setting runs in full
                 cfg = FedConfig.from_mapping({**values, **best["setting"]})
                 final, chosen = (
-                    Path(args.out) / name,
-                    Path(args.out) / name / f"grid{grid.index(best)}",
+                    home,
+                    home / f"grid{grid.index(best)}",
                 )
                 continued = not cfg.private and not (final / "results.json").is_file()
                 if continued:
@@ -442,15 +457,14 @@ def main(argv: list[str] | None = None) -> int:
             cfg = FedConfig.from_mapping(results["config"])
         else:
             cfg = FedConfig.from_mapping(values)
-            results, seconds, peak = run_once(
-                cfg, Path(args.out) / name, args.reuse, args.data_root
-            )
+            results, seconds, peak = run_once(cfg, home, args.reuse, args.data_root)
             cfg = FedConfig.from_mapping(results["config"])
         runs[name] = results["rounds"]
         final = results["rounds"][-1]
         summary.append(
             {
                 "strategy": name,
+                "folder": str(home),
                 "rounds": final["round"],
                 "final_accuracy": final["accuracy"],
                 "upload_mb": final["upload_bytes_total"] / 1e6,

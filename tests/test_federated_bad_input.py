@@ -479,3 +479,45 @@ def test_scoped_set_keeps_the_baselines_config_at_its_defaults(bench, monkeypatc
     default = FedConfig()
     assert (seen["synthetic"].param, seen["synthetic"].ipc) == ("multi", 3)
     assert (seen["fedavg"].param, seen["fedavg"].ipc) == (default.param, 5)
+
+
+def test_baselines_out_reads_the_baselines_of_another_run_and_needs_reuse(
+    bench, monkeypatch, tmp_path
+):
+    """With ``--baselines-out DIR --reuse`` the baselines' folders are looked up under DIR
+    (an earlier run's tuned FedAvg), ours' under ``--out``, and the summary (in ``--out``)
+    compares ours against that baseline; without ``--reuse`` it is refused, since it would
+    run the other run's baselines again over their files."""
+    folders: list[Path] = []
+
+    def fake_run_once(cfg: FedConfig, out: Path, reuse: bool, data_root: str | None):
+        folders.append(out)
+        acc = 0.9 if cfg.algorithm == "synthetic" else 0.8
+        rows = [
+            {
+                "round": r,
+                "accuracy": acc,
+                "validation_accuracy": acc,
+                "upload_bytes": 10,
+                "upload_bytes_total": 10 * r,
+                "epsilon_max": 0.0,
+            }
+            for r in range(cfg.rounds + 1)
+        ]
+        return {"config": cfg.to_dict(), "rounds": rows}, 1.0, 1.0
+
+    monkeypatch.setattr(bench, "run_once", fake_run_once)
+    out, other = tmp_path / "variant", tmp_path / "tuned"
+    argv = ["--strategies", "synthetic", "fedavg", "--rounds", "2", "--fedavg-rounds", "4"]
+    argv += ["--out", str(out), "--baselines-out", str(other)]
+    with pytest.raises(SystemExit):
+        bench.main(argv)
+    assert folders == []
+    assert bench.main([*argv, "--reuse"]) == 0
+    assert folders == [out / "synthetic", other / "fedavg"]
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [r for r in summary["summary"] if "strategy" in r]
+    assert [r["folder"] for r in rows] == [str(f) for f in folders]
+    # Ours reaches the baseline's 0.8 in round 1 with 10 of its 40 bytes.
+    ratio = {t["name"]: t["value"] for t in summary["targets"]}
+    assert not (other / "summary.json").exists() and any(v == 0.25 for v in ratio.values())
