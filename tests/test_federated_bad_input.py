@@ -254,6 +254,23 @@ def test_benchmark_grid_choice_ignores_poisoned_test_labels(bench, monkeypatch, 
     assert chosen == chosen_poisoned == bench.GRIDS["fedavg"][1]
 
 
+def _results(cfg: FedConfig, accuracy: float, validation: float) -> dict:
+    """A run's results.json as the benchmark reads it: rounds 0..cfg.rounds at one accuracy
+    and validation accuracy, 10 bytes up a round."""
+    rows = [
+        {
+            "round": r,
+            "accuracy": accuracy,
+            "validation_accuracy": validation,
+            "upload_bytes": 10,
+            "upload_bytes_total": 10 * r,
+            "epsilon_max": 0.0,
+        }
+        for r in range(cfg.rounds + 1)
+    ]
+    return {"config": cfg.to_dict(), "rounds": rows}
+
+
 def test_select_rounds_chooses_on_short_runs_then_continues_the_chosen_one(
     bench, monkeypatch, tmp_path
 ):
@@ -271,18 +288,7 @@ def test_select_rounds_chooses_on_short_runs_then_continues_the_chosen_one(
         i = bench.GRIDS["fedavg"].index(
             {"local-epochs": cfg.local_epochs, "local-lr": cfg.local_lr}
         )
-        rows = [
-            {
-                "round": r,
-                "accuracy": 0.5,
-                "validation_accuracy": [0.7, 0.6, 0.9, 0.8][i],
-                "upload_bytes": 10,
-                "upload_bytes_total": 10 * r,
-                "epsilon_max": 0.0,
-            }
-            for r in range(cfg.rounds + 1)
-        ]
-        return {"config": cfg.to_dict(), "rounds": rows}, 1.0, 1.0
+        return _results(cfg, 0.5, [0.7, 0.6, 0.9, 0.8][i]), 1.0, 1.0
 
     monkeypatch.setattr(bench, "run_once", fake_run_once)
     out = tmp_path / "out"
@@ -493,18 +499,7 @@ def test_baselines_out_reads_the_baselines_of_another_run_and_needs_reuse(
     def fake_run_once(cfg: FedConfig, out: Path, reuse: bool, data_root: str | None):
         folders.append(out)
         acc = 0.9 if cfg.algorithm == "synthetic" else 0.8
-        rows = [
-            {
-                "round": r,
-                "accuracy": acc,
-                "validation_accuracy": acc,
-                "upload_bytes": 10,
-                "upload_bytes_total": 10 * r,
-                "epsilon_max": 0.0,
-            }
-            for r in range(cfg.rounds + 1)
-        ]
-        return {"config": cfg.to_dict(), "rounds": rows}, 1.0, 1.0
+        return _results(cfg, acc, acc), 1.0, 1.0
 
     monkeypatch.setattr(bench, "run_once", fake_run_once)
     out, other = tmp_path / "variant", tmp_path / "tuned"
