@@ -80,6 +80,7 @@ class Row(NamedTuple):
     op: str
     unit: str
     committed: str
+    machine: str = "not recorded"
 
     def meets(self, goal: Goal) -> bool:
         """The value (None: never reached) satisfies the issue's comparison, whatever the
@@ -106,6 +107,22 @@ def committed(path: Path) -> str:
     return out or "uncommitted"
 
 
+def machine_of(data: dict[str, Any]) -> str:
+    """Where a results file was measured: its ``machine`` (:mod:`machine`), else its rows'
+    (a table run over sittings), each as CPU, cores and whether bfloat16 was native."""
+    found = [data.get("machine")] + [
+        r.get("machine") for r in data.get("rows") or [] if isinstance(r, dict)
+    ]
+    named = {
+        f"{m['cpu']} ×{m['cores']}"
+        + (", native bf16" if m.get("native_bf16_cpu") else "")
+        + (f", {m['gpu']}" if m.get("gpu") else "")
+        for m in found
+        if isinstance(m, dict)
+    }
+    return " + ".join(sorted(named)) or "not recorded"
+
+
 def measurements(root: Path) -> Iterator[Row]:
     """Every row of every ``targets`` list in the JSON files under ``root``."""
     for path in sorted(root.rglob("*.json")):
@@ -116,7 +133,7 @@ def measurements(root: Path) -> Iterator[Row]:
         targets = data.get("targets") if isinstance(data, dict) else None
         if not targets:
             continue
-        when = committed(path)
+        when, where = committed(path), machine_of(data)
         for t in targets:
             yield Row(
                 t["name"],
@@ -126,6 +143,7 @@ def measurements(root: Path) -> Iterator[Row]:
                 t["op"],
                 t.get("unit", ""),
                 when,
+                where,
             )
 
 
@@ -136,8 +154,8 @@ def table(rows: list[Row]) -> list[str]:
     for r in rows:
         by_name.setdefault(r.name, []).append(r)
     lines = [
-        "| issue | target | goal | measured | met | file | committed |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| issue | target | goal | measured | met | file | committed | machine |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     missing = []
     names = sorted({**ISSUE_TARGETS, **REPORTED}, key=lambda n: _issue_of(n))
@@ -157,7 +175,7 @@ def table(rows: list[Row]) -> list[str]:
                 if r.departs_from(goal):
                     met += f" (file says {r.op} {r.target:g})"
             lines.append(
-                f"| {_issue_of(name)} | `{name}` | {stated} | {value} | {met} | {r.file} | {r.committed} |"
+                f"| {_issue_of(name)} | `{name}` | {stated} | {value} | {met} | {r.file} | {r.committed} | {r.machine} |"
             )
     if missing:
         lines += ["", "Not measured yet:", ""] + [f"- issue {m}" for m in missing]

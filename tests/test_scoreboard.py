@@ -59,3 +59,24 @@ def test_every_committed_results_file_names_issue_targets_as_the_issues_do(board
     assert rows, "the committed results measure at least one issue target"
     moved = [r for r in rows if r.departs_from(board.ISSUE_TARGETS[r.name])]
     assert not moved, f"results state other goals than their issues: {moved}"
+
+
+def test_each_measurement_says_the_machine_it_ran_on(board, tmp_path):
+    """The file's machine, else its rows' (a table run over sittings, each machine once),
+    else "not recorded"; a CPU without native bfloat16 is not said to have it."""
+    epyc = {"cpu": "AMD EPYC", "cores": 2, "native_bf16_cpu": False, "gpu": None}
+    xeon = {"cpu": "Intel Xeon", "cores": 2, "native_bf16_cpu": True, "gpu": None}
+    targets = [_t("suite-minutes", 8.2, 10, "<")]
+    (tmp_path / "top.json").write_text(json.dumps({"machine": epyc, "targets": targets}))
+    rows = [{"machine": xeon}, {"machine": epyc}, {"machine": epyc}]
+    (tmp_path / "rows.json").write_text(json.dumps({"rows": rows, "targets": targets}))
+    _write(tmp_path / "old.json", targets)
+    where = {r.file: r.machine for r in board.measurements(tmp_path)}
+    assert where == {
+        "top.json": "AMD EPYC ×2",
+        "rows.json": "AMD EPYC ×2 + Intel Xeon ×2, native bf16",
+        "old.json": "not recorded",
+    }
+    assert any(
+        line.endswith("| AMD EPYC ×2 |") for line in board.table(list(board.measurements(tmp_path)))
+    )
