@@ -24,8 +24,9 @@ for the strategy's full rounds (the issue's "selected on 5 rounds"), continuing 
 from the checkpoint (non-private runs; a resumed run ends as an uninterrupted one).
 ``--grid-values server-epochs=30,100`` replaces one key's values (the summary records the grid
 run); ``--reuse`` refuses a folder whose results another configuration wrote.
-``--baselines-out DIR`` reads (with ``--reuse``) or runs the baselines under ``DIR``, so that
-a variant of ours is compared against a tuned baseline another run finished.
+``--baselines-out DIR`` (with ``--reuse``) takes the baselines from ``DIR`` (resuming one left
+unfinished there), so that a variant of ours is compared against a tuned baseline another run
+finished.
 ``--set KEY=VALUE`` applies to every strategy, ``--set synthetic:KEY=VALUE`` to ours alone
 (distillation settings, which would otherwise enter the baselines' recorded configuration).
 """
