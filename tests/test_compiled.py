@@ -40,7 +40,8 @@ IDM_POOL = {"pool_size": 2, "pool_init": 2, "pool_steps": 1, "pool_train_nets": 
 # A pool network (copied and blended each iteration, then compiled) and the centered, clipped
 # wrapper of dm-dp around a compiled network: the two ways a network reaches the loss. With
 # each, how far the compiled run's two steps may stray from the eager run's, as a share of
-# their length: floating-point sums in another order (measured: 3e-4 for dm, 1e-5 for dm-dp),
+# their length: floating-point sums in another order (measured: 3e-4 for dm; 1e-5 for dm-dp,
+# 1.2e-3 on an AMD EPYC without AVX-512 under torch 2.14, its vector width another order),
 # and how far (relative) the losses after the first may then differ.
 # NCFM's phase term, sqrt(|a||b| - Re(a conj b)), cancels and then magnifies rounding: its
 # steps differ by 4-6% on an Intel Xeon and by 10% on an AMD EPYC (measured) for losses equal
@@ -50,7 +51,7 @@ CASES = {
     "dm": ({"real_per_class": 16}, 1e-3, 1e-4),
     # NCFM's 10% steps move its second loss by 1e-3 (measured on an AMD EPYC).
     "ncfm": ({"real_per_class": 16, "num_freqs": 64, "pool_size": 2, "pool_init": 2}, 0.25, 1e-2),
-    "dm-dp": ({"real_per_class": 16, "noise_multiplier": 1.0}, 1e-3, 1e-4),
+    "dm-dp": ({"real_per_class": 16, "noise_multiplier": 1.0}, 5e-3, 1e-4),
     # IDM's pool networks train a step every iteration, through the compiled forward.
     "idm": ({"real_per_class": 16, **IDM_POOL}, 1e-3, 1e-4),
 }
