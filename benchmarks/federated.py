@@ -437,10 +437,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: no validation accuracy, not chosen: {unscored}", file=sys.stderr)
             if short < full:  # selected on the short runs; the chosen setting runs in full
                 cfg = FedConfig.from_mapping({**values, **best["setting"]})
-                final, chosen = (
-                    home,
-                    home / f"grid{grid.index(best)}",
-                )
+                final, chosen = home, home / f"grid{grid.index(best)}"
                 continued = not cfg.private and not (final / "results.json").is_file()
                 if continued:
                     # The chosen run goes on from its last round: a resumed run ends as an

@@ -60,8 +60,9 @@ def test_evaluate_fn_normalizes_raw_pixels_and_refuses_normalized_ones(digits):
     # The same images normalized again: at most one of them may flip on rounding.
     one = 1 / len(digits.test_y)
     assert on_split > 0.8 and on_raw == pytest.approx(on_split, abs=one)
-    # Fed unnormalized, the model scores otherwise (by 0.7-4 points, measured on three
-    # seeds and two CPUs), so an evaluate_fn that skipped normalizing fails the line above.
+    # Fed unnormalized, the model scores otherwise (0.7 points lower for this seed on an AMD
+    # EPYC without AVX-512, 2.7-4.5 on three other seeds), so an evaluate_fn that skipped
+    # normalizing fails the line above.
     assert abs(accuracy(net, raw.clamp(0, 1), digits.test_y) - on_split) > one
     with pytest.raises(ValueError, match=r"raw pixels in \[0, 1\]"):
         strategy.evaluate_fn(digits.test_x, digits.test_y)
