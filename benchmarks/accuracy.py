@@ -37,6 +37,7 @@ from typing import NamedTuple
 import torch
 from machine import machine
 
+from fedcl_dd.allocator import keep_freed_memory
 from fedcl_dd.cli import add_compile_flag, add_precision_flag, resolve_device
 from fedcl_dd.data import Dataset, data_root, holdout, load_dataset
 from fedcl_dd.distill import Callback, DistillResult, ProgressBar, TimeLimit
@@ -463,6 +464,7 @@ def main() -> None:
     )
     add_option_flags(p)
     args = p.parse_args()
+    keep_freed_memory()
     args.lr_images = dict(
         (m, float(v)) if v else ("*", float(m))
         for m, _, v in map(lambda e: e.partition("="), args.lr_images)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from machine import machine
 from torch.func import functional_call, stack_module_state, vmap
 
+from fedcl_dd.allocator import keep_freed_memory
 from fedcl_dd.io import write_json
 from fedcl_dd.models import make_model
 
@@ -39,6 +40,7 @@ def main() -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default="benchmarks/results/batched_eval_cpu.json")
     args = p.parse_args()
+    keep_freed_memory()
     dev = torch.device(args.device)
     k, b = args.nets, args.images
     nets = [

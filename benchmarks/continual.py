@@ -47,6 +47,7 @@ from fedcl_dd.strategies.avalanche.selection import choose
 from machine import machine
 from targets import target
 
+from fedcl_dd.allocator import keep_freed_memory
 from fedcl_dd.io import write_json
 from fedcl_dd.viz import save_grid
 
@@ -368,6 +369,7 @@ def main() -> None:
         "and the finished seeds of a row it left part-way, and run only the rest",
     )
     args = p.parse_args()
+    keep_freed_memory()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
     base = RunConfig(

@@ -30,6 +30,7 @@ from fedcl_dd.strategies.flower.report import format_table
 from machine import machine
 from procmem import PeakTreeMemory
 
+from fedcl_dd.allocator import keep_freed_memory
 from fedcl_dd.cli import parse_settings
 from fedcl_dd.io import write_json
 
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=3 * 3600, help="seconds before giving up")
     p.add_argument("--out", default="benchmarks/results/deployment")
     args = p.parse_args(argv)
+    keep_freed_memory()
 
     try:
         settings = parse_settings(args.set, own_flags={"preset": "--preset", "rounds": "--rounds"})

@@ -57,6 +57,7 @@ from machine import machine
 from procmem import PeakTreeMemory
 from targets import target
 
+from fedcl_dd.allocator import keep_freed_memory
 from fedcl_dd.cli import split_setting
 from fedcl_dd.io import write_json
 
@@ -386,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         "own) and then the chosen one for the strategy's full rounds (0: grid runs are full)",
     )
     args = p.parse_args(argv)
+    keep_freed_memory()
     if args.baselines_out and not args.reuse:
         # Without --reuse the other run's finished baselines would be run again over its files.
         p.error("--baselines-out reads finished baselines; add --reuse")

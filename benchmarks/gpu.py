@@ -51,6 +51,7 @@ from speed import _Clock, _sync
 from targets import target
 from torch.utils.flop_counter import FlopCounterMode
 
+from fedcl_dd.allocator import keep_freed_memory
 from fedcl_dd.cli import resolve_device
 from fedcl_dd.data import Dataset, load_dataset
 from fedcl_dd.distill import distill
@@ -334,6 +335,7 @@ def main() -> int:
     )
     p.add_argument("--json", default=None, help="default: benchmarks/results/gpu_<device>.json")
     args = p.parse_args()
+    keep_freed_memory()
     device = resolve_device(args.device)
     if device.type != "cuda" and not args.smoke:
         print(

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from fedcl_dd.allocator import freed_memory_kept
 from fedcl_dd.precision import bf16_unsupported_reason
 
 
@@ -24,7 +25,8 @@ def _cpu_model() -> str:
 
 def machine() -> dict[str, Any]:
     """The CPU, its cores, this process's torch threads, whether bfloat16 runs natively on
-    the CPU (a ``bf16`` run elsewhere fell back to fp32), the GPU if any, and torch's version."""
+    the CPU (a ``bf16`` run elsewhere fell back to fp32), the GPU if any, torch's version, and
+    whether freed memory is kept for reuse (:mod:`fedcl_dd.allocator`: large steps run faster)."""
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
@@ -32,4 +34,5 @@ def machine() -> dict[str, Any]:
         "native_bf16_cpu": bf16_unsupported_reason("cpu") is None,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
+        "freed_memory_kept": freed_memory_kept(),
     }

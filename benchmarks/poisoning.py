@@ -37,6 +37,7 @@ from flwr.clientapp import ClientApp
 from machine import machine
 from targets import target
 
+from fedcl_dd.allocator import keep_freed_memory
 from fedcl_dd.cli import parse_settings
 from fedcl_dd.io import write_json
 from fedcl_dd.screen import DEFAULT_SCREEN_THRESHOLD
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", default="benchmarks/results/poisoning")
     args = p.parse_args(argv)
+    keep_freed_memory()
 
     own_flags = {"preset": "--preset", "rounds": "--rounds", "screen": "--screen"}
     try:

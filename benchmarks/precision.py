@@ -28,10 +28,12 @@ import time
 from pathlib import Path
 
 import torch
+from machine import machine
 from speed import conv_rate
 from targets import target
 from torch.utils.flop_counter import FlopCounterMode
 
+from fedcl_dd.allocator import keep_freed_memory
 from fedcl_dd.augment import DSA
 from fedcl_dd.compiled import compile_embedding
 from fedcl_dd.data import DatasetSpec, load_dataset
@@ -107,7 +109,14 @@ def main() -> int:
     p.add_argument("--iterations", type=int, default=7)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--json", default="benchmarks/results/precision_cpu.json")
+    p.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave glibc's allocator as it is (the figures before fedcl_dd.allocator)",
+    )
     args = p.parse_args()
+    if not args.default_allocator:
+        keep_freed_memory()
     command = "python benchmarks/precision.py " + " ".join(sys.argv[1:])
     mnist = load_dataset("mnist")
     real = ClassSampler(mnist.train_x, mnist.train_y, mnist.spec.num_classes)
@@ -167,6 +176,7 @@ def main() -> int:
         f"{rate / 1e9:.0f} GFLOP/s: {eval_ratio:.2f}x floor eager, {compiled_ratio:.2f}x compiled"
     )
     out = {
+        "machine": machine(),
         "threads": torch.get_num_threads(),
         "seconds": rows,
         "digits_accuracy": accuracy,

@@ -41,6 +41,7 @@ from targets import target
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from fedcl_dd.allocator import keep_freed_memory
 from fedcl_dd.cli import add_compile_flag, resolve_device
 from fedcl_dd.data import data_root, load_dataset
 from fedcl_dd.distill import Callback, DistillConfig, DistillState, distill
@@ -265,6 +266,7 @@ def main() -> None:
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-task", default="peak", choices=["peak", "time"], help=argparse.SUPPRESS)
     args = p.parse_args()
+    keep_freed_memory()
     if args.child:
         child(args)
         return

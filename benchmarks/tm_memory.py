@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from procmem import peak_since_reset, reset_peak
 
+from fedcl_dd.allocator import keep_freed_memory
 from fedcl_dd.cli import resolve_device
 from fedcl_dd.data import data_root, load_dataset
 from fedcl_dd.pipeline import Distillation
@@ -77,6 +78,7 @@ def main() -> None:
     p.add_argument("--json", default="benchmarks/results/tm_memory.json")
     p.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    keep_freed_memory()
     if args.child:
         print(child(args, int(args.child[0]), args.child[1] == "tesla"))
         return

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .allocator import keep_freed_memory
 from .compiled import COMPILE_MODES
 from .data import SPECS, DatasetNotFoundError, data_root, import_data, load_dataset
 from .distill import (
@@ -373,6 +374,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedcl-dd`` command; returns the exit status."""
+    keep_freed_memory()
     args = _parser().parse_args(argv)
     handlers = {"distill": _cmd_distill, "evaluate": _cmd_evaluate, "data": _cmd_data}
     try:

@@ -28,6 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch import nn
 
+from fedcl_dd.allocator import keep_freed_memory
 from fedcl_dd.cli import resolve_device
 from fedcl_dd.compiled import compile_embedding
 from fedcl_dd.evaluate import accuracy
@@ -64,6 +65,7 @@ def _setup(msg: Message, context: Context) -> tuple[FedConfig, int, ClientData, 
         )
     root = context.node_config.get("data-root")
     torch.set_num_threads(max(1, int(context.node_config.get("threads", 1))))
+    keep_freed_memory()
     return cfg, pid, client_data(cfg.preset_obj, pid, str(root) if root else None), resolve_device()
 
 

@@ -28,6 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedAvgM, FedProx
 from torch import nn
 
+from fedcl_dd.allocator import keep_freed_memory
 from fedcl_dd.cli import resolve_device
 from fedcl_dd.evaluate import accuracy
 from fedcl_dd.io import CorruptCheckpoint, load_checkpoint, save_checkpoint, write_json
@@ -56,6 +57,7 @@ SERVER_KEYS = {"out-dir": "runs/flwr", "resume": False}
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run`` and SuperLink deployments."""
+    keep_freed_memory()
     run_config = dict(context.run_config)
     server = {k: run_config.pop(k, default) for k, default in SERVER_KEYS.items()}
     cfg = FedConfig.from_mapping(run_config)
