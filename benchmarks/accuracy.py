@@ -513,7 +513,12 @@ def main() -> None:
     if args.jobs > 1:
         # Separate processes (one thread each, with OMP_NUM_THREADS=1): on a small CPU two runs
         # side by side finish sooner than one after the other, under the same load.
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+        # Spawned workers start with glibc's defaults: each keeps freed memory itself.
+        with ProcessPoolExecutor(
+            args.jobs,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=keep_freed_memory,
+        ) as ex:
             futures = {ex.submit(cell_rows, args, c): c for c in cells}
             for future in as_completed(futures):
                 done[futures[future]] = future.result()
