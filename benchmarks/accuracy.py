@@ -379,6 +379,13 @@ def make_cells(
     return cells
 
 
+def _start_worker(threads: int) -> None:
+    """A ``--jobs`` process: its share of the cores, and freed memory kept (a spawned process
+    starts with glibc's defaults, not its parent's)."""
+    torch.set_num_threads(threads)
+    keep_freed_memory()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -475,10 +482,14 @@ def main() -> None:
     except ValueError as err:
         p.error(str(err))
     cells = make_cells(args.ipc, pairs, args.methods, args.teacher_epochs)
+    # With --jobs, each run gets its share of the cores for all of its minutes, so that a
+    # run left alone does not speed up when its neighbour finishes.
+    threads = max(1, torch.get_num_threads() // args.jobs)
     budget = (
         (f"{args.minutes} min" if args.minutes else f"{args.iterations} it")
         + f" of distillation, options {options_from_args(args) or 'default'}; eval {args.eval_models}x {args.eval_model}, "
-        f"{args.eval_epochs} epochs; device {device}, {torch.get_num_threads()} threads"
+        f"{args.eval_epochs} epochs; device {device}, {threads} threads"
+        + (f" in each of {args.jobs} processes" if args.jobs > 1 else "")
         + (f", compiled ({args.compile})" if args.compile else "")
         + (f", {args.precision}" if args.precision != "fp32" else "")
         + (
@@ -511,13 +522,13 @@ def main() -> None:
         return rows
 
     if args.jobs > 1:
-        # Separate processes (one thread each, with OMP_NUM_THREADS=1): on a small CPU two runs
-        # side by side finish sooner than one after the other, under the same load.
-        # Spawned workers start with glibc's defaults: each keeps freed memory itself.
+        # Separate processes: on a small CPU two runs side by side finish sooner than one
+        # after the other, under the same load.
         with ProcessPoolExecutor(
             args.jobs,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=keep_freed_memory,
+            initializer=_start_worker,
+            initargs=(threads,),
         ) as ex:
             futures = {ex.submit(cell_rows, args, c): c for c in cells}
             for future in as_completed(futures):

@@ -1,9 +1,15 @@
-"""benchmarks/accuracy.py: which (parameterization, storage) cells a command runs."""
+"""benchmarks/accuracy.py: which (parameterization, storage) cells a command runs, and how its
+``--jobs`` processes start."""
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
-from bench_scripts import load_script
+from bench_scripts import BENCHMARKS, load_script
 
 
 @pytest.fixture(scope="module")
@@ -37,3 +43,41 @@ def test_a_teacher_labels_every_set_but_the_reference_and_is_named_in_its_target
     gain = targets["mnist-ipc10-15min-gain-over-dm-dm-multi-fp16-teacher"]
     assert gain["value"] == pytest.approx(0.02)
     assert targets["mnist-ipc10-15min-acc"]["value"] == 0.98  # the validated row speaks
+
+
+WORKERS = """
+import multiprocessing
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+sys.path.insert(0, sys.argv[1])
+import accuracy
+import torch
+from fedcl_dd.allocator import freed_memory_kept
+
+if __name__ == "__main__":
+    with ProcessPoolExecutor(
+        1,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=accuracy._start_worker,
+        initargs=(1,),
+    ) as ex:
+        print(ex.submit(torch.get_num_threads).result(), ex.submit(freed_memory_kept).result())
+"""
+
+
+def test_a_jobs_worker_runs_on_its_share_of_the_cores_with_freed_memory_kept(tmp_path):
+    """A spawned --jobs process starts with torch's and glibc's defaults, not its parent's: it
+    would take every core once its neighbour finished, and fault its tensors in anew."""
+    script = tmp_path / "workers.py"
+    script.write_text(WORKERS)
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    out = subprocess.run(
+        [sys.executable, str(script), str(BENCHMARKS)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    ).stdout.split()
+    kept = "True" if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" else "False"
+    assert out == ["1", kept]
