@@ -5,7 +5,8 @@ unmaps it on free, so every training step faults in its largest activations page
 again. On a 2-core AMD EPYC, cloning a 52 MB tensor took 23.6 ms that way against 3.5 ms for a
 copy into existing memory, and one evaluation epoch of a 100-image MNIST set on the ConvNet
 (whose first block's activations are 52 MB) took 0.44-0.51 s against 0.35 s with the freed
-memory kept (median of 8 epochs, one thread).
+memory kept (median of 8 epochs, one thread); resident memory settled 3% above the default's
+peak (1,586 against 1,539 MB over 40 epochs) and stayed there.
 """
 
 from __future__ import annotations
