@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes
 import platform
 
-__all__ = ["freed_memory_kept", "keep_freed_memory"]
+__all__ = ["freed_memory_kept", "has_glibc", "keep_freed_memory"]
 
 # mallopt(3) parameter numbers from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -22,6 +22,11 @@ _M_MMAP_MAX = -4
 # mallopt takes an int: the largest free top of the heap kept rather than returned (2 GiB).
 _KEEP_BYTES = 2**31 - 1
 _kept = False
+
+
+def has_glibc() -> bool:
+    """Whether this process runs on glibc, the only C library :func:`keep_freed_memory` tunes."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
 def keep_freed_memory() -> bool:
@@ -33,7 +38,7 @@ def keep_freed_memory() -> bool:
     Returns ``False``, changing nothing, where the C library is not glibc.
     """
     global _kept
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not has_glibc():
         return False
     libc = ctypes.CDLL(None)
     # mallopt returns 1 on success; both settings or the flag stays down.

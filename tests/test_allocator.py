@@ -4,11 +4,12 @@ whether it took effect."""
 
 from __future__ import annotations
 
-import platform
 import subprocess
 import sys
 
 import pytest
+
+from fedcl_dd.allocator import has_glibc
 
 # Runs in its own process: the setting is process-wide and cannot be undone.
 SCRIPT = """
@@ -44,9 +45,7 @@ def _run(mode: str) -> list[str]:
     ).stdout.split()
 
 
-@pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
-)
+@pytest.mark.skipif(not has_glibc(), reason="glibc only")
 def test_kept_memory_spares_a_training_step_its_page_faults() -> None:
     default, *flags_default = _run("default")
     kept, *flags_kept = _run("kept")
