@@ -184,6 +184,12 @@ class MemoryBuffer(ExemplarsBuffer):
         expected = getattr(exp, "classes_in_this_experience", None)
         self.add(x, y, None if expected is None else [int(c) for c in expected], seconds)
 
+    def update(self, strategy: Any, **kwargs: Any) -> None:
+        """What Avalanche's deprecated ``update`` does, :meth:`post_adapt` on the strategy's
+        experience, without its ``DeprecationWarning``: Avalanche's own ``ER_ACE`` still
+        calls it on its storage policy every experience."""
+        self.post_adapt(strategy, strategy.experience)
+
     def resize(self, strategy: Any, new_size: int) -> None:
         """Avalanche's resize: keep at most ``new_size`` images (see the memory's ``shrink``)."""
         self.memory.shrink(int(new_size))
