@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedcl_dd.models import AvgPool2x2, make_model
+from fedcl_dd.models import AvgPool2x2, conv2d, make_model
 
 
 @pytest.mark.parametrize(
@@ -99,3 +99,62 @@ def test_avg_pool_2x2_gradients_and_vmap():
         torch.func.vmap(AvgPool2x2())(batch),
         F.avg_pool2d(batch.flatten(0, 1), 2).view(4, 2, 3, 3, 2),
     )
+
+
+
+def _out_and_grads(params, x, autocast, through):
+    """``through(x)`` as fp32, and the gradients of the input and of ``params`` of a weighted
+    sum of it."""
+    for p in params:
+        p.grad = None
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = through(x)
+    weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+    (out.float() * weights).sum().backward()
+    return [out.float(), x.grad] + [p.grad.clone() for p in params]
+
+
+def _assert_close(ours, plain, autocast):
+    tol = 2e-2 if autocast else 1e-5
+    largest = max(b.abs().max().item() for b in plain)
+    for a, b in zip(ours, plain, strict=True):
+        assert a.dtype == b.dtype
+        # A gradient that is rounding noise around zero (a bias before instance norm) is
+        # compared at the scale of the largest one.
+        assert torch.allclose(a, b, rtol=tol, atol=tol * largest)
+
+
+@pytest.mark.parametrize("channels, size, padding", [(1, 28, 3), (3, 32, 1), (16, 8, 1)])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_convolution_with_the_bias_summed_apart_is_the_module(channels, size, padding, autocast):
+    """models.conv2d (the ConvNet's convolutions on CPU): the output and the gradients of the
+    input, weight and bias are the module's (fp32: to rounding; bf16 autocast: to its own)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(channels, 8, 3, padding=padding)
+    x = torch.randn(5, channels, size, size)
+    params = [conv.weight, conv.bias]
+    ours = _out_and_grads(params, x, autocast, lambda t: conv2d(conv, t))
+    plain = _out_and_grads(params, x, autocast, conv)
+    assert ours[-1].abs().max() > 1  # the bias gradient is a real one here
+    _assert_close(ours, plain, autocast)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_convnet_embed_is_its_layers_called_as_modules(autocast):
+    net = make_model("convnet", 1, 10, 28, torch.Generator().manual_seed(0))
+    x = torch.randn(6, 1, 28, 28)
+    params = list(net.features.parameters())
+    ours = _out_and_grads(params, x, autocast, net.embed)
+    plain = _out_and_grads(params, x, autocast, lambda t: net.features(t).flatten(1))
+    _assert_close(ours, plain, autocast)
+
+
+def test_convnet_embed_calls_a_hooked_convolution_itself():
+    """Opacus computes per-sample gradients with module hooks: a hooked convolution must be
+    called as a module, so its hooks fire."""
+    net = make_model("convnet", 1, 10, 28, torch.Generator().manual_seed(0))
+    calls = []
+    net.features[0].register_forward_hook(lambda *args: calls.append(1))
+    net.embed(torch.randn(2, 1, 28, 28))
+    assert calls == [1]
