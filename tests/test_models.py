@@ -101,7 +101,6 @@ def test_avg_pool_2x2_gradients_and_vmap():
     )
 
 
-
 def _out_and_grads(params, x, autocast, through):
     """``through(x)`` as fp32, and the gradients of the input and of ``params`` of a weighted
     sum of it."""
