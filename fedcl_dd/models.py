@@ -28,6 +28,7 @@ __all__ = [
     "AvgPool2x2",
     "ConvNet",
     "ResNet18",
+    "conv2d",
     "embed",
     "init_parameters",
     "make_model",
