@@ -13,6 +13,7 @@ that a fresh network is reproducible without touching the global RNG.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable
@@ -198,14 +199,13 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = conv(x)
         return out
     weight = conv.weight
-    if torch.is_autocast_enabled("cpu"):
+    autocast = torch.is_autocast_enabled("cpu")
+    if autocast:
         # What autocast does for a convolution: bfloat16 copies, differentiable back to fp32.
         dtype = torch.get_autocast_dtype("cpu")
         x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
-        with torch.autocast("cpu", enabled=False):
-            out = _ConvBiasApart.apply(x, weight, bias, conv.padding)
-        return out
-    out = _ConvBiasApart.apply(x, weight, bias, conv.padding)
+    with torch.autocast("cpu", enabled=False) if autocast else contextlib.nullcontext():
+        out = _ConvBiasApart.apply(x, weight, bias, conv.padding)
     return out
 
 
